@@ -1,0 +1,103 @@
+//! Llama (and Mistral): separate q/k/v projections with GQA, SwiGLU MLP, pre-norm RMSNorm.
+
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::nn::{apply_rotary, attend, split_heads, LayerCache, LayerCtx, Linear, RmsNorm};
+use crate::taps::LayerTaps;
+use crate::weights::TensorSource;
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Tensor};
+
+#[derive(Module, Debug)]
+pub struct LlamaAttention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    #[module(skip)]
+    pub heads: usize,
+    #[module(skip)]
+    pub kv_heads: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct LlamaLayer {
+    pub self_attn: LlamaAttention,
+    pub mlp: LlamaMlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl LlamaLayer {
+    pub fn load(
+        src: &dyn TensorSource,
+        p: &str,
+        c: &ModelConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let ab = c.attention_bias;
+        let lin = |name: &str, i, o, b| Linear::load(src, &format!("{p}.{name}"), i, o, b, device);
+        Ok(LlamaLayer {
+            self_attn: LlamaAttention {
+                q_proj: lin("self_attn.q_proj", h, qd, ab)?,
+                k_proj: lin("self_attn.k_proj", h, kvd, ab)?,
+                v_proj: lin("self_attn.v_proj", h, kvd, ab)?,
+                o_proj: lin("self_attn.o_proj", qd, h, ab)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+            },
+            mlp: LlamaMlp {
+                gate_proj: lin("mlp.gate_proj", h, c.intermediate_size, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", h, c.intermediate_size, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", c.intermediate_size, h, c.mlp_bias)?,
+            },
+            input_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.input_layernorm"),
+                h,
+                c.norm_eps,
+                device,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                src,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                c.norm_eps,
+                device,
+            )?,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &LayerCtx,
+        cache: Option<&mut LayerCache>,
+        taps: &mut LayerTaps,
+    ) -> Tensor<3> {
+        let a = &self.self_attn;
+        let normed = self.input_layernorm.forward(x.clone());
+        taps.input_layernorm(&normed);
+        let q = split_heads(a.q_proj.forward(normed.clone()), a.heads);
+        let k = split_heads(a.k_proj.forward(normed.clone()), a.kv_heads);
+        let v = split_heads(a.v_proj.forward(normed), a.kv_heads);
+        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
+        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
+        let h = x + a.o_proj.forward(attend(q, k, v, ctx, cache));
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        taps.post_attention_layernorm(&normed);
+        let m = &self.mlp;
+        let act = silu(m.gate_proj.forward(normed.clone())) * m.up_proj.forward(normed);
+        h + m.down_proj.forward(act)
+    }
+}

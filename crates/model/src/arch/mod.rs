@@ -1,0 +1,3 @@
+pub mod llama;
+pub mod phi2;
+pub mod phi3;

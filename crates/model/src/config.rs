@@ -1,0 +1,379 @@
+//! HF `config.json` parsing, accepting both the transformers-4 layout (`rope_theta`,
+//! `rope_scaling`, `torch_dtype`) and the transformers-5 layout (`rope_parameters`, `dtype`).
+
+use crate::error::ModelError;
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama and Mistral share one block (Mistral only adds a sliding window).
+    Llama,
+    Phi3,
+    Phi2,
+}
+
+impl Arch {
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Phi2 => "PhiForCausalLM",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: usize,
+        attention_factor: f64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    /// RMSNorm eps for Llama/Phi-3, LayerNorm eps for Phi-2.
+    pub norm_eps: f64,
+    pub rope_theta: f64,
+    pub partial_rotary_factor: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub hidden_act: String,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    /// The dtype the checkpoint declares (`dtype` or `torch_dtype`); weights are computed in f32.
+    pub dtype: Option<String>,
+    pub sliding_window: Option<usize>,
+    /// The parsed JSON, kept so exports can write it back with only the changed keys.
+    pub raw: Value,
+}
+
+struct Reader<'a> {
+    file: &'a str,
+    v: &'a Value,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, key: &str, expected: &str) -> ModelError {
+        ModelError::Config {
+            file: self.file.to_string(),
+            key: key.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.v.get(key).filter(|x| !x.is_null())
+    }
+    fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(key, "a positive integer (key missing)"))
+    }
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(x) => x
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, "a non-negative integer")),
+        }
+    }
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "a number")),
+        }
+    }
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(x) => x
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "true or false")),
+        }
+    }
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(x) => x
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, "a string")),
+        }
+    }
+    fn f64_list(&self, key: &str) -> Result<Vec<f64>, ModelError> {
+        let arr = self
+            .get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.err(key, "a list of numbers"))?;
+        arr.iter()
+            .map(|x| x.as_f64().ok_or_else(|| self.err(key, "a list of numbers")))
+            .collect()
+    }
+    /// Token ids may be an int or a list of ints (Llama-3 has several EOS ids).
+    fn ids(&self, key: &str) -> Result<Vec<u32>, ModelError> {
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .map(|n| n as u32)
+                        .ok_or_else(|| self.err(key, "a token id or list of ids"))
+                })
+                .collect(),
+            Some(x) => x
+                .as_u64()
+                .map(|n| vec![n as u32])
+                .ok_or_else(|| self.err(key, "a token id or list of ids")),
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            file: path.display().to_string(),
+            what: format!("cannot read config: {e}"),
+        })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Io {
+            file: path.display().to_string(),
+            what: format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        })?;
+        Self::from_value(v, &path.display().to_string())
+    }
+
+    pub fn from_value(v: Value, file: &str) -> Result<Self, ModelError> {
+        let r = Reader { file, v: &v };
+        let class = r
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| {
+                // Some configs only carry model_type; map the ones we know.
+                match r.get("model_type").and_then(Value::as_str)? {
+                    "llama" => Some("LlamaForCausalLM".into()),
+                    "mistral" => Some("MistralForCausalLM".into()),
+                    "phi3" => Some("Phi3ForCausalLM".into()),
+                    "phi" => Some("PhiForCausalLM".into()),
+                    _ => None,
+                }
+            })
+            .ok_or_else(|| r.err("architectures", "a list naming the model class"))?;
+        let arch = match class.as_str() {
+            "LlamaForCausalLM" | "MistralForCausalLM" => Arch::Llama,
+            "Phi3ForCausalLM" => Arch::Phi3,
+            "PhiForCausalLM" => Arch::Phi2,
+            other => {
+                return Err(ModelError::UnsupportedArch {
+                    file: file.to_string(),
+                    arch: other.to_string(),
+                })
+            }
+        };
+        let hidden_size = r.usize("hidden_size")?;
+        let num_attention_heads = r.usize("num_attention_heads")?;
+        let num_key_value_heads = r
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_attention_heads == 0 || num_key_value_heads == 0 {
+            return Err(r.err("num_attention_heads", "at least one head"));
+        }
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(r.err(
+                "num_key_value_heads",
+                &format!("a divisor of num_attention_heads ({num_attention_heads})"),
+            ));
+        }
+        let head_dim = r
+            .opt_usize("head_dim")?
+            .unwrap_or(hidden_size / num_attention_heads);
+
+        // transformers 5 nests rope settings in rope_parameters; 4 keeps them top level.
+        let rope_params = r.get("rope_parameters");
+        let rp = rope_params.map(|v| Reader { file, v });
+        let rope_theta = match &rp {
+            Some(p) => p.opt_f64("rope_theta")?,
+            None => None,
+        }
+        .or(r.opt_f64("rope_theta")?)
+        .unwrap_or(10000.0);
+        let partial_rotary_factor = match &rp {
+            Some(p) => p.opt_f64("partial_rotary_factor")?,
+            None => None,
+        }
+        .or(r.opt_f64("partial_rotary_factor")?)
+        .unwrap_or(1.0);
+        let max_position_embeddings = r.opt_usize("max_position_embeddings")?.unwrap_or(2048);
+        let scaling_v = rope_params.or_else(|| r.get("rope_scaling"));
+        let rope_scaling = match scaling_v {
+            None => RopeScaling::Default,
+            Some(sv) => {
+                let key = if rope_params.is_some() {
+                    "rope_parameters"
+                } else {
+                    "rope_scaling"
+                };
+                let s = Reader { file, v: sv };
+                let kind = s
+                    .opt_str("rope_type")?
+                    .or(s.opt_str("type")?)
+                    .unwrap_or("default");
+                let orig = s
+                    .opt_usize("original_max_position_embeddings")?
+                    .or(r.opt_usize("original_max_position_embeddings")?);
+                match kind {
+                    "default" => RopeScaling::Default,
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: s.opt_f64("factor")?.ok_or_else(|| {
+                            r.err(&format!("{key}.factor"), "a number for llama3 rope")
+                        })?,
+                        low_freq_factor: s.opt_f64("low_freq_factor")?.unwrap_or(1.0),
+                        high_freq_factor: s.opt_f64("high_freq_factor")?.unwrap_or(4.0),
+                        original_max_position_embeddings: orig.ok_or_else(|| {
+                            r.err(
+                                &format!("{key}.original_max_position_embeddings"),
+                                "an integer for llama3 rope",
+                            )
+                        })?,
+                    },
+                    "longrope" | "su" => {
+                        let orig = orig.unwrap_or(max_position_embeddings);
+                        // transformers derives the factor from the context ratio when the
+                        // config keeps an original length (Phi-3), else from `factor`.
+                        let factor = if orig != max_position_embeddings {
+                            max_position_embeddings as f64 / orig as f64
+                        } else {
+                            s.opt_f64("factor")?.unwrap_or(1.0)
+                        };
+                        let attention_factor = match s.opt_f64("attention_factor")? {
+                            Some(a) => a,
+                            None if factor <= 1.0 => 1.0,
+                            None => (1.0 + factor.ln() / (orig as f64).ln()).sqrt(),
+                        };
+                        let short_factor = s.f64_list("short_factor")?;
+                        let long_factor = s.f64_list("long_factor")?;
+                        let rot = (head_dim as f64 * partial_rotary_factor) as usize;
+                        for (name, f) in [
+                            ("short_factor", &short_factor),
+                            ("long_factor", &long_factor),
+                        ] {
+                            if f.len() != rot / 2 {
+                                return Err(r.err(
+                                    &format!("{key}.{name}"),
+                                    &format!(
+                                        "{} numbers (rotary dim / 2), got {}",
+                                        rot / 2,
+                                        f.len()
+                                    ),
+                                ));
+                            }
+                        }
+                        RopeScaling::LongRope {
+                            short_factor,
+                            long_factor,
+                            original_max_position_embeddings: orig,
+                            attention_factor,
+                        }
+                    }
+                    other => {
+                        return Err(r.err(
+                            &format!("{key}.rope_type"),
+                            &format!("default, llama3 or longrope (got {other:?})"),
+                        ))
+                    }
+                }
+            }
+        };
+        let norm_eps = match arch {
+            Arch::Phi2 => r.opt_f64("layer_norm_eps")?.unwrap_or(1e-5),
+            _ => r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+        };
+        let default_act = if arch == Arch::Phi2 {
+            "gelu_new"
+        } else {
+            "silu"
+        };
+        let hidden_act = r.opt_str("hidden_act")?.unwrap_or(default_act).to_string();
+        let supported_act = match arch {
+            Arch::Phi2 => ["gelu_new", "gelu_pytorch_tanh", "gelu"].contains(&hidden_act.as_str()),
+            _ => hidden_act == "silu",
+        };
+        if !supported_act {
+            return Err(r.err(
+                "hidden_act",
+                &format!("an activation this architecture supports (got {hidden_act:?})"),
+            ));
+        }
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: r.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: r.usize("intermediate_size")?,
+            num_hidden_layers: r.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            norm_eps,
+            rope_theta,
+            partial_rotary_factor,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: r.opt_bool("attention_bias")?.unwrap_or(arch == Arch::Phi2),
+            mlp_bias: r.opt_bool("mlp_bias")?.unwrap_or(arch == Arch::Phi2),
+            hidden_act,
+            bos_token_id: r.ids("bos_token_id")?.first().copied(),
+            eos_token_ids: r.ids("eos_token_id")?,
+            pad_token_id: r.ids("pad_token_id")?.first().copied(),
+            dtype: r
+                .opt_str("dtype")?
+                .or(r.opt_str("torch_dtype")?)
+                .map(str::to_string),
+            sliding_window: r.opt_usize("sliding_window")?,
+            raw: Value::Null,
+        };
+        Ok(ModelConfig { raw: v, ..cfg })
+    }
+
+    /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+
+    /// Whether the architecture has a post-attention RMSNorm (the regularizer's tap).
+    pub fn has_post_attention_layernorm(&self) -> bool {
+        self.arch != Arch::Phi2
+    }
+}

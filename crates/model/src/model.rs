@@ -1,0 +1,304 @@
+//! The causal LM shared by every architecture: embedding, decoder layers, final norm, head.
+
+use crate::arch::{llama::LlamaLayer, phi2::Phi2Layer, phi3::Phi3Layer};
+use crate::config::{Arch, ModelConfig};
+use crate::error::ModelError;
+use crate::nn::{param2, LayerCache, LayerCtx, LayerNorm, Linear, RmsNorm};
+use crate::rope::Rope;
+use crate::taps::{LayerTaps, TapRequest, Taps};
+use crate::weights::TensorSource;
+use burn::module::{Module, Param};
+use burn::tensor::module::embedding;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+#[derive(Module, Debug)]
+pub enum DecoderLayer {
+    Llama(LlamaLayer),
+    Phi3(Phi3Layer),
+    Phi2(Phi2Layer),
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        ctx: &LayerCtx,
+        cache: Option<&mut LayerCache>,
+        taps: &mut LayerTaps,
+    ) -> Tensor<3> {
+        match self {
+            DecoderLayer::Llama(l) => l.forward(x, ctx, cache, taps),
+            DecoderLayer::Phi3(l) => l.forward(x, ctx, cache, taps),
+            DecoderLayer::Phi2(l) => l.forward(x, ctx, cache, taps),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub enum FinalNorm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl FinalNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            FinalNorm::Rms(n) => n.forward(x),
+            FinalNorm::Layer(n) => n.forward(x),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embedding {
+    /// [vocab, hidden], the HF layout.
+    pub weight: Param<Tensor<2>>,
+}
+
+/// HF's `model.*` submodule.
+#[derive(Module, Debug)]
+pub struct Backbone {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: FinalNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct CausalLm {
+    pub model: Backbone,
+    /// None when the head is tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+/// A batch as the forward sees it: host ids (the masks are built on the host anyway).
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub batch: usize,
+    pub seq: usize,
+    /// [batch, seq] row-major.
+    pub input_ids: Vec<i64>,
+    /// [batch, seq]: 1 for real tokens, 0 for padding.
+    pub attention_mask: Option<Vec<i64>>,
+    /// [batch, seq]; defaults to 0..seq (offset by the cache length).
+    pub position_ids: Option<Vec<i64>>,
+}
+
+impl Inputs {
+    pub fn new(batch: usize, seq: usize, input_ids: Vec<i64>) -> Self {
+        Inputs {
+            batch,
+            seq,
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+        }
+    }
+    pub fn with_mask(mut self, mask: Vec<i64>) -> Self {
+        self.attention_mask = Some(mask);
+        self
+    }
+}
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    /// Tokens already encoded (also the key-side mask length).
+    pub len: usize,
+    /// Key-side attention mask of the cached positions, [batch, len].
+    pub mask: Vec<i64>,
+    /// Which longrope table encoded the cached keys; a switch forces a re-encode.
+    pub long: bool,
+}
+
+pub struct Output {
+    /// [batch, seq, vocab].
+    pub logits: Tensor<3>,
+    pub taps: Taps,
+}
+
+impl CausalLm {
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn TensorSource,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let emb = src.load_shaped("model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(match cfg.arch {
+                Arch::Llama => DecoderLayer::Llama(LlamaLayer::load(src, &p, cfg, device)?),
+                Arch::Phi3 => DecoderLayer::Phi3(Phi3Layer::load(src, &p, cfg, device)?),
+                Arch::Phi2 => DecoderLayer::Phi2(Phi2Layer::load(src, &p, cfg, device)?),
+            });
+        }
+        let norm = match cfg.arch {
+            Arch::Phi2 => FinalNorm::Layer(LayerNorm::load(
+                src,
+                "model.final_layernorm",
+                h,
+                cfg.norm_eps,
+                device,
+            )?),
+            _ => FinalNorm::Rms(RmsNorm::load(src, "model.norm", h, cfg.norm_eps, device)?),
+        };
+        // Some tied checkpoints still ship lm_head.weight; tying wins, as in transformers.
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::load(
+                src,
+                "lm_head",
+                h,
+                v,
+                cfg.arch == Arch::Phi2,
+                device,
+            )?)
+        };
+        Ok(CausalLm {
+            model: Backbone {
+                embed_tokens: Embedding {
+                    weight: param2(emb, device),
+                },
+                layers,
+                norm,
+            },
+            lm_head,
+            rope: Rope::new(cfg),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.embed_tokens.weight.val().device()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.layers.len()
+    }
+
+    /// Token embeddings [batch, seq, hidden]; separate so BOS scaling can edit them.
+    pub fn embed(&self, inp: &Inputs) -> Tensor<3> {
+        let ids = Tensor::<2, Int>::from_data(
+            TensorData::new(inp.input_ids.clone(), [inp.batch, inp.seq]),
+            &self.device(),
+        );
+        embedding(self.model.embed_tokens.weight.val(), ids)
+    }
+
+    pub fn forward(&self, inp: &Inputs, req: &TapRequest) -> Output {
+        self.forward_embeds(self.embed(inp), inp, req, None)
+    }
+
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(l) => l.forward(h),
+            None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    pub fn forward_embeds(
+        &self,
+        embeds: Tensor<3>,
+        inp: &Inputs,
+        req: &TapRequest,
+        mut cache: Option<&mut KvCache>,
+    ) -> Output {
+        let (b, t) = (inp.batch, inp.seq);
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let positions: Vec<i64> = match &inp.position_ids {
+            Some(p) => p.clone(),
+            None => (0..b)
+                .flat_map(|_| (past..past + t).map(|p| p as i64))
+                .collect(),
+        };
+        let max_pos = positions.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let long = self.rope.wants_long(max_pos);
+        let device = self.device();
+        let rows = if inp.position_ids.is_some() { b } else { 1 };
+        let pos_rows = if rows == 1 {
+            &positions[..t]
+        } else {
+            &positions[..]
+        };
+        let (cos, sin) = self.rope.tables(pos_rows, rows, long, &device);
+
+        let new_mask = inp.attention_mask.clone().unwrap_or_else(|| vec![1; b * t]);
+        let key_mask = if let Some(c) = cache.as_deref_mut() {
+            let mut merged = Vec::with_capacity(b * (past + t));
+            for r in 0..b {
+                merged.extend_from_slice(&c.mask[r * past..(r + 1) * past]);
+                merged.extend_from_slice(&new_mask[r * t..(r + 1) * t]);
+            }
+            c.mask = merged.clone();
+            c.len = past + t;
+            c.long = long;
+            if c.layers.is_empty() {
+                c.layers = vec![LayerCache::default(); self.num_layers()];
+            }
+            merged
+        } else {
+            new_mask
+        };
+        let mask = build_mask(&key_mask, b, t, past, &device);
+        let ctx = LayerCtx { cos, sin, mask };
+
+        let mut taps = Taps::default();
+        let mut x = embeds;
+        if req.hidden_states {
+            taps.hidden_states.push(x.clone());
+        }
+        let n = self.model.layers.len();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let mut lt = LayerTaps::for_layer(req, i);
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx, lc, &mut lt);
+            if let Some(t) = lt.input {
+                taps.input_layernorm.insert(i, t);
+            }
+            if let Some(t) = lt.post {
+                taps.post_attention_layernorm.insert(i, t);
+            }
+            if req.hidden_states && i + 1 < n {
+                taps.hidden_states.push(x.clone());
+            }
+        }
+        let h = self.model.norm.forward(x);
+        if req.hidden_states {
+            taps.hidden_states.push(h.clone());
+        }
+        Output {
+            logits: self.head(h),
+            taps,
+        }
+    }
+}
+
+/// The [B, 1, T, S] mask (true = blocked) for causal attention over `past` cached keys plus
+/// `t` new ones, where keys whose `key_mask` is 0 are padding. None when nothing is padded,
+/// so the backend can take its plain causal path.
+fn build_mask(
+    key_mask: &[i64],
+    b: usize,
+    t: usize,
+    past: usize,
+    device: &Device,
+) -> Option<Tensor<4, Bool>> {
+    if key_mask.iter().all(|&m| m != 0) {
+        return None;
+    }
+    let s = past + t;
+    let mut m = vec![false; b * t * s];
+    for r in 0..b {
+        for q in 0..t {
+            let row = &mut m[(r * t + q) * s..(r * t + q + 1) * s];
+            for (k, cell) in row.iter_mut().enumerate() {
+                *cell = k > past + q || key_mask[r * s + k] == 0;
+            }
+        }
+    }
+    Some(Tensor::from_data(TensorData::new(m, [b, 1, t, s]), device))
+}

@@ -1,0 +1,226 @@
+//! Building blocks shared by the architectures: HF-layout linear layers, norms, attention with
+//! GQA and a KV cache, and the host-side helpers that turn checkpoint tensors into params.
+
+use crate::error::ModelError;
+use crate::weights::{HostTensor, TensorSource};
+use burn::module::{Module, Param};
+use burn::tensor::module::{attention, layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+pub fn param1(t: HostTensor, device: &Device) -> Param<Tensor<1>> {
+    let n = t.data.len();
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, [n]), device))
+}
+
+pub fn param2(t: HostTensor, device: &Device) -> Param<Tensor<2>> {
+    let shape = [t.shape[0], t.shape[1]];
+    Param::from_tensor(Tensor::from_data(TensorData::new(t.data, shape), device))
+}
+
+/// Row-major [rows, cols] → [cols, rows] on the host, so the device copy is contiguous.
+pub fn transpose_host(t: &HostTensor) -> HostTensor {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0.0f32; r * c];
+    for i in 0..r {
+        let row = &t.data[i * c..(i + 1) * c];
+        for (j, v) in row.iter().enumerate() {
+            out[j * r + i] = *v;
+        }
+    }
+    HostTensor {
+        shape: vec![c, r],
+        data: out,
+    }
+}
+
+/// A linear layer. The weight is kept as [in, out] (Burn's layout, so the forward is one
+/// matmul with no transpose); checkpoints and PEFT use [out, in] and are transposed at the
+/// boundary.
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = src.load_shaped(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let bias = if bias {
+            Some(param1(
+                src.load_shaped(&format!("{prefix}.bias"), &[d_out])?,
+                device,
+            ))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: param2(transpose_host(&w), device),
+            bias,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.weight.val().dims()[1]
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    pub weight: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let w = src.load_shaped(&format!("{prefix}.weight"), &[dim])?;
+        Ok(RmsNorm {
+            weight: param1(w, device),
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let var = x.clone().square().mean_dim(2);
+        let inv = (var + self.eps).sqrt().recip();
+        x * inv * self.weight.val().unsqueeze::<3>()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(LayerNorm {
+            weight: param1(
+                src.load_shaped(&format!("{prefix}.weight"), &[dim])?,
+                device,
+            ),
+            bias: param1(src.load_shaped(&format!("{prefix}.bias"), &[dim])?, device),
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+/// Keys and values already seen, per layer, stored before GQA expansion.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+/// What every layer of one forward call shares: rotary tables and the attention mask.
+pub struct LayerCtx {
+    /// [B or 1, 1, T, rot] for the positions of this call.
+    pub cos: Tensor<4>,
+    pub sin: Tensor<4>,
+    /// [B, 1, T, S] with true = masked out; None means plain causal attention.
+    pub mask: Option<Tensor<4, Bool>>,
+}
+
+/// HF's rotate-half RoPE on the first `rot` dims of each head.
+pub fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
+    let rot = cos.dims()[3];
+    let half = rot / 2;
+    let (x_rot, x_pass) = if rot == d {
+        (x, None)
+    } else {
+        (
+            x.clone().slice([0..b, 0..h, 0..t, 0..rot]),
+            Some(x.slice([0..b, 0..h, 0..t, rot..d])),
+        )
+    };
+    let x1 = x_rot.clone().slice([0..b, 0..h, 0..t, 0..half]);
+    let x2 = x_rot.clone().slice([0..b, 0..h, 0..t, half..rot]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    let out = x_rot * cos.clone() + rotated * sin.clone();
+    match x_pass {
+        None => out,
+        Some(p) => Tensor::cat(vec![out, p], 3),
+    }
+}
+
+/// Scaled dot-product attention over [B, heads, T, d] queries and [B, kv, S, d] keys/values,
+/// appending to the cache first. Returns [B, T, heads·d].
+pub fn attend(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    ctx: &LayerCtx,
+    cache: Option<&mut LayerCache>,
+) -> Tensor<3> {
+    let (k, v) = match cache {
+        Some(c) => {
+            let (k, v) = match c.kv.take() {
+                Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                None => (k, v),
+            };
+            c.kv = Some((k.clone(), v.clone()));
+            (k, v)
+        }
+        None => (k, v),
+    };
+    let [b, h, t, d] = q.dims();
+    let kv_heads = k.dims()[1];
+    let s = k.dims()[2];
+    let (k, v) = if kv_heads == h {
+        (k, v)
+    } else {
+        // repeat_kv: kv head j serves query heads j·g .. j·g+g-1.
+        let g = h / kv_heads;
+        let rep = |x: Tensor<4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv_heads, g, s, d])
+                .reshape([b, h, s, d])
+        };
+        (rep(k), rep(v))
+    };
+    let options = AttentionModuleOptions {
+        scale: Some(1.0 / (d as f64).sqrt()),
+        softcap: None,
+        is_causal: ctx.mask.is_none(),
+    };
+    let mask = ctx.mask.clone().map(|m| m.expand([b, h, t, s]));
+    let out = attention(q, k, v, mask, None, options);
+    out.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// [B, T, heads·d] → [B, heads, T, d].
+pub fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, t, hd] = x.dims();
+    x.reshape([b, t, heads, hd / heads]).swap_dims(1, 2)
+}
