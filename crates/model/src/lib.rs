@@ -2,10 +2,12 @@
 //! or GGUF, reproducing transformers' numbers.
 
 pub mod arch;
+pub mod capture;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod io;
 pub mod loss;
 pub mod model;
 pub mod nn;
@@ -28,11 +30,63 @@ pub fn cpu_device() -> Device {
     Device::flex()
 }
 
+/// `cpu`, or `cuda` / `cuda:N` when built with the `cuda` feature.
+pub fn device_from_name(name: &str) -> Result<Device, ModelError> {
+    match name {
+        "cpu" => Ok(cpu_device()),
+        #[cfg(feature = "cuda")]
+        n if n == "cuda" || n.starts_with("cuda:") => {
+            let idx: usize = n.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).map_err(|_| {
+                ModelError::Other(format!("--device {n}: expected cuda or cuda:N"))
+            })?;
+            Ok(Device::cuda(idx))
+        }
+        #[cfg(not(feature = "cuda"))]
+        n if n.starts_with("cuda") => Err(ModelError::Other(format!(
+            "--device {n}: this binary was built without the `cuda` feature (cargo build --features cuda)"
+        ))),
+        n => Err(ModelError::Other(format!("--device {n}: expected cpu or cuda"))),
+    }
+}
+
 pub struct Loaded {
     pub model: CausalLm,
     pub config: ModelConfig,
     pub dir: Option<std::path::PathBuf>,
     pub gguf: Option<std::path::PathBuf>,
+}
+
+impl Loaded {
+    /// tokenizer.json in the model folder, or beside the GGUF file.
+    pub fn tokenizer_path(&self) -> Option<std::path::PathBuf> {
+        let dir = self
+            .dir
+            .clone()
+            .or_else(|| self.gguf.as_ref()?.parent().map(|p| p.to_path_buf()))?;
+        Some(dir.join("tokenizer.json")).filter(|p| p.exists())
+    }
+
+    /// EOS ids from config.json plus generation_config.json (which may list several).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        if let Some(dir) = &self.dir {
+            let gen = dir.join("generation_config.json");
+            if let Ok(v) = std::fs::read_to_string(&gen)
+                .map_err(|_| ())
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|_| ()))
+            {
+                match &v["eos_token_id"] {
+                    serde_json::Value::Array(a) => {
+                        ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                    }
+                    x => ids.extend(x.as_u64().map(|x| x as u32)),
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
 }
 
 /// Resolves `spec` (folder, .gguf file or hub id) and loads it onto `device`.

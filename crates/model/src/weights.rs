@@ -219,8 +219,11 @@ impl TensorSource for SafetensorsSource {
     }
 }
 
+/// An integer tensor: shape and row-major values.
+pub type IntTensor = (Vec<usize>, Vec<i64>);
+
 /// Integer tensors (input ids, masks) from a safetensors file, for the CLIs and tests.
-pub fn read_i64(path: &Path, name: &str) -> Result<Option<(Vec<usize>, Vec<i64>)>, ModelError> {
+pub fn read_i64(path: &Path, name: &str) -> Result<Option<IntTensor>, ModelError> {
     let mmap = open_mmap(path)?;
     let st = SafeTensors::deserialize(&mmap)
         .map_err(|e| ModelError::io(path.display(), format!("invalid safetensors: {e:?}")))?;

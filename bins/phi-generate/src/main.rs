@@ -1,0 +1,151 @@
+//! phi-generate: continue a prompt with a checkpoint (greedy or sampled), streaming text.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use phi_data::Tok;
+use phi_model::generate::{generate, GenerateConfig, Sampling};
+use phi_model::weights::read_i64;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Generate text from a model folder, hub id or .gguf file")]
+struct Args {
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Prompt text, used as written (special tokens included).
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// Chat template name for --prompt.
+    #[arg(long)]
+    template: Option<String>,
+    /// safetensors file with prompt ids [B,T] (int64) under --key.
+    #[arg(long, group = "input")]
+    prompt_ids: Option<PathBuf>,
+    #[arg(long, default_value = "input_ids")]
+    key: String,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one line of new token ids per sequence instead of text.
+    #[arg(long)]
+    ids: bool,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn main() {
+    // One line per error: the context chain joined with ": ".
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(a: Args) -> Result<()> {
+    if a.adapter.is_some() {
+        bail!("--adapter: adapters not supported yet (they arrive with the adapters crate)");
+    }
+    if let Some(t) = &a.template {
+        bail!("--template {t}: chat templates arrive with the data crate; write the prompt in the model's chat format");
+    }
+    let device = phi_model::device_from_name(&a.device)?;
+    let t0 = Instant::now();
+    let loaded = phi_model::load(&a.model, &device)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let tok = match a.tokenizer.clone().or_else(|| loaded.tokenizer_path()) {
+        Some(p) => Some(Tok::load(&p)?),
+        None => None,
+    };
+    let prompts: Vec<Vec<i64>> = if let Some(text) = &a.prompt {
+        let tk = tok
+            .as_ref()
+            .context("--tokenizer: no tokenizer.json beside the model; pass --tokenizer")?;
+        vec![tk.encode(text, true)?.into_iter().map(i64::from).collect()]
+    } else if let Some(p) = &a.prompt_ids {
+        let (shape, ids) = read_i64(p, &a.key)?.with_context(|| {
+            format!(
+                "{}: tensor {}: missing (expected int64 [B,T])",
+                p.display(),
+                a.key
+            )
+        })?;
+        if shape.len() != 2 || shape[1] == 0 {
+            bail!(
+                "{}: tensor {}: expected shape [B,T] with T > 0, found {shape:?}",
+                p.display(),
+                a.key
+            );
+        }
+        ids.chunks(shape[1]).map(<[i64]>::to_vec).collect()
+    } else {
+        bail!("one of --prompt or --prompt-ids is required");
+    };
+    let vocab = loaded.config.vocab_size as i64;
+    for p in &prompts {
+        if let Some(bad) = p.iter().find(|&&i| i < 0 || i >= vocab) {
+            bail!("prompt: token id {bad} is outside the vocabulary (0..{vocab})");
+        }
+    }
+    let cfg = GenerateConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling: a.temperature.map(|temperature| Sampling {
+            temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        }),
+        eos_token_ids: loaded.eos_token_ids(),
+        use_cache: true,
+    };
+    let mut stdout = std::io::stdout();
+    for prompt in &prompts {
+        let t1 = Instant::now();
+        let mut shown = String::new();
+        let mut new_ids: Vec<u32> = Vec::new();
+        let out = generate(&loaded.model, prompt, &cfg, |id| {
+            if a.ids {
+                return;
+            }
+            if let Some(tk) = &tok {
+                new_ids.push(id as u32);
+                let text = tk.decode(&new_ids, true);
+                // Print only the settled suffix; a partial UTF-8 sequence decodes to U+FFFD.
+                if text.len() > shown.len()
+                    && text.starts_with(&shown)
+                    && !text.ends_with('\u{FFFD}')
+                {
+                    let _ = write!(stdout, "{}", &text[shown.len()..]);
+                    let _ = stdout.flush();
+                    shown = text;
+                }
+            }
+        });
+        if a.ids || tok.is_none() {
+            let line: Vec<String> = out.iter().map(i64::to_string).collect();
+            println!("{}", line.join(" "));
+        } else {
+            println!();
+        }
+        let s = t1.elapsed().as_secs_f64();
+        eprintln!(
+            "[phi-generate] load {load_s:.2}s; prompt {} tokens; {} new tokens in {s:.2}s ({:.1} tokens/s)",
+            prompt.len(),
+            out.len(),
+            out.len() as f64 / s.max(1e-9)
+        );
+    }
+    Ok(())
+}

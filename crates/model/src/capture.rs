@@ -1,0 +1,144 @@
+//! What `phi-capture` records: logits, every per-layer tap, the norm weights under their HF
+//! names, and per-layer statistics of the per-token L2 norms (the BOS/RMSNorm experiments'
+//! measurements).
+
+use crate::model::{CausalLm, FinalNorm, Inputs};
+use crate::taps::TapRequest;
+use burn::tensor::Tensor;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+pub type HostMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn host<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    let shape = t.dims().to_vec();
+    (shape, t.try_into_vec_as::<f32>().unwrap_or_default())
+}
+
+/// Per-token L2 norms of a [B, T, H] tap, over real tokens only, summarised.
+fn norm_stats(shape: &[usize], data: &[f32], mask: &[i64]) -> Value {
+    let (b, t, h) = (shape[0], shape[1], shape[2]);
+    let norms: Vec<f64> = (0..b * t)
+        .map(|i| {
+            data[i * h..(i + 1) * h]
+                .iter()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let kept: Vec<f64> = norms
+        .iter()
+        .zip(mask)
+        .filter(|(_, m)| **m != 0)
+        .map(|(n, _)| *n)
+        .collect();
+    let n = kept.len().max(1) as f64;
+    let mean = kept.iter().sum::<f64>() / n;
+    let std = (kept.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let pos0: Vec<f64> = (0..b).map(|r| norms[r * t]).collect();
+    json!({
+        "mean": mean,
+        "std": std,
+        "min": kept.iter().cloned().fold(f64::INFINITY, f64::min),
+        "max": kept.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        "pos0": pos0.iter().sum::<f64>() / b.max(1) as f64,
+        "pos0_per_row": pos0,
+        "tokens": kept.len(),
+    })
+}
+
+impl CausalLm {
+    /// Every normalisation weight (and bias) under its HF name.
+    pub fn norm_params(&self) -> Vec<(String, Tensor<1>)> {
+        use crate::model::DecoderLayer as L;
+        let mut out = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            match layer {
+                L::Llama(l) => {
+                    out.push((
+                        format!("{p}.input_layernorm.weight"),
+                        l.input_layernorm.weight.val(),
+                    ));
+                    out.push((
+                        format!("{p}.post_attention_layernorm.weight"),
+                        l.post_attention_layernorm.weight.val(),
+                    ));
+                }
+                L::Phi3(l) => {
+                    out.push((
+                        format!("{p}.input_layernorm.weight"),
+                        l.input_layernorm.weight.val(),
+                    ));
+                    out.push((
+                        format!("{p}.post_attention_layernorm.weight"),
+                        l.post_attention_layernorm.weight.val(),
+                    ));
+                }
+                L::Phi2(l) => {
+                    out.push((
+                        format!("{p}.input_layernorm.weight"),
+                        l.input_layernorm.weight.val(),
+                    ));
+                    out.push((
+                        format!("{p}.input_layernorm.bias"),
+                        l.input_layernorm.bias.val(),
+                    ));
+                }
+            }
+        }
+        match &self.model.norm {
+            FinalNorm::Rms(n) => out.push(("model.norm.weight".into(), n.weight.val())),
+            FinalNorm::Layer(n) => {
+                out.push(("model.final_layernorm.weight".into(), n.weight.val()));
+                out.push(("model.final_layernorm.bias".into(), n.bias.val()));
+            }
+        }
+        out
+    }
+}
+
+/// Runs one forward with every tap and returns the tensors to save and the summary.
+pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
+    let out = model.forward(inp, &TapRequest::all(model.num_layers()));
+    let mask = inp
+        .attention_mask
+        .clone()
+        .unwrap_or_else(|| vec![1; inp.batch * inp.seq]);
+    let mut tensors = HostMap::new();
+    let mut layers = Vec::new();
+    tensors.insert("logits".into(), host(out.logits));
+    for (i, h) in out.taps.hidden_states.into_iter().enumerate() {
+        tensors.insert(format!("hidden_states.{i}"), host(h));
+    }
+    for i in 0..model.num_layers() {
+        let mut entry = serde_json::Map::new();
+        entry.insert("layer".into(), json!(i));
+        for (kind, map) in [
+            ("input_layernorm", &out.taps.input_layernorm),
+            (
+                "post_attention_layernorm",
+                &out.taps.post_attention_layernorm,
+            ),
+        ] {
+            if let Some(t) = map.get(&i) {
+                let (shape, data) = host(t.clone());
+                entry.insert(kind.into(), norm_stats(&shape, &data, &mask));
+                tensors.insert(format!("{kind}.{i}"), (shape, data));
+            }
+        }
+        layers.push(Value::Object(entry));
+    }
+    for (name, w) in model.norm_params() {
+        tensors.insert(name, host(w));
+    }
+    let summary = json!({
+        "batch": inp.batch,
+        "seq_len": inp.seq,
+        "real_tokens": mask.iter().filter(|m| **m != 0).count(),
+        "statistic": "per-token L2 norm over the hidden dim, real (unpadded) tokens only; pos0 = position 0",
+        "layers": layers,
+    });
+    (tensors, summary)
+}
