@@ -1,6 +1,7 @@
 //! Greedy and sampled decoding with a KV cache, stopping at EOS.
 
 use crate::model::{CausalLm, Inputs, KvCache};
+use crate::rng::SplitMix as Rng;
 use crate::taps::TapRequest;
 use burn::tensor::Tensor;
 
@@ -18,20 +19,6 @@ pub struct GenerateConfig {
     pub sampling: Option<Sampling>,
     pub eos_token_ids: Vec<u32>,
     pub use_cache: bool,
-}
-
-/// splitmix64: a seeded, dependency-free generator is all sampling needs.
-struct Rng(u64);
-
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
-    }
 }
 
 fn argmax(v: &[f32]) -> usize {

@@ -13,6 +13,7 @@ pub mod model;
 pub mod nn;
 pub mod oracle;
 pub mod resolve;
+pub mod rng;
 pub mod rope;
 pub mod taps;
 pub mod weights;

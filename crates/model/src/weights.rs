@@ -288,3 +288,52 @@ impl TensorSource for GgufSource {
         Ok(HostTensor { shape, data })
     }
 }
+
+/// Random weights for any config, for benchmarks and tests that need a model of a given
+/// shape: linear weights N(0, 1/fan_in), norm weights 1 + N(0, 0.1²), biases N(0, 0.02²),
+/// embeddings N(0, 0.4²) (the oracle's init, which gives non-uniform logits).
+pub struct RandomSource {
+    pub seed: u64,
+}
+
+impl TensorSource for RandomSource {
+    fn file_of(&self, _name: &str) -> String {
+        format!("<random seed {}>", self.seed)
+    }
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+    fn names(&self) -> Vec<String> {
+        vec![]
+    }
+    fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
+        Err(ModelError::tensor(
+            self.file_of(name),
+            name,
+            "random tensors need a shape",
+        ))
+    }
+    fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, ModelError> {
+        let h = name
+            .bytes()
+            .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+        let mut rng = crate::rng::SplitMix(h);
+        let n: usize = shape.iter().product();
+        let (mean, std) = if name.contains("embed_tokens") {
+            (0.0, 0.4)
+        } else if shape.len() == 2 {
+            (0.0, 1.0 / (shape[1] as f32).sqrt())
+        } else if name.contains("norm") && name.ends_with("weight") {
+            (1.0, 0.1)
+        } else {
+            (0.0, 0.02)
+        };
+        let data = (0..n).map(|_| mean + std * rng.next_normal()).collect();
+        Ok(HostTensor {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+}

@@ -1,0 +1,110 @@
+//! phi-bench: times the forward, and forward + backward, of a randomly initialised model of a
+//! named shape, and prints one JSON line per run (tokens/s, peak RSS).
+
+use anyhow::{bail, Result};
+use burn::tensor::Tensor;
+use clap::Parser;
+use phi_model::loss::causal_lm_loss;
+use phi_model::weights::RandomSource;
+use phi_model::{CausalLm, Inputs, ModelConfig, TapRequest};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    /// smollm2-135m or phi3-small.
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    /// forward, or fwd-bwd (forward + backward of the LM loss through every weight).
+    #[arg(long, default_value = "forward")]
+    mode: String,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn shape_config(name: &str) -> Result<ModelConfig> {
+    let v = match name {
+        "smollm2-135m" => json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
+            "vocab_size": 49152, "tie_word_embeddings": true, "rope_theta": 100000.0,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 8192
+        }),
+        "phi3-small" => json!({
+            "architectures": ["Phi3ForCausalLM"], "hidden_size": 1024, "num_hidden_layers": 8,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2816,
+            "vocab_size": 32064, "tie_word_embeddings": false, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 4096
+        }),
+        other => bail!("--shape {other}: expected smollm2-135m or phi3-small"),
+    };
+    Ok(ModelConfig::from_value(v, name)?)
+}
+
+/// Peak resident set size of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn sync(t: Tensor<1>) -> f32 {
+    t.try_into_vec_as::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let cfg = shape_config(&a.shape)?;
+    let base = phi_model::device_from_name(&a.device)?;
+    let train = match a.mode.as_str() {
+        "forward" => false,
+        "fwd-bwd" => true,
+        m => bail!("--mode {m}: expected forward or fwd-bwd"),
+    };
+    let device = if train { base.autodiff() } else { base };
+    let model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
+    let n = a.batch * a.seq;
+    let ids: Vec<i64> = (0..n)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
+    let inp = Inputs::new(a.batch, a.seq, ids.clone());
+    let mut times = Vec::new();
+    for step in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        let logits = model.forward(&inp, &TapRequest::none()).logits;
+        let loss = causal_lm_loss(logits, &ids);
+        if train {
+            let grads = loss.backward();
+            // Reading one gradient forces the whole backward pass to finish.
+            let g = model.model.embed_tokens.weight.val().grad(&grads);
+            std::hint::black_box(g.map(|g| sync(g.sum())));
+        } else {
+            std::hint::black_box(sync(loss));
+        }
+        if step >= a.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let line = json!({
+        "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+        "device": a.device, "step_s_median": median, "tokens_per_s": n as f64 / median,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{line}");
+    Ok(())
+}
