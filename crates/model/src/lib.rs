@@ -35,6 +35,8 @@ pub fn cpu_device() -> Device {
 pub fn device_from_name(name: &str) -> Result<Device, ModelError> {
     match name {
         "cpu" => Ok(cpu_device()),
+        #[cfg(feature = "ndarray")]
+        "ndarray" => Ok(Device::ndarray()),
         #[cfg(feature = "cuda")]
         n if n == "cuda" || n.starts_with("cuda:") => {
             let idx: usize = n.strip_prefix("cuda:").map_or(Ok(0), |i| i.parse()).map_err(|_| {

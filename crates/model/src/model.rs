@@ -70,6 +70,9 @@ pub struct CausalLm {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     pub rope: Rope,
+    /// Mistral / Phi-3 local attention: a query sees only the last `w` keys (itself included).
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 /// A batch as the forward sees it: host ids (the masks are built on the host anyway).
@@ -169,6 +172,7 @@ impl CausalLm {
             },
             lm_head,
             rope: Rope::new(cfg),
+            sliding_window: cfg.sliding_window.filter(|_| cfg.arch != Arch::Phi2),
         })
     }
 
@@ -243,7 +247,7 @@ impl CausalLm {
         } else {
             new_mask
         };
-        let mask = build_mask(&key_mask, b, t, past, &device);
+        let mask = build_mask(&key_mask, b, t, past, self.sliding_window, &device);
         let ctx = LayerCtx { cos, sin, mask };
 
         let mut taps = Taps::default();
@@ -278,25 +282,30 @@ impl CausalLm {
 }
 
 /// The [B, 1, T, S] mask (true = blocked) for causal attention over `past` cached keys plus
-/// `t` new ones, where keys whose `key_mask` is 0 are padding. None when nothing is padded,
-/// so the backend can take its plain causal path.
+/// `t` new ones, where keys whose `key_mask` is 0 are padding and, with a sliding window `w`,
+/// keys `w` or more positions back are out of reach. None when nothing is blocked beyond
+/// plain causality, so the backend can take its causal path.
 fn build_mask(
     key_mask: &[i64],
     b: usize,
     t: usize,
     past: usize,
+    window: Option<usize>,
     device: &Device,
 ) -> Option<Tensor<4, Bool>> {
-    if key_mask.iter().all(|&m| m != 0) {
+    let s = past + t;
+    let window = window.filter(|&w| s > w);
+    if window.is_none() && key_mask.iter().all(|&m| m != 0) {
         return None;
     }
-    let s = past + t;
     let mut m = vec![false; b * t * s];
     for r in 0..b {
         for q in 0..t {
+            let qpos = past + q;
             let row = &mut m[(r * t + q) * s..(r * t + q + 1) * s];
             for (k, cell) in row.iter_mut().enumerate() {
-                *cell = k > past + q || key_mask[r * s + k] == 0;
+                let out_of_window = window.is_some_and(|w| k + w <= qpos);
+                *cell = k > qpos || key_mask[r * s + k] == 0 || out_of_window;
             }
         }
     }
