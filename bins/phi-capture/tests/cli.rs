@@ -212,3 +212,48 @@ fn non_empty_output_folder_is_kept() {
         "keep me"
     );
 }
+
+/// A GGUF whose only matrix is `ty` with `bytes` of data, plus the llama metadata.
+fn gguf_with(name: &str, ty: u32, bytes: Vec<u8>) -> PathBuf {
+    use phi_model::gguf::write::{gguf_bytes, Meta};
+    let meta = vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.embedding_length", Meta::U32(256)),
+        ("llama.feed_forward_length", Meta::U32(256)),
+        ("llama.block_count", Meta::U32(1)),
+        ("llama.attention.head_count", Meta::U32(2)),
+        ("llama.vocab_size", Meta::U32(8)),
+    ];
+    let file = tmp(name).join("model.gguf");
+    std::fs::write(
+        &file,
+        gguf_bytes(&meta, &[("token_embd.weight", vec![8, 256], ty, bytes)]),
+    )
+    .unwrap();
+    file
+}
+
+#[test]
+fn truncated_and_unsupported_gguf_are_named() {
+    let inputs = cases().remove(0).join("inputs.safetensors");
+    // Q8_0: 34 bytes per 32 values; drop the last block.
+    let cut = gguf_with("gguf-cut", phi_model::gguf::Q8_0, vec![0u8; 8 * 8 * 34]);
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 34 * 2]).unwrap();
+    fails_with(
+        &cut,
+        &inputs,
+        &["model.gguf", "token_embd.weight", "truncated"],
+    );
+    // Q6_K (type 14): 210 bytes per 256 values, a valid file this reader cannot decode.
+    let k = gguf_with("gguf-q6k", 14, vec![0u8; 8 * 210]);
+    fails_with(
+        &k,
+        &inputs,
+        &[
+            "model.gguf",
+            "token_embd.weight",
+            "unsupported GGUF type Q6_K",
+        ],
+    );
+}

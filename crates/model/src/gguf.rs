@@ -1,25 +1,631 @@
-//! Temporary stub; replaced by the real reader.
-use std::path::Path;
+//! GGUF reader for Llama-architecture files: metadata, an HF-style config, and tensors under
+//! their HF names dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+
+use memmap2::Mmap;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
 #[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    #[error("{0}")]
-    Msg(String),
+#[error("{file}: {what}")]
+pub struct GgufError {
+    pub file: String,
+    pub what: String,
 }
-pub struct GgufFile;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<GgufValue>),
+}
+
+impl GgufValue {
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            GgufValue::U64(v) => Some(*v),
+            GgufValue::I64(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            GgufValue::F64(v) => Some(*v),
+            GgufValue::U64(v) => Some(*v as f64),
+            GgufValue::I64(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            GgufValue::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// ggml type ids this reader dequantizes, and (values per block, bytes per block) of every
+/// type it knows, so truncation is caught at open time even for types it cannot decode.
+pub const F32: u32 = 0;
+pub const F16: u32 = 1;
+pub const Q4_0: u32 = 2;
+pub const Q4_1: u32 = 3;
+pub const Q8_0: u32 = 8;
+pub const BF16: u32 = 30;
+
+fn type_name(t: u32) -> String {
+    let names = [
+        (0, "F32"),
+        (1, "F16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (8, "Q8_0"),
+        (9, "Q8_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+        (15, "Q8_K"),
+        (30, "BF16"),
+    ];
+    names
+        .iter()
+        .find(|(i, _)| *i == t)
+        .map_or(format!("type {t}"), |(_, n)| n.to_string())
+}
+
+fn block_layout(t: u32) -> Option<(usize, usize)> {
+    Some(match t {
+        0 => (1, 4),
+        1 | 30 => (1, 2),
+        2 => (32, 18),
+        3 => (32, 20),
+        6 => (32, 22),
+        7 => (32, 24),
+        8 => (32, 34),
+        9 => (32, 36),
+        10 => (256, 84),
+        11 => (256, 110),
+        12 => (256, 144),
+        13 => (256, 176),
+        14 => (256, 210),
+        15 => (256, 292),
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// ggml order: dims[0] is the innermost (contiguous) one.
+    pub dims: Vec<usize>,
+    pub ggml_type: u32,
+    /// Absolute byte offset in the file.
+    pub start: usize,
+}
+
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Mmap,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    file: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, what: impl Into<String>) -> GgufError {
+        GgufError {
+            file: self.file.display().to_string(),
+            what: what.into(),
+        }
+    }
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], GgufError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                self.err(format!(
+                    "truncated: {what} needs bytes {}..{} but the file has {}",
+                    self.pos,
+                    self.pos.saturating_add(n),
+                    self.buf.len()
+                ))
+            })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let n = self.u64(what)? as usize;
+        let b = self.take(n, what)?;
+        Ok(String::from_utf8_lossy(b).into_owned())
+    }
+    fn value(&mut self, ty: u32, key: &str) -> Result<GgufValue, GgufError> {
+        let what = format!("metadata {key}");
+        Ok(match ty {
+            0 => GgufValue::U64(self.take(1, &what)?[0] as u64),
+            1 => GgufValue::I64(self.take(1, &what)?[0] as i8 as i64),
+            2 => GgufValue::U64(u16::from_le_bytes(
+                self.take(2, &what)?.try_into().unwrap_or([0; 2]),
+            ) as u64),
+            3 => GgufValue::I64(i16::from_le_bytes(
+                self.take(2, &what)?.try_into().unwrap_or([0; 2]),
+            ) as i64),
+            4 => GgufValue::U64(self.u32(&what)? as u64),
+            5 => GgufValue::I64(self.u32(&what)? as i32 as i64),
+            6 => GgufValue::F64(f32::from_bits(self.u32(&what)?) as f64),
+            7 => GgufValue::Bool(self.take(1, &what)?[0] != 0),
+            8 => GgufValue::Str(self.string(&what)?),
+            9 => {
+                let ety = self.u32(&what)?;
+                let n = self.u64(&what)? as usize;
+                // Guard against absurd counts before allocating.
+                if n > self.buf.len() {
+                    return Err(self.err(format!(
+                        "metadata {key}: array of {n} items exceeds the file"
+                    )));
+                }
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(ety, key)?);
+                }
+                GgufValue::Array(items)
+            }
+            10 => GgufValue::U64(self.u64(&what)?),
+            11 => GgufValue::I64(self.u64(&what)? as i64),
+            12 => GgufValue::F64(f64::from_bits(self.u64(&what)?)),
+            other => return Err(self.err(format!("metadata {key}: unknown value type {other}"))),
+        })
+    }
+}
+
+/// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let module = match tail {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}"))
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+/// Dequantizes `n` values of type `ty` from `bytes`.
+fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
+    let mut out = Vec::with_capacity(n);
+    match ty {
+        F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        F16 => out.extend(bytes.chunks_exact(2).map(f16)),
+        BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        ),
+        Q8_0 => {
+            for blk in bytes.chunks_exact(34) {
+                let d = f16(blk);
+                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+            }
+        }
+        Q4_0 | Q4_1 => {
+            let (size, qs_at) = if ty == Q4_0 { (18, 2) } else { (20, 4) };
+            for blk in bytes.chunks_exact(size) {
+                let d = f16(blk);
+                let (m, off) = if ty == Q4_0 {
+                    (0.0, 8.0)
+                } else {
+                    (f16(&blk[2..]), 0.0)
+                };
+                let qs = &blk[qs_at..];
+                // Byte j holds element j in its low nibble and element j+16 in its high one.
+                out.extend(qs.iter().map(|q| ((q & 0x0F) as f32 - off) * d + m));
+                out.extend(qs.iter().map(|q| ((q >> 4) as f32 - off) * d + m));
+            }
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// Undoes llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's halves):
+/// GGUF row (h, 2i+j) holds HF row (h, j·d/2 + i) for head h of size d.
+fn unpermute(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let half = d / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        Err(GgufError::Msg(format!(
-            "{}: GGUF not supported yet",
-            path.display()
-        )))
+        let err = |what: String| GgufError {
+            file: path.display().to_string(),
+            what,
+        };
+        let f = File::open(path).map_err(|e| err(format!("cannot open: {e}")))?;
+        // SAFETY: read-only mapping of a file we do not modify.
+        let mmap = unsafe { Mmap::map(&f) }.map_err(|e| err(format!("cannot map: {e}")))?;
+        let mut c = Cursor {
+            buf: &mmap,
+            pos: 0,
+            file: path,
+        };
+        let magic = c.take(4, "magic")?;
+        if magic != b"GGUF" {
+            return Err(err(format!(
+                "not a GGUF file (magic {magic:?}, expected \"GGUF\")"
+            )));
+        }
+        let version = c.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(err(format!("GGUF version {version} (supported: 2, 3)")));
+        }
+        let n_tensors = c.u64("tensor count")? as usize;
+        let n_kv = c.u64("metadata count")? as usize;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("metadata key")?;
+            let ty = c.u32(&format!("metadata {key}"))?;
+            let v = c.value(ty, &key)?;
+            metadata.insert(key, v);
+        }
+        let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
+        for _ in 0..n_tensors {
+            let name = c.string("tensor name")?;
+            let nd = c.u32(&format!("tensor {name}"))? as usize;
+            if nd > 4 {
+                return Err(err(format!(
+                    "tensor {name}: {nd} dimensions (GGUF allows at most 4)"
+                )));
+            }
+            let dims = (0..nd)
+                .map(|_| c.u64(&format!("tensor {name}")).map(|d| d as usize))
+                .collect::<Result<Vec<_>, _>>()?;
+            let ty = c.u32(&format!("tensor {name}"))?;
+            let off = c.u64(&format!("tensor {name}"))? as usize;
+            infos.push((name, dims, ty, off));
+        }
+        let align = metadata
+            .get("general.alignment")
+            .and_then(GgufValue::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
+        let data_start = c.pos.div_ceil(align) * align;
+        let mut tensors = BTreeMap::new();
+        for (name, dims, ty, off) in infos {
+            let n: usize = dims.iter().product();
+            let start = data_start + off;
+            if let Some((per, bytes)) = block_layout(ty) {
+                if !n.is_multiple_of(per) {
+                    return Err(err(format!(
+                        "tensor {name}: {n} values is not a multiple of the {} block size {per}",
+                        type_name(ty)
+                    )));
+                }
+                let end = start + n / per * bytes;
+                if end > mmap.len() {
+                    return Err(err(format!(
+                        "truncated: tensor data of {name} ends at byte {end} but the file has {} bytes",
+                        mmap.len()
+                    )));
+                }
+            }
+            tensors.insert(
+                name,
+                TensorInfo {
+                    dims,
+                    ggml_type: ty,
+                    start,
+                },
+            );
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+            tensors,
+        })
     }
-    pub fn hf_config(&self) -> Result<serde_json::Value, GgufError> {
-        Err(GgufError::Msg("stub".into()))
+
+    fn err(&self, what: impl Into<String>) -> GgufError {
+        GgufError {
+            file: self.path.display().to_string(),
+            what: what.into(),
+        }
     }
+
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
+    }
+
+    pub fn tensor_infos(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+    }
+
+    /// An HF-style (transformers-4) config.json for a llama-architecture file.
+    pub fn hf_config(&self) -> Result<Value, GgufError> {
+        match self.architecture() {
+            Some("llama") => {}
+            other => {
+                return Err(self.err(format!(
+                    "key general.architecture: expected \"llama\", found {other:?}"
+                )))
+            }
+        }
+        let num = |k: &str| -> Result<u64, GgufError> {
+            self.metadata
+                .get(k)
+                .and_then(GgufValue::as_u64)
+                .ok_or_else(|| self.err(format!("key {k}: expected an integer (missing)")))
+        };
+        let opt_f = |k: &str| self.metadata.get(k).and_then(GgufValue::as_f64);
+        let opt_u = |k: &str| self.metadata.get(k).and_then(GgufValue::as_u64);
+        let heads = num("llama.attention.head_count")?;
+        let vocab = match self.metadata.get("tokenizer.ggml.tokens") {
+            Some(GgufValue::Array(a)) => a.len() as u64,
+            _ => num("llama.vocab_size")?,
+        };
+        let mut cfg = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": num("llama.embedding_length")?,
+            "intermediate_size": num("llama.feed_forward_length")?,
+            "num_hidden_layers": num("llama.block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": opt_u("llama.attention.head_count_kv").unwrap_or(heads),
+            "rms_norm_eps": opt_f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            "rope_theta": opt_f("llama.rope.freq_base").unwrap_or(10000.0),
+            "max_position_embeddings": opt_u("llama.context_length").unwrap_or(2048),
+            "vocab_size": vocab,
+            "tie_word_embeddings": !self.tensors.contains_key("output.weight"),
+            "torch_dtype": "float32",
+        });
+        for (gguf_key, hf_key) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ] {
+            if let Some(v) = opt_u(gguf_key) {
+                cfg[hf_key] = json!(v);
+            }
+        }
+        Ok(cfg)
+    }
+
     pub fn hf_tensor_names(&self) -> Vec<String> {
-        vec![]
+        self.tensors.keys().filter_map(|k| hf_name(k)).collect()
     }
-    pub fn tensor_f32(&self, n: &str) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
-        Err(GgufError::Msg(n.into()))
+
+    /// The tensor under its HF name as (HF shape, row-major f32).
+    pub fn tensor_f32(&self, hf: &str) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
+        let (name, info) = self
+            .tensors
+            .iter()
+            .find(|(k, _)| hf_name(k).as_deref() == Some(hf))
+            .ok_or_else(|| self.err(format!("tensor {hf}: missing")))?;
+        let n: usize = info.dims.iter().product();
+        let (per, bytes) = block_layout(info.ggml_type).unwrap_or((1, 0));
+        let raw = &self.mmap[info.start..info.start + n / per * bytes];
+        let data = dequantize(info.ggml_type, raw, n).ok_or_else(|| {
+            self.err(format!(
+                "tensor {name}: unsupported GGUF type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                type_name(info.ggml_type)
+            ))
+        })?;
+        let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
+        let heads_key = if hf.ends_with("q_proj.weight") {
+            Some("llama.attention.head_count")
+        } else if hf.ends_with("k_proj.weight") {
+            Some("llama.attention.head_count_kv")
+        } else {
+            None
+        };
+        let data = match heads_key {
+            Some(k) if shape.len() == 2 => {
+                let heads = self
+                    .metadata
+                    .get(k)
+                    .or_else(|| self.metadata.get("llama.attention.head_count"))
+                    .and_then(GgufValue::as_u64)
+                    .ok_or_else(|| self.err(format!("key {k}: expected an integer (missing)")))?
+                    as usize;
+                if heads == 0 || !shape[0].is_multiple_of(2 * heads) {
+                    return Err(self.err(format!(
+                        "tensor {name}: {} rows do not split into {heads} heads",
+                        shape[0]
+                    )));
+                }
+                unpermute(&data, shape[0], shape[1], heads)
+            }
+            _ => data,
+        };
+        Ok((shape, data))
+    }
+}
+
+/// A minimal GGUF writer (llama metadata, F32/F16/Q8_0/Q4_0/Q4_1 tensors), used by tests to
+/// build small files and by users to produce fixtures; it quantizes the way llama.cpp's
+/// reference quantizers do.
+pub mod write {
+    use super::{F16, F32, Q4_0, Q4_1, Q8_0};
+
+    pub enum Meta {
+        U32(u32),
+        F32(f32),
+        Str(String),
+        Strs(Vec<String>),
+    }
+
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+
+    fn h(x: f32) -> [u8; 2] {
+        half::f16::from_f32(x).to_le_bytes()
+    }
+
+    /// Quantizes row-major `data` to ggml type `ty`.
+    pub fn quantize(ty: u32, data: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match ty {
+            F32 => out.extend(data.iter().flat_map(|v| v.to_le_bytes())),
+            F16 => out.extend(data.iter().flat_map(|v| h(*v))),
+            Q8_0 => {
+                for b in data.chunks(32) {
+                    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(h(d));
+                    out.extend(b.iter().map(|v| (v * inv).round() as i8 as u8));
+                }
+            }
+            Q4_0 => {
+                for b in data.chunks(32) {
+                    let max = b
+                        .iter()
+                        .fold(0.0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
+                    let d = max / -8.0;
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(h(d));
+                    let q = |v: f32| ((v * inv + 8.5) as i32).clamp(0, 15) as u8;
+                    out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+            }
+            Q4_1 => {
+                for b in data.chunks(32) {
+                    let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
+                    let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let d = (max - min) / 15.0;
+                    let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    out.extend(h(d));
+                    out.extend(h(min));
+                    let q = |v: f32| (((v - min) * inv + 0.5) as i32).clamp(0, 15) as u8;
+                    out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// A GGUF v3 file. `tensors`: (gguf name, HF-order shape, ggml type, raw bytes).
+    pub fn gguf_bytes(
+        meta: &[(&str, Meta)],
+        tensors: &[(&str, Vec<usize>, u32, Vec<u8>)],
+    ) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((tensors.len() as u64).to_le_bytes());
+        out.extend((meta.len() as u64).to_le_bytes());
+        for (k, v) in meta {
+            put_str(&mut out, k);
+            match v {
+                Meta::U32(x) => {
+                    out.extend(4u32.to_le_bytes());
+                    out.extend(x.to_le_bytes());
+                }
+                Meta::F32(x) => {
+                    out.extend(6u32.to_le_bytes());
+                    out.extend(x.to_le_bytes());
+                }
+                Meta::Str(s) => {
+                    out.extend(8u32.to_le_bytes());
+                    put_str(&mut out, s);
+                }
+                Meta::Strs(v) => {
+                    out.extend(9u32.to_le_bytes());
+                    out.extend(8u32.to_le_bytes());
+                    out.extend((v.len() as u64).to_le_bytes());
+                    for s in v {
+                        put_str(&mut out, s);
+                    }
+                }
+            }
+        }
+        let mut offset = 0usize;
+        let mut offsets = Vec::new();
+        for (_, _, _, bytes) in tensors {
+            offsets.push(offset);
+            offset += bytes.len().div_ceil(32) * 32;
+        }
+        for ((name, shape, ty, _), off) in tensors.iter().zip(&offsets) {
+            put_str(&mut out, name);
+            out.extend((shape.len() as u32).to_le_bytes());
+            for d in shape.iter().rev() {
+                out.extend((*d as u64).to_le_bytes());
+            }
+            out.extend(ty.to_le_bytes());
+            out.extend((*off as u64).to_le_bytes());
+        }
+        out.resize(out.len().div_ceil(32) * 32, 0);
+        for (_, _, _, bytes) in tensors {
+            let start = out.len();
+            out.extend(bytes);
+            out.resize(start + bytes.len().div_ceil(32) * 32, 0);
+        }
+        out
     }
 }

@@ -200,7 +200,16 @@ impl CausalLm {
     pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(l) => l.forward(h),
-            None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => {
+                // W·hᵀ reads the [V, H] embedding in its stored layout; hᵀ·Wᵀ would make the
+                // backend copy the whole transposed table on every call.
+                let [b, t, d] = h.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                w.matmul(h.reshape([b * t, d]).transpose())
+                    .transpose()
+                    .reshape([b, t, v])
+            }
         }
     }
 

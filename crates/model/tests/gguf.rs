@@ -1,0 +1,241 @@
+//! GGUF: metadata → config, name mapping, dequantization, q/k un-permutation, and errors.
+
+use burn::tensor::Tensor;
+use phi_model::gguf::write::{gguf_bytes, quantize, Meta};
+use phi_model::gguf::{GgufFile, F16, F32, Q4_0, Q4_1, Q8_0};
+use phi_model::weights::{GgufSource, RandomSource, TensorSource};
+use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
+use std::path::PathBuf;
+
+const HIDDEN: usize = 32;
+const HEADS: usize = 4;
+const KV: usize = 2;
+const INTER: usize = 64;
+const VOCAB: usize = 40;
+
+fn tmp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("phi-gguf-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn config() -> ModelConfig {
+    ModelConfig::from_value(
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "num_hidden_layers": 2,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": INTER,
+            "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true
+        }),
+        "test",
+    )
+    .unwrap()
+}
+
+/// llama.cpp's convert permutation: HF rotate-half rows to interleaved pairs.
+fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..d / 2 {
+                let src = h * d + j * d / 2 + i;
+                let dst = h * d + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn meta() -> Vec<(&'static str, Meta)> {
+    vec![
+        ("general.architecture", Meta::Str("llama".into())),
+        ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", Meta::U32(INTER as u32)),
+        ("llama.block_count", Meta::U32(2)),
+        ("llama.attention.head_count", Meta::U32(HEADS as u32)),
+        ("llama.attention.head_count_kv", Meta::U32(KV as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+        ("llama.rope.freq_base", Meta::F32(10000.0)),
+        ("llama.context_length", Meta::U32(256)),
+        (
+            "tokenizer.ggml.tokens",
+            Meta::Strs((0..VOCAB).map(|i| format!("t{i}")).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+    ]
+}
+
+/// The random model's tensors as a GGUF with `ty` for every matrix.
+/// (HF name, shape, f32 values) of every tensor written.
+type HfTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn model_gguf(ty_for: impl Fn(&str) -> u32) -> (Vec<u8>, HfTensors) {
+    let rnd = RandomSource { seed: 3 };
+    let mut specs: Vec<(String, String, Vec<usize>)> = vec![(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        vec![VOCAB, HIDDEN],
+    )];
+    specs.push((
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        vec![HIDDEN],
+    ));
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (g, h, s) in [
+            ("attn_norm", "input_layernorm", vec![HIDDEN]),
+            ("ffn_norm", "post_attention_layernorm", vec![HIDDEN]),
+            ("attn_q", "self_attn.q_proj", vec![HIDDEN, HIDDEN]),
+            (
+                "attn_k",
+                "self_attn.k_proj",
+                vec![HIDDEN * KV / HEADS, HIDDEN],
+            ),
+            (
+                "attn_v",
+                "self_attn.v_proj",
+                vec![HIDDEN * KV / HEADS, HIDDEN],
+            ),
+            ("attn_output", "self_attn.o_proj", vec![HIDDEN, HIDDEN]),
+            ("ffn_gate", "mlp.gate_proj", vec![INTER, HIDDEN]),
+            ("ffn_up", "mlp.up_proj", vec![INTER, HIDDEN]),
+            ("ffn_down", "mlp.down_proj", vec![HIDDEN, INTER]),
+        ] {
+            specs.push((format!("blk.{l}.{g}.weight"), format!("{p}.{h}.weight"), s));
+        }
+    }
+    let mut hf = Vec::new();
+    let mut tensors = Vec::new();
+    for (g, h, shape) in &specs {
+        let data = rnd.load_shaped(h, shape).unwrap().data;
+        let stored = if g.contains("attn_q") {
+            permute(&data, shape[0], shape[1], HEADS)
+        } else if g.contains("attn_k") {
+            permute(&data, shape[0], shape[1], KV)
+        } else {
+            data.clone()
+        };
+        let ty = if shape.len() == 1 { F32 } else { ty_for(g) };
+        tensors.push((g.as_str(), shape.clone(), ty, quantize(ty, &stored)));
+        hf.push((h.clone(), shape.clone(), data));
+    }
+    (gguf_bytes(&meta(), &tensors), hf)
+}
+
+fn logits(m: &CausalLm) -> Vec<f32> {
+    let ids: Vec<i64> = (0..9).map(|i| (i * 7 + 1) % VOCAB as i64).collect();
+    let t: Tensor<3> = m
+        .forward(&Inputs::new(1, 9, ids), &TapRequest::none())
+        .logits;
+    t.try_into_vec_as::<f32>().unwrap()
+}
+
+#[test]
+fn f32_gguf_loads_the_same_model_as_its_hf_weights() {
+    let (bytes, _) = model_gguf(|_| F32);
+    let path = tmp_file("f32", &bytes);
+    let src = GgufSource::open(&path).unwrap();
+    let cfg = ModelConfig::from_value(src.gguf().hf_config().unwrap(), "gguf").unwrap();
+    assert_eq!(
+        (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size),
+        (HIDDEN, KV, VOCAB)
+    );
+    assert!(cfg.tie_word_embeddings);
+    assert_eq!(
+        (cfg.bos_token_id, cfg.eos_token_ids.clone()),
+        (Some(1), vec![2])
+    );
+    let from_gguf = CausalLm::load(&cfg, &src, &cpu_device()).unwrap();
+    let from_hf = CausalLm::load(&config(), &RandomSource { seed: 3 }, &cpu_device()).unwrap();
+    // Bit-identical weights (q/k un-permuted) give bit-identical logits.
+    assert_eq!(logits(&from_gguf), logits(&from_hf));
+}
+
+#[test]
+fn quantized_tensors_dequantize_within_their_step() {
+    let types = [("f16", F16), ("q8_0", Q8_0), ("q4_0", Q4_0), ("q4_1", Q4_1)];
+    for (name, ty) in types {
+        let (bytes, hf) = model_gguf(|_| ty);
+        let path = tmp_file(name, &bytes);
+        let g = GgufFile::open(&path).unwrap();
+        for (n, shape, want) in &hf {
+            let (s, got) = g.tensor_f32(n).unwrap();
+            assert_eq!(&s, shape, "{name} {n}");
+            let amax = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // One quantization step: amax/127 (q8), 2·amax/15 (q4), f16 rounding.
+            let tol = match ty {
+                F16 => amax * 1e-3,
+                Q8_0 => amax / 127.0,
+                _ => 2.0 * amax / 15.0,
+            };
+            let worst = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= tol, "{name} {n}: error {worst} > {tol}");
+            if shape.len() == 1 {
+                assert_eq!(&got, want, "{name} {n}: F32 norms are exact");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_files_name_the_file_and_the_tensor() {
+    let (bytes, _) = model_gguf(|_| Q8_0);
+    let cut = tmp_file("cut", &bytes[..bytes.len() - 40]);
+    let err = GgufFile::open(&cut).err().expect("truncated").to_string();
+    assert!(
+        err.contains("cut.gguf")
+            && err.contains("truncated")
+            && err.contains("blk.1.ffn_down.weight"),
+        "{err}"
+    );
+
+    let magic = tmp_file("magic", b"GGML\x03\x00\x00\x00");
+    let err = GgufFile::open(&magic).err().expect("magic").to_string();
+    assert!(
+        err.contains("magic.gguf") && err.contains("not a GGUF file"),
+        "{err}"
+    );
+
+    // A Q4_K tensor (type 12: 144 bytes per 256 values) is listed but cannot be decoded.
+    let mut m = meta();
+    m.truncate(9);
+    let t = vec![(
+        "blk.0.attn_q.weight",
+        vec![HIDDEN, 256],
+        12u32,
+        vec![0u8; HIDDEN * 144],
+    )];
+    let k = tmp_file("q4k", &gguf_bytes(&m, &t));
+    let g = GgufFile::open(&k).unwrap();
+    let err = g
+        .tensor_f32("model.layers.0.self_attn.q_proj.weight")
+        .expect_err("q4k")
+        .to_string();
+    assert!(
+        err.contains("q4k.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("Q4_K"),
+        "{err}"
+    );
+}
+
+#[test]
+fn real_vocab_gguf_metadata_parses() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/assets/vocab-gguf/ggml-vocab-llama-spm.gguf");
+    if !p.exists() {
+        eprintln!("skipped: {} not present", p.display());
+        return;
+    }
+    let g = GgufFile::open(&p).unwrap();
+    assert_eq!(g.architecture(), Some("llama"));
+    match g.metadata().get("tokenizer.ggml.tokens") {
+        Some(phi_model::gguf::GgufValue::Array(a)) => assert_eq!(a.len(), 32000),
+        other => panic!("tokens: {other:?}"),
+    }
+}
