@@ -4,6 +4,8 @@
 use anyhow::{bail, Result};
 use burn::tensor::Tensor;
 use clap::Parser;
+use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
+use phi_adapters::{lora, LoraConfig};
 use phi_model::loss::causal_lm_loss;
 use phi_model::weights::RandomSource;
 use phi_model::{CausalLm, Inputs, ModelConfig, TapRequest};
@@ -28,6 +30,15 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With fwd-bwd: what trains. full, norm-only (base frozen, backward through every
+    /// layer), or lora (all-linear, --lora-r, base frozen).
+    #[arg(long, default_value = "full")]
+    train: String,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// Attach the LoRA adapter in forward mode too (to time its forward overhead).
+    #[arg(long)]
+    lora: bool,
 }
 
 fn shape_config(name: &str) -> Result<ModelConfig> {
@@ -65,6 +76,27 @@ fn sync(t: Tensor<1>) -> f32 {
     t.try_into_vec_as::<f32>().map(|v| v[0]).unwrap_or(f32::NAN)
 }
 
+/// Sum of the gradient of the parameter named `name`.
+fn probe_grad(model: &CausalLm, name: &str, grads: &burn::tensor::Gradients) -> f32 {
+    if let Some(module) = name.strip_suffix(".lora_A.weight") {
+        let lin = model.linears().into_iter().find(|(p, _)| p == module);
+        if let Some(l) = lin.and_then(|(_, l)| l.lora.as_ref()) {
+            return l.a.val().grad(grads).map_or(f32::NAN, |g| sync(g.sum()));
+        }
+    }
+    let norms = model.norm_params();
+    if let Some((_, w)) = norms.iter().find(|(n, _)| n == name) {
+        return w.grad(grads).map_or(f32::NAN, |g| sync(g.sum()));
+    }
+    model
+        .model
+        .embed_tokens
+        .weight
+        .val()
+        .grad(grads)
+        .map_or(f32::NAN, |g| sync(g.sum()))
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let cfg = shape_config(&a.shape)?;
@@ -75,7 +107,37 @@ fn main() -> Result<()> {
         m => bail!("--mode {m}: expected forward or fwd-bwd"),
     };
     let device = if train { base.autodiff() } else { base };
-    let model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
+    let mut model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
+    let lora_cfg = LoraConfig {
+        r: a.lora_r,
+        alpha: 2.0 * a.lora_r as f64,
+        ..Default::default()
+    };
+    let selection = match a.train.as_str() {
+        "full" => Selection::Full,
+        "norm-only" => Selection::NormOnly,
+        "lora" => Selection::Lora {
+            modules_to_save: vec![],
+        },
+        t => bail!("--train {t}: expected full, norm-only or lora"),
+    };
+    if a.lora || (train && selection != Selection::Full && a.train == "lora") {
+        lora::attach(&mut model, &lora_cfg)?;
+    }
+    let names = trainable_names(&model, &selection)?;
+    let counts = Counts::of(&model, &names);
+    let model = if train {
+        freeze::apply(model, &names)
+    } else {
+        model
+    };
+    // A parameter that trains in every setting, read to force the backward to finish.
+    let probe = model
+        .params()
+        .into_iter()
+        .find(|p| names.contains(&p.name))
+        .map(|p| p.name)
+        .unwrap_or_default();
     let n = a.batch * a.seq;
     let ids: Vec<i64> = (0..n)
         .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
@@ -89,8 +151,7 @@ fn main() -> Result<()> {
         if train {
             let grads = loss.backward();
             // Reading one gradient forces the whole backward pass to finish.
-            let g = model.model.embed_tokens.weight.val().grad(&grads);
-            std::hint::black_box(g.map(|g| sync(g.sum())));
+            std::hint::black_box(probe_grad(&model, &probe, &grads));
         } else {
             std::hint::black_box(sync(loss));
         }
@@ -102,7 +163,10 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     let line = json!({
         "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
-        "device": a.device, "step_s_median": median, "tokens_per_s": n as f64 / median,
+        "device": a.device, "train": if train { a.train.as_str() } else { "-" },
+        "lora_r": if a.lora || a.train == "lora" { a.lora_r } else { 0 },
+        "trainable_params": counts.trainable, "all_params": counts.all,
+        "step_s_median": median, "tokens_per_s": n as f64 / median,
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{line}");

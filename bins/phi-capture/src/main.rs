@@ -111,11 +111,11 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
-    if a.adapter.is_some() {
-        bail!("--adapter: adapters not supported yet (they arrive with the adapters crate)");
-    }
     let device = phi_model::device_from_name(&a.device)?;
-    let loaded = phi_model::load(&a.model, &device)?;
+    let loaded = phi_adapters::peft::with_adapter(
+        phi_model::load(&a.model, &device)?,
+        a.adapter.as_deref(),
+    )?;
     let tok = || -> Result<Tok> {
         let p = a
             .tokenizer
@@ -183,10 +183,7 @@ fn run(a: Args) -> Result<()> {
             };
         }
     }
-    let vocab = loaded.config.vocab_size as i64;
-    if let Some(bad) = inp.input_ids.iter().find(|&&i| i < 0 || i >= vocab) {
-        bail!("input_ids: token id {bad} is outside the vocabulary (0..{vocab})");
-    }
+    loaded.check_ids("input_ids", &inp.input_ids)?;
     prepare_out_dir(&a.out, a.overwrite)?;
     let (tensors, summary) = capture(&loaded.model, &inp);
     write_safetensors(&a.out.join("capture.safetensors"), &tensors, None)?;

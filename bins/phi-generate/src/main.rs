@@ -56,15 +56,15 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
-    if a.adapter.is_some() {
-        bail!("--adapter: adapters not supported yet (they arrive with the adapters crate)");
-    }
     if let Some(t) = &a.template {
         bail!("--template {t}: chat templates arrive with the data crate; write the prompt in the model's chat format");
     }
     let device = phi_model::device_from_name(&a.device)?;
     let t0 = Instant::now();
-    let loaded = phi_model::load(&a.model, &device)?;
+    let loaded = phi_adapters::peft::with_adapter(
+        phi_model::load(&a.model, &device)?,
+        a.adapter.as_deref(),
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
     let tok = match a.tokenizer.clone().or_else(|| loaded.tokenizer_path()) {
         Some(p) => Some(Tok::load(&p)?),
@@ -94,11 +94,8 @@ fn run(a: Args) -> Result<()> {
     } else {
         bail!("one of --prompt or --prompt-ids is required");
     };
-    let vocab = loaded.config.vocab_size as i64;
     for p in &prompts {
-        if let Some(bad) = p.iter().find(|&&i| i < 0 || i >= vocab) {
-            bail!("prompt: token id {bad} is outside the vocabulary (0..{vocab})");
-        }
+        loaded.check_ids("prompt", p)?;
     }
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,

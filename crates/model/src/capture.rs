@@ -56,24 +56,20 @@ impl CausalLm {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             match layer {
-                L::Llama(l) => {
-                    out.push((
-                        format!("{p}.input_layernorm.weight"),
-                        l.input_layernorm.weight.val(),
-                    ));
-                    out.push((
-                        format!("{p}.post_attention_layernorm.weight"),
-                        l.post_attention_layernorm.weight.val(),
-                    ));
-                }
-                L::Phi3(l) => {
-                    out.push((
-                        format!("{p}.input_layernorm.weight"),
-                        l.input_layernorm.weight.val(),
-                    ));
+                L::Llama(crate::arch::llama::LlamaLayer {
+                    input_layernorm: a,
+                    post_attention_layernorm: b,
+                    ..
+                })
+                | L::Phi3(crate::arch::phi3::Phi3Layer {
+                    input_layernorm: a,
+                    post_attention_layernorm: b,
+                    ..
+                }) => {
+                    out.push((format!("{p}.input_layernorm.weight"), a.weight.val()));
                     out.push((
                         format!("{p}.post_attention_layernorm.weight"),
-                        l.post_attention_layernorm.weight.val(),
+                        b.weight.val(),
                     ));
                 }
                 L::Phi2(l) => {

@@ -336,6 +336,9 @@ impl ModelConfig {
                 &format!("an activation this architecture supports (got {hidden_act:?})"),
             ));
         }
+        if arch == Arch::Phi2 && r.opt_bool("qk_layernorm")? == Some(true) {
+            return Err(r.err("qk_layernorm", "false (q/k LayerNorms are not implemented)"));
+        }
         let cfg = ModelConfig {
             arch,
             vocab_size: r.usize("vocab_size")?,

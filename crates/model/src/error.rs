@@ -32,6 +32,17 @@ impl ModelError {
             what: what.to_string(),
         }
     }
+    pub fn config(
+        file: impl std::fmt::Display,
+        key: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        ModelError::Config {
+            file: file.to_string(),
+            key: key.into(),
+            expected: expected.into(),
+        }
+    }
     pub fn tensor(
         file: impl std::fmt::Display,
         tensor: impl Into<String>,

@@ -5,13 +5,16 @@ pub mod arch;
 pub mod capture;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod io;
 pub mod loss;
+pub mod lowrank;
 pub mod model;
 pub mod nn;
 pub mod oracle;
+pub mod params;
 pub mod resolve;
 pub mod rng;
 pub mod rope;
@@ -67,6 +70,17 @@ impl Loaded {
             .clone()
             .or_else(|| self.gguf.as_ref()?.parent().map(|p| p.to_path_buf()))?;
         Some(dir.join("tokenizer.json")).filter(|p| p.exists())
+    }
+
+    /// Rejects token ids outside the vocabulary before they reach the embedding.
+    pub fn check_ids(&self, what: &str, ids: &[i64]) -> Result<(), ModelError> {
+        let vocab = self.config.vocab_size as i64;
+        match ids.iter().find(|&&i| i < 0 || i >= vocab) {
+            Some(bad) => Err(ModelError::Other(format!(
+                "{what}: token id {bad} is outside the vocabulary (0..{vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// EOS ids from config.json plus generation_config.json (which may list several).

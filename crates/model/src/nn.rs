@@ -2,6 +2,7 @@
 //! GQA and a KV cache, and the host-side helpers that turn checkpoint tensors into params.
 
 use crate::error::ModelError;
+use crate::lowrank::LowRank;
 use crate::weights::{HostTensor, TensorSource};
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, layer_norm, linear};
@@ -41,6 +42,8 @@ pub fn transpose_host(t: &HostTensor) -> HostTensor {
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// An adapter's side path (see `lowrank`); None for a plain layer.
+    pub lora: Option<LowRank>,
 }
 
 impl Linear {
@@ -64,11 +67,24 @@ impl Linear {
         Ok(Linear {
             weight: param2(transpose_host(&w), device),
             bias,
+            lora: None,
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        let y = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.lora {
+            Some(l) => y + l.forward(x),
+            None => y,
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.weight.val().dims()[0]
     }
 
     pub fn d_out(&self) -> usize {
@@ -217,6 +233,39 @@ pub fn attend(
     let mask = ctx.mask.clone().map(|m| m.expand([b, h, t, s]));
     let out = attention(q, k, v, mask, None, options);
     out.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// Projected q/k/v [B, T, n·d] → heads, rotary on q and k, attention: [B, T, heads·d].
+pub fn rotary_attention(
+    qkv: (Tensor<3>, Tensor<3>, Tensor<3>),
+    heads: usize,
+    kv_heads: usize,
+    ctx: &LayerCtx,
+    cache: Option<&mut LayerCache>,
+) -> Tensor<3> {
+    let q = apply_rotary(split_heads(qkv.0, heads), &ctx.cos, &ctx.sin);
+    let k = apply_rotary(split_heads(qkv.1, kv_heads), &ctx.cos, &ctx.sin);
+    attend(q, k, split_heads(qkv.2, kv_heads), ctx, cache)
+}
+
+/// The two RMSNorms of a pre-norm block, under their HF names.
+pub fn load_norm_pair(
+    src: &dyn TensorSource,
+    prefix: &str,
+    dim: usize,
+    eps: f64,
+    device: &Device,
+) -> Result<(RmsNorm, RmsNorm), ModelError> {
+    Ok((
+        RmsNorm::load(src, &format!("{prefix}.input_layernorm"), dim, eps, device)?,
+        RmsNorm::load(
+            src,
+            &format!("{prefix}.post_attention_layernorm"),
+            dim,
+            eps,
+            device,
+        )?,
+    ))
 }
 
 /// [B, T, heads·d] → [B, heads, T, d].

@@ -103,14 +103,18 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn close(&mut self, case: &str, key: &str, got: &[f32], want: &[f32], tol: f32) {
+    /// Counts a check; false (with a failure recorded) when the lengths differ.
+    fn same_len(&mut self, case: &str, key: &str, got: usize, want: usize) -> bool {
         self.checked += 1;
-        if got.len() != want.len() {
-            self.failures.push(format!(
-                "{case}: {key}: {} values, expected {}",
-                got.len(),
-                want.len()
-            ));
+        if got != want {
+            self.failures
+                .push(format!("{case}: {key}: {got} values, expected {want}"));
+        }
+        got == want
+    }
+
+    pub fn close(&mut self, case: &str, key: &str, got: &[f32], want: &[f32], tol: f32) {
+        if !self.same_len(case, key, got.len(), want.len()) {
             return;
         }
         let d = max_abs_diff(key, got, want);
@@ -129,13 +133,7 @@ impl Report {
         abs: f32,
         rel: f32,
     ) {
-        self.checked += 1;
-        if got.len() != want.len() {
-            self.failures.push(format!(
-                "{case}: {key}: {} values, expected {}",
-                got.len(),
-                want.len()
-            ));
+        if !self.same_len(case, key, got.len(), want.len()) {
             return;
         }
         let worst = got

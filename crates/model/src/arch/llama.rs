@@ -2,7 +2,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{apply_rotary, attend, split_heads, LayerCache, LayerCtx, Linear, RmsNorm};
+use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -46,6 +46,8 @@ impl LlamaLayer {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         let ab = c.attention_bias;
+        let (input_layernorm, post_attention_layernorm) =
+            load_norm_pair(src, p, h, c.norm_eps, device)?;
         let lin = |name: &str, i, o, b| Linear::load(src, &format!("{p}.{name}"), i, o, b, device);
         Ok(LlamaLayer {
             self_attn: LlamaAttention {
@@ -61,20 +63,8 @@ impl LlamaLayer {
                 up_proj: lin("mlp.up_proj", h, c.intermediate_size, c.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", c.intermediate_size, h, c.mlp_bias)?,
             },
-            input_layernorm: RmsNorm::load(
-                src,
-                &format!("{p}.input_layernorm"),
-                h,
-                c.norm_eps,
-                device,
-            )?,
-            post_attention_layernorm: RmsNorm::load(
-                src,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                c.norm_eps,
-                device,
-            )?,
+            input_layernorm,
+            post_attention_layernorm,
         })
     }
 
@@ -88,12 +78,14 @@ impl LlamaLayer {
         let a = &self.self_attn;
         let normed = self.input_layernorm.forward(x.clone());
         taps.input_layernorm(&normed);
-        let q = split_heads(a.q_proj.forward(normed.clone()), a.heads);
-        let k = split_heads(a.k_proj.forward(normed.clone()), a.kv_heads);
-        let v = split_heads(a.v_proj.forward(normed), a.kv_heads);
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
-        let h = x + a.o_proj.forward(attend(q, k, v, ctx, cache));
+        let qkv = (
+            a.q_proj.forward(normed.clone()),
+            a.k_proj.forward(normed.clone()),
+            a.v_proj.forward(normed),
+        );
+        let h = x + a
+            .o_proj
+            .forward(rotary_attention(qkv, a.heads, a.kv_heads, ctx, cache));
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let m = &self.mlp;

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{apply_rotary, attend, split_heads, LayerCache, LayerCtx, LayerNorm, Linear};
+use crate::nn::{rotary_attention, LayerCache, LayerCtx, LayerNorm, Linear};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -82,12 +82,14 @@ impl Phi2Layer {
         let a = &self.self_attn;
         let normed = self.input_layernorm.forward(x.clone());
         taps.input_layernorm(&normed);
-        let q = split_heads(a.q_proj.forward(normed.clone()), a.heads);
-        let k = split_heads(a.k_proj.forward(normed.clone()), a.kv_heads);
-        let v = split_heads(a.v_proj.forward(normed.clone()), a.kv_heads);
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
-        let attn = a.dense.forward(attend(q, k, v, ctx, cache));
+        let qkv = (
+            a.q_proj.forward(normed.clone()),
+            a.k_proj.forward(normed.clone()),
+            a.v_proj.forward(normed.clone()),
+        );
+        let attn = a
+            .dense
+            .forward(rotary_attention(qkv, a.heads, a.kv_heads, ctx, cache));
         let f = self.mlp.fc1.forward(normed);
         let f = if self.mlp.tanh_gelu {
             gelu_approximate(f)

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{apply_rotary, attend, split_heads, LayerCache, LayerCtx, Linear, RmsNorm};
+use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -46,6 +46,8 @@ impl Phi3Layer {
         let qkv = qd + 2 * c.num_key_value_heads * d;
         let i = c.intermediate_size;
         let ab = c.attention_bias;
+        let (input_layernorm, post_attention_layernorm) =
+            load_norm_pair(src, p, h, c.norm_eps, device)?;
         let lin = |name: &str, di, dout, b| {
             Linear::load(src, &format!("{p}.{name}"), di, dout, b, device)
         };
@@ -60,20 +62,8 @@ impl Phi3Layer {
                 gate_up_proj: lin("mlp.gate_up_proj", h, 2 * i, c.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", i, h, c.mlp_bias)?,
             },
-            input_layernorm: RmsNorm::load(
-                src,
-                &format!("{p}.input_layernorm"),
-                h,
-                c.norm_eps,
-                device,
-            )?,
-            post_attention_layernorm: RmsNorm::load(
-                src,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                c.norm_eps,
-                device,
-            )?,
+            input_layernorm,
+            post_attention_layernorm,
         })
     }
 
@@ -91,12 +81,14 @@ impl Phi3Layer {
         let [b, t, n] = qkv.dims();
         let d = n / (a.heads + 2 * a.kv_heads);
         let (qd, kvd) = (a.heads * d, a.kv_heads * d);
-        let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..qd]), a.heads);
-        let k = split_heads(qkv.clone().slice([0..b, 0..t, qd..qd + kvd]), a.kv_heads);
-        let v = split_heads(qkv.slice([0..b, 0..t, qd + kvd..n]), a.kv_heads);
-        let q = apply_rotary(q, &ctx.cos, &ctx.sin);
-        let k = apply_rotary(k, &ctx.cos, &ctx.sin);
-        let h = x + a.o_proj.forward(attend(q, k, v, ctx, cache));
+        let parts = (
+            qkv.clone().slice([0..b, 0..t, 0..qd]),
+            qkv.clone().slice([0..b, 0..t, qd..qd + kvd]),
+            qkv.slice([0..b, 0..t, qd + kvd..n]),
+        );
+        let h = x + a
+            .o_proj
+            .forward(rotary_attention(parts, a.heads, a.kv_heads, ctx, cache));
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let gu = self.mlp.gate_up_proj.forward(normed);

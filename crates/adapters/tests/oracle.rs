@@ -1,0 +1,362 @@
+//! Adapters against PEFT's reference tensors, for every case folder found in the oracle
+//! directory (tests/fixtures/oracle or PHI_ORACLE_DIR).
+
+use burn::tensor::{Device, Tensor};
+use phi_adapters::freeze::{self, Selection};
+use phi_adapters::merge;
+use phi_adapters::peft::{self, peft_param_name};
+use phi_model::loss::causal_lm_loss;
+use phi_model::oracle::{cases, Case, Report};
+use phi_model::params::ParamKind;
+use phi_model::resolve::resolve_dir;
+use phi_model::weights::{SafetensorsSource, TensorSource};
+use phi_model::{cpu_device, CausalLm, Inputs, TapRequest};
+use std::collections::BTreeMap;
+
+const TOL: f32 = 1e-4;
+const LOSS_TOL: f32 = 1e-5;
+
+fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().expect("readback")
+}
+
+fn base(case: &Case, device: &Device) -> CausalLm {
+    let res = resolve_dir(&case.dir).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    CausalLm::load(&res.config, res.source.as_ref(), device)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name))
+}
+
+fn batch(case: &Case) -> (Inputs, Vec<i64>) {
+    let (shape, ids) = case.input("input_ids").expect("input_ids");
+    let mut inp = Inputs::new(shape[0], shape[1], ids);
+    if let Some((_, m)) = case.input("attention_mask") {
+        inp = inp.with_mask(m);
+    }
+    (inp, case.input("labels").map(|l| l.1).unwrap_or_default())
+}
+
+/// The gradient of every parameter, by HF name, transposed to HF layout.
+fn grads_by_name(model: &CausalLm, loss: Tensor<1>) -> BTreeMap<String, Vec<f32>> {
+    let grads = loss.backward();
+    let mut out = BTreeMap::new();
+    let mut model = model.clone();
+    for p in model.params() {
+        let t: Option<Tensor<2>> = match p.kind {
+            ParamKind::LoraA | ParamKind::LoraB => {
+                let module = p.name.rsplit_once(".lora_").map(|x| x.0).unwrap();
+                let lin = model.linear_mut(module).unwrap();
+                let l = lin.lora.as_ref().unwrap();
+                let w = if p.kind == ParamKind::LoraA {
+                    &l.a
+                } else {
+                    &l.b
+                };
+                w.val().grad(&grads).map(|g| g.transpose())
+            }
+            _ => None,
+        };
+        if let Some(g) = t {
+            out.insert(p.name.clone(), vals(g));
+        }
+    }
+    out
+}
+
+fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
+    let name = &case.name;
+    let dir = case.dir.join(folder);
+    if !dir.join("adapter_config.json").exists() || !case.has(&format!("{folder}.logits")) {
+        return;
+    }
+    let device = cpu_device().autodiff();
+    let (model, _, paths) = match peft::load(base(case, &device), &dir) {
+        Ok(x) => x,
+        Err(e) => return r.fail(format!("{name}/{folder}: cannot load: {e}")),
+    };
+    let names = freeze::trainable_names(
+        &model,
+        &Selection::Lora {
+            modules_to_save: vec![],
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        names.len(),
+        2 * paths.len(),
+        "{name}/{folder}: A and B per module"
+    );
+    let model = freeze::apply(model, &names);
+    let (inp, labels) = batch(case);
+    let logits = model.forward(&inp, &TapRequest::none()).logits;
+    r.close(
+        name,
+        &format!("{folder}.logits"),
+        &vals(logits.clone()),
+        &case.f32(&format!("{folder}.logits")).1,
+        TOL,
+    );
+    let loss = causal_lm_loss(logits, &labels);
+    if case.has(&format!("{folder}.loss")) {
+        r.close(
+            name,
+            &format!("{folder}.loss"),
+            &vals(loss.clone()),
+            &case.f32(&format!("{folder}.loss")).1,
+            LOSS_TOL,
+        );
+    }
+    let grads = grads_by_name(&model, loss);
+    let params = model.params();
+    let expected = case.keys(&format!("{folder}.grad."));
+    if expected.is_empty() {
+        return;
+    }
+    r.equal(
+        name,
+        &format!("{folder}: number of LoRA gradients"),
+        &[grads.len()],
+        &[expected.len()],
+    );
+    for p in params
+        .iter()
+        .filter(|p| !matches!(p.kind, ParamKind::Base { .. }))
+    {
+        let key = format!(
+            "{folder}.grad.{}",
+            peft_param_name(&p.name, p.kind, "default")
+        );
+        match (grads.get(&p.name), case.has(&key)) {
+            (Some(g), true) => r.close_rel(name, &key, g, &case.f32(&key).1, 1e-5, 1e-4),
+            (None, _) => r.fail(format!("{name}: {key}: no gradient")),
+            (_, false) => r.fail(format!("{name}: {key}: not in expected.safetensors")),
+        }
+    }
+}
+
+/// Frozen base: after backward, no base weight holds a gradient.
+fn check_base_frozen(case: &Case, r: &mut Report) {
+    let dir = case.dir.join("lora");
+    if !dir.exists() {
+        return;
+    }
+    let device = cpu_device().autodiff();
+    let (model, _, _) = peft::load(base(case, &device), &dir).unwrap();
+    let names = freeze::trainable_names(
+        &model,
+        &Selection::Lora {
+            modules_to_save: vec![],
+        },
+    )
+    .unwrap();
+    let model = freeze::apply(model, &names);
+    let (inp, labels) = batch(case);
+    let loss = causal_lm_loss(model.forward(&inp, &TapRequest::none()).logits, &labels);
+    let grads = loss.backward();
+    let lin = &model.linears()[0].1;
+    r.equal(
+        &case.name,
+        "base linear weight gradient under LoRA",
+        &[lin.weight.val().grad(&grads).is_some()],
+        &[false],
+    );
+    r.equal(
+        &case.name,
+        "embedding gradient under LoRA",
+        &[model.model.embed_tokens.weight.val().grad(&grads).is_some()],
+        &[false],
+    );
+}
+
+/// Norm-only: gradients reach exactly the norm weights (and LayerNorm biases).
+fn check_norm_only(case: &Case, r: &mut Report) {
+    let device = cpu_device().autodiff();
+    let model = base(case, &device);
+    let names = freeze::trainable_names(&model, &Selection::NormOnly).unwrap();
+    let expected_norms = model.norm_params().len();
+    r.equal(
+        &case.name,
+        "norm-only trainable count",
+        &[names.len()],
+        &[expected_norms],
+    );
+    let model = freeze::apply(model, &names);
+    let (inp, labels) = batch(case);
+    let loss = causal_lm_loss(model.forward(&inp, &TapRequest::none()).logits, &labels);
+    let grads = loss.backward();
+    let with_grad: Vec<String> = model
+        .norm_params()
+        .into_iter()
+        .filter(|(_, w)| {
+            w.grad(&grads)
+                .is_some_and(|g| vals(g).iter().any(|v| *v != 0.0))
+        })
+        .map(|(n, _)| n)
+        .collect();
+    r.equal(
+        &case.name,
+        "norm weights with a gradient",
+        &with_grad,
+        &names,
+    );
+    let others = [
+        model.model.embed_tokens.weight.val().grad(&grads).is_some(),
+        model
+            .linears()
+            .iter()
+            .any(|(_, l)| l.weight.val().grad(&grads).is_some()),
+    ];
+    r.equal(&case.name, "non-norm gradients", &others, &[false, false]);
+}
+
+fn check_merge(case: &Case, r: &mut Report) {
+    let merged_file = case.dir.join("lora_merged/model.safetensors");
+    if !merged_file.exists() {
+        return;
+    }
+    let (model, _, _) = peft::load(base(case, &cpu_device()), &case.dir.join("lora")).unwrap();
+    let merged = merge::merge(model);
+    let want = SafetensorsSource::open_files(&[merged_file]).unwrap();
+    let got: BTreeMap<String, _> = merged.hf_tensors().into_iter().collect();
+    let mut want_keys = want.names();
+    want_keys.sort();
+    r.equal(
+        &case.name,
+        "merged key set",
+        &got.keys().cloned().collect::<Vec<_>>(),
+        &want_keys,
+    );
+    for k in want_keys {
+        if let Some(t) = got.get(&k) {
+            r.close(
+                &case.name,
+                &format!("lora_merged {k}"),
+                &t.data,
+                &want.load(&k).unwrap().data,
+                1e-6,
+            );
+        }
+    }
+}
+
+fn check_round_trip(case: &Case, r: &mut Report) {
+    for folder in ["lora", "rslora"] {
+        let dir = case.dir.join(folder);
+        if !dir.exists() {
+            continue;
+        }
+        let (model, cfg, _) = peft::load(base(case, &cpu_device()), &dir).unwrap();
+        let out = tempdir(&format!("rt-{}-{folder}", case.name));
+        peft::save(&model, &cfg, &out).unwrap();
+        let read = |p: &std::path::Path| {
+            let bytes = std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut m: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for (k, v) in st.tensors() {
+                m.insert(k, v.data().to_vec());
+            }
+            m
+        };
+        let (a, b) = (read(&dir), read(&out));
+        r.equal(
+            &case.name,
+            &format!("{folder} round trip keys"),
+            &b.keys().collect::<Vec<_>>(),
+            &a.keys().collect::<Vec<_>>(),
+        );
+        let same = a.iter().all(|(k, v)| b.get(k) == Some(v));
+        r.equal(
+            &case.name,
+            &format!("{folder} round trip bytes"),
+            &[same],
+            &[true],
+        );
+        let json = |p: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap())
+                .unwrap()
+        };
+        let (ja, jb) = (json(&dir), json(&out));
+        for (k, v) in ja.as_object().unwrap() {
+            let w = &jb[k];
+            let equal = if k == "target_modules" {
+                let set = |x: &serde_json::Value| {
+                    let mut s: Vec<String> = x
+                        .as_array()
+                        .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+                        .unwrap_or_default();
+                    s.sort();
+                    s
+                };
+                set(v) == set(w)
+            } else {
+                v == w
+            };
+            if !equal {
+                r.fail(format!(
+                    "{}: {folder} round trip: adapter_config {k}: {v} became {w}",
+                    case.name
+                ));
+            } else {
+                r.checked += 1;
+            }
+        }
+        // And the re-read adapter gives the same scale: logits equal bit for bit.
+        let (again, cfg2, _) = peft::load(base(case, &cpu_device()), &out).unwrap();
+        assert_eq!(cfg.scale_for("x"), cfg2.scale_for("x"));
+        let (inp, _) = batch(case);
+        let l1 = vals(model.forward(&inp, &TapRequest::none()).logits);
+        let l2 = vals(again.forward(&inp, &TapRequest::none()).logits);
+        r.close(
+            &case.name,
+            &format!("{folder} reloaded logits"),
+            &l2,
+            &l1,
+            0.0,
+        );
+    }
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("phi-adapters-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn lora_and_rslora_match_peft() {
+    let mut r = Report::default();
+    for dir in cases() {
+        let case = Case::open(&dir);
+        check_adapter(&case, "lora", &mut r);
+        check_adapter(&case, "rslora", &mut r);
+        check_base_frozen(&case, &mut r);
+    }
+    r.finish();
+}
+
+#[test]
+fn norm_only_trains_only_norms() {
+    let mut r = Report::default();
+    for dir in cases() {
+        check_norm_only(&Case::open(&dir), &mut r);
+    }
+    r.finish();
+}
+
+#[test]
+fn merge_matches_peft_merge_and_unload() {
+    let mut r = Report::default();
+    for dir in cases() {
+        check_merge(&Case::open(&dir), &mut r);
+    }
+    r.finish();
+}
+
+#[test]
+fn peft_round_trip_is_exact() {
+    let mut r = Report::default();
+    for dir in cases() {
+        check_round_trip(&Case::open(&dir), &mut r);
+    }
+    r.finish();
+}

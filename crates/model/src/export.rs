@@ -1,0 +1,154 @@
+//! Writing a checkpoint as transformers writes it: `model.safetensors`, or shards
+//! `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, in f32/f16/bf16.
+
+use crate::error::ModelError;
+use crate::io::write_atomic;
+use crate::weights::HostTensor;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl OutDtype {
+    pub fn parse(s: &str) -> Result<Self, ModelError> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(OutDtype::F32),
+            "f16" | "float16" | "fp16" => Ok(OutDtype::F16),
+            "bf16" | "bfloat16" => Ok(OutDtype::BF16),
+            _ => Err(ModelError::Other(format!(
+                "--dtype {s}: expected f32, f16 or bf16"
+            ))),
+        }
+    }
+
+    /// The name config.json uses (`dtype` / `torch_dtype`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            OutDtype::F32 => "float32",
+            OutDtype::F16 => "float16",
+            OutDtype::BF16 => "bfloat16",
+        }
+    }
+
+    fn st(self) -> Dtype {
+        match self {
+            OutDtype::F32 => Dtype::F32,
+            OutDtype::F16 => Dtype::F16,
+            OutDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    fn size(self) -> usize {
+        if self == OutDtype::F32 {
+            4
+        } else {
+            2
+        }
+    }
+
+    fn encode(self, data: &[f32]) -> Vec<u8> {
+        match self {
+            OutDtype::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            OutDtype::F16 => data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            OutDtype::BF16 => data
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+/// `2GB`, `500MB`, `1.5GiB`, or a bare number of GB (LLaMA-Factory's `export_size`).
+pub fn parse_size(s: &str) -> Result<u64, ModelError> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "GB" | "G" => 1e9,
+        "MB" | "M" => 1e6,
+        "KB" | "K" => 1e3,
+        "B" => 1.0,
+        "GIB" => (1u64 << 30) as f64,
+        "MIB" => (1u64 << 20) as f64,
+        "KIB" => 1024.0,
+        _ => f64::NAN,
+    };
+    match num.parse::<f64>() {
+        Ok(n) if n > 0.0 && mult.is_finite() => Ok((n * mult) as u64),
+        _ => Err(ModelError::Other(format!(
+            "--shard-size {s}: expected a size such as 2GB, 500MB or 5 (GB)"
+        ))),
+    }
+}
+
+/// Writes `tensors` into `dir` (which must exist), one file when they fit in `shard_bytes`,
+/// else shards plus an index. Returns the file names written.
+pub fn write_checkpoint(
+    dir: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: OutDtype,
+    shard_bytes: u64,
+) -> Result<Vec<String>, ModelError> {
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut used = 0u64;
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let bytes = (t.data.len() * dtype.size()) as u64;
+        if used > 0 && used + bytes > shard_bytes {
+            shards.push(Vec::new());
+            used = 0;
+        }
+        shards.last_mut().expect("one shard").push(i);
+        used += bytes;
+    }
+    let n = shards.len();
+    let names: Vec<String> = if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (shard, file) in shards.iter().zip(&names) {
+        let path = dir.join(file);
+        let encoded: Vec<(&str, Vec<u8>, &[usize])> = shard
+            .iter()
+            .map(|&i| {
+                let (k, t) = &tensors[i];
+                (k.as_str(), dtype.encode(&t.data), t.shape.as_slice())
+            })
+            .collect();
+        let mut views = Vec::with_capacity(encoded.len());
+        for (k, b, shape) in &encoded {
+            total += b.len() as u64;
+            weight_map.insert(k.to_string(), file.clone());
+            let v = TensorView::new(dtype.st(), shape.to_vec(), b).map_err(|e| {
+                ModelError::tensor(path.display(), *k, format!("cannot serialize: {e:?}"))
+            })?;
+            views.push((k.to_string(), v));
+        }
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| ModelError::io(path.display(), format!("cannot serialize: {e:?}")))?;
+        write_atomic(&path, &bytes)?;
+    }
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let text = serde_json::to_string_pretty(&index).expect("json");
+        write_atomic(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
+    }
+    Ok(names)
+}
