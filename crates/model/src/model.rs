@@ -295,8 +295,9 @@ impl CausalLm {
 
 /// The [B, 1, T, S] mask (true = blocked) for causal attention over `past` cached keys plus
 /// `t` new ones, where keys whose `key_mask` is 0 are padding and, with a sliding window `w`,
-/// keys `w` or more positions back are out of reach. None when nothing is blocked beyond
-/// plain causality, so the backend can take its causal path.
+/// keys `w` or more positions back are out of reach. Packed rows number their examples 1, 2,
+/// ... in `key_mask` (LF's neat packing): a query then sees only keys of its own example.
+/// None when nothing is blocked beyond plain causality, so the backend takes its causal path.
 fn build_mask(
     key_mask: &[i64],
     b: usize,
@@ -307,17 +308,21 @@ fn build_mask(
 ) -> Option<Tensor<4, Bool>> {
     let s = past + t;
     let window = window.filter(|&w| s > w);
-    if window.is_none() && key_mask.iter().all(|&m| m != 0) {
+    if window.is_none() && key_mask.iter().all(|&m| m == 1) {
         return None;
     }
     let mut m = vec![false; b * t * s];
     for r in 0..b {
         for q in 0..t {
             let qpos = past + q;
+            let keys = &key_mask[r * s..(r + 1) * s];
+            // A padding query keeps causal sight of real keys, so its softmax row stays finite.
+            let qseg = keys[qpos];
             let row = &mut m[(r * t + q) * s..(r * t + q + 1) * s];
             for (k, cell) in row.iter_mut().enumerate() {
                 let out_of_window = window.is_some_and(|w| k + w <= qpos);
-                *cell = k > qpos || key_mask[r * s + k] == 0 || out_of_window;
+                let other_example = qseg != 0 && keys[k] != qseg;
+                *cell = k > qpos || keys[k] == 0 || out_of_window || other_example;
             }
         }
     }

@@ -1,0 +1,220 @@
+//! From `--dataset a,b --dataset_dir D` to encoded examples: registry lookup, reading,
+//! `max_samples` per dataset (as LF selects the first N), placeholder filling, encoding, and
+//! bad records either failing the run or, with `skip_bad_records`, counted and reported once.
+
+use crate::dataset::{read_values, DatasetAttr, Example, Record};
+use crate::encode::{pretrain, supervised, ChatFormat, EncodeOptions, Encoded};
+use crate::tokenizer::Tok;
+use crate::DataError;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub dataset_dir: PathBuf,
+    pub max_samples: Option<usize>,
+    /// `{{name}}` → value pairs (LF's identity.json recipe).
+    pub placeholders: Vec<(String, String)>,
+    pub skip_bad_records: bool,
+}
+
+/// Bad records passed over under `skip_bad_records`.
+#[derive(Debug, Clone, Default)]
+pub struct Skipped {
+    pub count: usize,
+    pub first: Option<String>,
+}
+
+impl Skipped {
+    fn note(&mut self, e: DataError, skip: bool) -> Result<(), DataError> {
+        if !skip {
+            return Err(e);
+        }
+        self.count += 1;
+        self.first.get_or_insert_with(|| e.to_string());
+        Ok(())
+    }
+
+    /// The one line reported after loading, if anything was skipped.
+    pub fn summary(&self) -> Option<String> {
+        self.first.as_ref().map(|f| {
+            format!(
+                "skipped {} bad record(s) (--skip_bad_records); first: {f}",
+                self.count
+            )
+        })
+    }
+}
+
+fn direct_path(name: &str, dir: &Path) -> Option<PathBuf> {
+    let looks_like_file = [".json", ".jsonl", ".txt"]
+        .iter()
+        .any(|e| name.ends_with(e));
+    if !looks_like_file {
+        return None;
+    }
+    [PathBuf::from(name), dir.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// The files behind one `--dataset` entry and how to read them.
+pub fn resolve(name: &str, dir: &Path) -> Result<Vec<(DatasetAttr, PathBuf)>, DataError> {
+    if let Some(p) = direct_path(name, dir) {
+        let values = read_values(&p)?;
+        return Ok(vec![(
+            DatasetAttr::from_path(&p, values.first().map(|v| &v.1)),
+            p,
+        )]);
+    }
+    let info = dir.join("dataset_info.json");
+    let shown = info.display().to_string();
+    let text = std::fs::read_to_string(&info).map_err(|_| {
+        DataError::file(
+            &shown,
+            format!(
+                "dataset {name:?} is not a .json/.jsonl/.txt file and this registry cannot be read"
+            ),
+        )
+    })?;
+    let reg: Value = serde_json::from_str(&text)
+        .map_err(|e| DataError::file(&shown, format!("not valid JSON: {e}")))?;
+    let entry = reg.get(name).ok_or_else(|| {
+        DataError::file(
+            &shown,
+            format!("no dataset named {name:?} (and no such file)"),
+        )
+    })?;
+    let attr = DatasetAttr::from_registry(name, entry, dir, &shown)?;
+    let files = if attr.file.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&attr.file)
+            .map_err(|e| DataError::file(attr.file.display(), format!("cannot list: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        v.sort();
+        v
+    } else if attr.file.is_file() {
+        vec![attr.file.clone()]
+    } else {
+        return Err(DataError::file(
+            &shown,
+            format!(
+                "key {name}.file_name: {} does not exist",
+                attr.file.display()
+            ),
+        ));
+    };
+    Ok(files.into_iter().map(|f| (attr.clone(), f)).collect())
+}
+
+/// Every record of every named dataset, in order (LF's `concat` mix).
+pub fn load_records(
+    names: &[String],
+    opts: &LoadOptions,
+    skipped: &mut Skipped,
+) -> Result<Vec<Record>, DataError> {
+    let mut out = Vec::new();
+    for name in names {
+        let mut taken = 0;
+        for (attr, path) in resolve(name, &opts.dataset_dir)? {
+            let file = path.display().to_string();
+            for (at, v) in read_values(&path)? {
+                if opts.max_samples.is_some_and(|m| taken >= m) {
+                    break;
+                }
+                taken += 1;
+                match attr.parse(&v, &opts.placeholders) {
+                    Ok(example) => out.push(Record {
+                        file: file.clone(),
+                        at,
+                        example,
+                    }),
+                    Err(what) => {
+                        skipped.note(DataError::record(&file, &at, what), opts.skip_bad_records)?
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One record to ids and labels under `fmt`.
+pub fn encode_record(
+    tok: &Tok,
+    fmt: &ChatFormat,
+    rec: &Record,
+    opts: &EncodeOptions,
+) -> Result<Encoded, DataError> {
+    let bad = |what: &str| DataError::record(&rec.file, &rec.at, what);
+    let enc = match &rec.example {
+        Example::Chat(conv) => {
+            let pairs = fmt.encode_pairs(tok, conv)?;
+            supervised(&pairs, opts, tok.bos.as_ref().map(|b| b.id))
+        }
+        Example::Text(t) => pretrain(tok, t, opts)?,
+        Example::Tokens(e) => {
+            let mut e = e.clone();
+            if e.len() > opts.cutoff_len {
+                e.input_ids.truncate(opts.cutoff_len);
+                e.labels.truncate(opts.cutoff_len);
+                if let Some(m) = &mut e.attention_mask {
+                    m.truncate(opts.cutoff_len);
+                }
+            }
+            e
+        }
+    };
+    if enc.trained_tokens() == 0 {
+        return Err(bad(&format!(
+            "every label is -100 after cutting to cutoff_len {} ({} tokens): nothing to train on",
+            opts.cutoff_len,
+            enc.len()
+        )));
+    }
+    Ok(enc)
+}
+
+/// Encodes every record; an empty result is an error naming the datasets.
+pub fn encode_records(
+    tok: &Tok,
+    fmt: &ChatFormat,
+    records: &[Record],
+    opts: &EncodeOptions,
+    skip_bad_records: bool,
+    skipped: &mut Skipped,
+) -> Result<Vec<Encoded>, DataError> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        match encode_record(tok, fmt, r, opts) {
+            Ok(e) => out.push(e),
+            Err(e) => skipped.note(e, skip_bad_records)?,
+        }
+    }
+    Ok(out)
+}
+
+/// Loads and encodes `names`; the one entry point the trainer and the preview use.
+pub fn prepare(
+    names: &[String],
+    tok: &Tok,
+    fmt: &ChatFormat,
+    load: &LoadOptions,
+    enc: &EncodeOptions,
+) -> Result<(Vec<Encoded>, Skipped), DataError> {
+    let mut skipped = Skipped::default();
+    let records = load_records(names, load, &mut skipped)?;
+    let encoded = encode_records(tok, fmt, &records, enc, load.skip_bad_records, &mut skipped)?;
+    if encoded.is_empty() {
+        return Err(DataError::file(
+            names.join(","),
+            format!(
+                "no usable examples ({} records read, {} skipped)",
+                records.len(),
+                skipped.count
+            ),
+        ));
+    }
+    Ok((encoded, skipped))
+}
