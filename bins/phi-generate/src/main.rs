@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use phi_data::Tok;
+use phi_data::{ChatFormat, Conversation, Message, Role, Tok};
 use phi_model::generate::{generate, GenerateConfig, Sampling};
 use phi_model::weights::read_i64;
 use std::io::Write;
@@ -19,9 +19,13 @@ struct Args {
     /// Prompt text, used as written (special tokens included).
     #[arg(long, group = "input")]
     prompt: Option<String>,
-    /// Chat template name for --prompt.
+    /// Wrap --prompt as one user turn in this chat template (LF name, or `jinja` for the
+    /// tokenizer's own); without it the prompt is used as written.
     #[arg(long)]
     template: Option<String>,
+    /// System prompt for --template (default: the template's own).
+    #[arg(long, requires = "template")]
+    system: Option<String>,
     /// safetensors file with prompt ids [B,T] (int64) under --key.
     #[arg(long, group = "input")]
     prompt_ids: Option<PathBuf>,
@@ -56,9 +60,6 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
-    if let Some(t) = &a.template {
-        bail!("--template {t}: chat templates arrive with the data crate; write the prompt in the model's chat format");
-    }
     let device = phi_model::device_from_name(&a.device)?;
     let t0 = Instant::now();
     let loaded = phi_adapters::peft::with_adapter(
@@ -66,15 +67,36 @@ fn run(a: Args) -> Result<()> {
         a.adapter.as_deref(),
     )?;
     let load_s = t0.elapsed().as_secs_f64();
-    let tok = match a.tokenizer.clone().or_else(|| loaded.tokenizer_path()) {
+    let mut tok = match a.tokenizer.clone().or_else(|| loaded.tokenizer_path()) {
         Some(p) => Some(Tok::load(&p)?),
         None => None,
     };
+    let mut stop_ids = loaded.eos_token_ids();
     let prompts: Vec<Vec<i64>> = if let Some(text) = &a.prompt {
         let tk = tok
-            .as_ref()
+            .as_mut()
             .context("--tokenizer: no tokenizer.json beside the model; pass --tokenizer")?;
-        vec![tk.encode(text, true)?.into_iter().map(i64::from).collect()]
+        let ids = match &a.template {
+            // The prompt is one user turn in the template; the answer stops at its stop words.
+            Some(t) => {
+                let fmt = ChatFormat::new(Some(t), tk)?;
+                let conv = Conversation {
+                    system: a.system.clone().unwrap_or_default(),
+                    messages: vec![Message {
+                        role: Role::User,
+                        content: text.clone(),
+                    }],
+                };
+                for id in fmt.stop_ids(tk) {
+                    if !stop_ids.contains(&id) {
+                        stop_ids.push(id);
+                    }
+                }
+                fmt.encode_prompt(tk, &conv)?
+            }
+            None => tk.encode(text, true)?,
+        };
+        vec![ids.into_iter().map(i64::from).collect()]
     } else if let Some(p) = &a.prompt_ids {
         let (shape, ids) = read_i64(p, &a.key)?.with_context(|| {
             format!(
@@ -104,7 +126,7 @@ fn run(a: Args) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
         }),
-        eos_token_ids: loaded.eos_token_ids(),
+        eos_token_ids: stop_ids,
         use_cache: true,
     };
     let mut stdout = std::io::stdout();

@@ -57,6 +57,14 @@ impl ChatFormat {
         }
     }
 
+    /// Ids that end a generated answer: EOS and the template's stop words.
+    pub fn stop_ids(&self, tok: &Tok) -> Vec<u32> {
+        match self {
+            ChatFormat::Slots(t) => t.stop_ids(tok),
+            ChatFormat::Jinja(_) => tok.eos.iter().map(|s| s.id).collect(),
+        }
+    }
+
     /// (prompt, response) ids per exchange; the conversation must end with a response.
     pub fn encode_pairs(&self, tok: &Tok, conv: &Conversation) -> Result<Vec<Turn>, DataError> {
         match self {

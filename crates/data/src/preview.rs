@@ -29,3 +29,23 @@ pub fn render(tok: &Tok, e: &Encoded) -> String {
 pub fn json_line(e: &Encoded) -> String {
     serde_json::json!({ "input_ids": e.input_ids, "labels": e.labels }).to_string()
 }
+
+/// The decoded example with every run of masked (-100) tokens wrapped in `⟦ ⟧`, so prompt
+/// masking can be read at a glance.
+pub fn marked(tok: &Tok, e: &Encoded) -> String {
+    let mut out = String::new();
+    let mut start = 0;
+    for i in 1..=e.len() {
+        let masked = |k: usize| e.labels[k] == IGNORE;
+        if i == e.len() || masked(i) != masked(start) {
+            let text = tok.decode(&e.input_ids[start..i], false);
+            if masked(start) {
+                let _ = write!(out, "⟦{text}⟧");
+            } else {
+                out.push_str(&text);
+            }
+            start = i;
+        }
+    }
+    out
+}
