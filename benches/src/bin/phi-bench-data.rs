@@ -44,7 +44,7 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         let mut sk = Skipped::default();
         let records = load_records(std::slice::from_ref(&a.dataset), &load, &mut sk)?;
-        let out = encode_records(&tok, &fmt, &records, &enc, false, &mut sk)?;
+        let out = encode_records(Some((&tok, &fmt)), &records, &enc, false, &mut sk)?;
         times.push(t0.elapsed().as_secs_f64());
         examples = out.len();
         tokens = out.iter().map(|e| e.len()).sum::<usize>();

@@ -1,14 +1,13 @@
 //! phi-merge: fold a PEFT LoRA adapter into its base model and write a folder transformers
 //! loads as is (or, with --adapter-only, re-write the adapter itself).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use phi_adapters::merge::{merge, split_fused, split_target_names};
 use phi_adapters::peft::{self, PREFIX};
 use phi_adapters::targets::leaf_names;
-use phi_model::export::{parse_size, write_checkpoint, OutDtype};
-use phi_model::gguf::GgufFile;
-use phi_model::io::{prepare_out_dir, write_atomic};
+use phi_model::export::{config_dtype, parse_size, source_config, write_model_folder, OutDtype};
+use phi_model::io::prepare_out_dir;
 use phi_model::{Arch, Loaded, ModelConfig, RopeScaling};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -50,29 +49,6 @@ fn main() {
     }
 }
 
-/// The base's config.json, or one built from GGUF metadata.
-fn source_config(dir: &Option<PathBuf>, gguf: &Option<PathBuf>) -> Result<Value> {
-    if let Some(dir) = dir {
-        let p = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        return serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", p.display()));
-    }
-    if let Some(g) = gguf {
-        return Ok(GgufFile::open(g)?.hf_config()?);
-    }
-    bail!("--model: no config.json to export")
-}
-
-fn config_dtype(cfg: &Value) -> OutDtype {
-    ["dtype", "torch_dtype"]
-        .iter()
-        .find_map(|k| cfg[*k].as_str())
-        .and_then(|s| OutDtype::parse(s).ok())
-        .unwrap_or(OutDtype::F32)
-}
-
 /// Phi-3 with split projections is a Llama checkpoint; longrope has no such form.
 fn as_llama(mut cfg: Value, model: &ModelConfig) -> Result<Value> {
     if let RopeScaling::LongRope { .. } = model.rope_scaling {
@@ -96,32 +72,6 @@ fn as_llama(mut cfg: Value, model: &ModelConfig) -> Result<Value> {
         }
     }
     Ok(cfg)
-}
-
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
-
-fn copy_beside(from: &Path, out: &Path) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    for f in TOKENIZER_FILES {
-        let src = from.join(f);
-        if src.exists() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("{}: cannot read", src.display()))?;
-            write_atomic(&out.join(f), &bytes)?;
-            copied.push(f.to_string());
-        }
-    }
-    Ok(copied)
 }
 
 fn run(a: Args) -> Result<()> {
@@ -150,7 +100,7 @@ fn run(a: Args) -> Result<()> {
     }
     let mut config = match a.adapter_only {
         true => Value::Null,
-        false => source_config(&dir, &gguf)?,
+        false => source_config(dir.as_deref(), gguf.as_deref())?,
     };
     if a.split_fused && !a.adapter_only {
         config = as_llama(config, &mcfg)?;
@@ -185,31 +135,13 @@ fn run(a: Args) -> Result<()> {
     if a.split_fused {
         tensors = split_fused(&mcfg, tensors);
     }
-    let files = write_checkpoint(&a.out, &tensors, dtype, shard)?;
-    // transformers 5 reads `dtype`, 4 `torch_dtype`: keep whichever the base had.
-    let keys: Vec<&str> = ["dtype", "torch_dtype"]
-        .into_iter()
-        .filter(|k| config.get(*k).is_some())
-        .collect();
-    for k in if keys.is_empty() { vec!["dtype"] } else { keys } {
-        config[k] = Value::from(dtype.hf_name());
-    }
-    write_atomic(
-        &a.out.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
     let from = dir.or_else(|| gguf.as_ref()?.parent().map(Path::to_path_buf));
-    let copied = match from {
-        Some(d) => copy_beside(&d, &a.out)?,
-        None => vec![],
-    };
+    let files = write_model_folder(&a.out, &tensors, config, dtype, shard, from.as_deref())?;
     eprintln!(
-        "merged {} modules; wrote {} ({}), config.json{}{} to {}",
+        "merged {} modules; wrote {} ({}) to {}",
         paths.len(),
         files.join(", "),
         dtype.hf_name(),
-        if copied.is_empty() { "" } else { ", " },
-        copied.join(", "),
         a.out.display()
     );
     Ok(())

@@ -10,7 +10,7 @@ use phi_model::oracle::{cases, Case, Report};
 use phi_model::params::ParamKind;
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::{SafetensorsSource, TensorSource};
-use phi_model::{cpu_device, CausalLm, Inputs, TapRequest};
+use phi_model::{cpu_device, CausalLm, TapRequest};
 use std::collections::BTreeMap;
 
 const TOL: f32 = 1e-4;
@@ -24,15 +24,6 @@ fn base(case: &Case, device: &Device) -> CausalLm {
     let res = resolve_dir(&case.dir).unwrap_or_else(|e| panic!("{}: {e}", case.name));
     CausalLm::load(&res.config, res.source.as_ref(), device)
         .unwrap_or_else(|e| panic!("{}: {e}", case.name))
-}
-
-fn batch(case: &Case) -> (Inputs, Vec<i64>) {
-    let (shape, ids) = case.input("input_ids").expect("input_ids");
-    let mut inp = Inputs::new(shape[0], shape[1], ids);
-    if let Some((_, m)) = case.input("attention_mask") {
-        inp = inp.with_mask(m);
-    }
-    (inp, case.input("labels").map(|l| l.1).unwrap_or_default())
 }
 
 /// The gradient of every parameter, by HF name, transposed to HF layout.
@@ -86,7 +77,7 @@ fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
         "{name}/{folder}: A and B per module"
     );
     let model = freeze::apply(model, &names);
-    let (inp, labels) = batch(case);
+    let (inp, labels) = case.batch();
     let logits = model.forward(&inp, &TapRequest::none()).logits;
     r.close(
         name,
@@ -149,7 +140,7 @@ fn check_base_frozen(case: &Case, r: &mut Report) {
     )
     .unwrap();
     let model = freeze::apply(model, &names);
-    let (inp, labels) = batch(case);
+    let (inp, labels) = case.batch();
     let loss = causal_lm_loss(model.forward(&inp, &TapRequest::none()).logits, &labels);
     let grads = loss.backward();
     let lin = &model.linears()[0].1;
@@ -180,7 +171,7 @@ fn check_norm_only(case: &Case, r: &mut Report) {
         &[expected_norms],
     );
     let model = freeze::apply(model, &names);
-    let (inp, labels) = batch(case);
+    let (inp, labels) = case.batch();
     let loss = causal_lm_loss(model.forward(&inp, &TapRequest::none()).logits, &labels);
     let grads = loss.backward();
     let with_grad: Vec<String> = model
@@ -302,7 +293,7 @@ fn check_round_trip(case: &Case, r: &mut Report) {
         // And the re-read adapter gives the same scale: logits equal bit for bit.
         let (again, cfg2, _) = peft::load(base(case, &cpu_device()), &out).unwrap();
         assert_eq!(cfg.scale_for("x"), cfg2.scale_for("x"));
-        let (inp, _) = batch(case);
+        let (inp, _) = case.batch();
         let l1 = vals(model.forward(&inp, &TapRequest::none()).logits);
         let l2 = vals(again.forward(&inp, &TapRequest::none()).logits);
         r.close(

@@ -140,20 +140,22 @@ pub fn load_records(
     Ok(out)
 }
 
-/// One record to ids and labels under `fmt`.
-pub fn encode_record(
-    tok: &Tok,
-    fmt: &ChatFormat,
-    rec: &Record,
-    opts: &EncodeOptions,
-) -> Result<Encoded, DataError> {
+/// A tokenizer and a chat format; pre-tokenized records need neither.
+pub type Chat<'a> = Option<(&'a Tok, &'a ChatFormat)>;
+
+/// One record to ids and labels under the chat format.
+pub fn encode_record(chat: Chat, rec: &Record, opts: &EncodeOptions) -> Result<Encoded, DataError> {
     let bad = |what: &str| DataError::record(&rec.file, &rec.at, what);
+    let need = || {
+        bad("this record is text, so it needs a tokenizer: none was found beside the model (set --tokenizer)")
+    };
     let enc = match &rec.example {
         Example::Chat(conv) => {
+            let (tok, fmt) = chat.ok_or_else(need)?;
             let pairs = fmt.encode_pairs(tok, conv)?;
             supervised(&pairs, opts, tok.bos.as_ref().map(|b| b.id))
         }
-        Example::Text(t) => pretrain(tok, t, opts)?,
+        Example::Text(t) => pretrain(chat.ok_or_else(need)?.0, t, opts)?,
         Example::Tokens(e) => {
             let mut e = e.clone();
             if e.len() > opts.cutoff_len {
@@ -178,8 +180,7 @@ pub fn encode_record(
 
 /// Encodes every record; an empty result is an error naming the datasets.
 pub fn encode_records(
-    tok: &Tok,
-    fmt: &ChatFormat,
+    chat: Chat,
     records: &[Record],
     opts: &EncodeOptions,
     skip_bad_records: bool,
@@ -187,7 +188,7 @@ pub fn encode_records(
 ) -> Result<Vec<Encoded>, DataError> {
     let mut out = Vec::with_capacity(records.len());
     for r in records {
-        match encode_record(tok, fmt, r, opts) {
+        match encode_record(chat, r, opts) {
             Ok(e) => out.push(e),
             Err(e) => skipped.note(e, skip_bad_records)?,
         }
@@ -198,14 +199,13 @@ pub fn encode_records(
 /// Loads and encodes `names`; the one entry point the trainer and the preview use.
 pub fn prepare(
     names: &[String],
-    tok: &Tok,
-    fmt: &ChatFormat,
+    chat: Chat,
     load: &LoadOptions,
     enc: &EncodeOptions,
 ) -> Result<(Vec<Encoded>, Skipped), DataError> {
     let mut skipped = Skipped::default();
     let records = load_records(names, load, &mut skipped)?;
-    let encoded = encode_records(tok, fmt, &records, enc, load.skip_bad_records, &mut skipped)?;
+    let encoded = encode_records(chat, &records, enc, load.skip_bad_records, &mut skipped)?;
     if encoded.is_empty() {
         return Err(DataError::file(
             names.join(","),

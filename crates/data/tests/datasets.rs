@@ -210,7 +210,7 @@ fn bad_records_name_file_and_line_or_are_skipped_once() {
         ..EncodeOptions::default()
     };
     let names = [p.display().to_string()];
-    let e = prepare(&names, &t, &fmt, &LoadOptions::default(), &enc)
+    let e = prepare(&names, Some((&t, &fmt)), &LoadOptions::default(), &enc)
         .unwrap_err()
         .to_string();
     assert!(
@@ -221,7 +221,7 @@ fn bad_records_name_file_and_line_or_are_skipped_once() {
         skip_bad_records: true,
         ..LoadOptions::default()
     };
-    let (out, sk) = prepare(&names, &t, &fmt, &skip, &enc).unwrap();
+    let (out, sk) = prepare(&names, Some((&t, &fmt)), &skip, &enc).unwrap();
     assert_eq!((out.len(), sk.count), (1, 1));
     assert!(sk.summary().unwrap().contains("skipped 1 bad record"));
     // Nothing left is an error, not an empty run.
@@ -229,7 +229,7 @@ fn bad_records_name_file_and_line_or_are_skipped_once() {
         "allbad.jsonl",
         &format!("{{\"instruction\":\"{long}\",\"output\":\"{answer}\"}}\n"),
     );
-    let e = prepare(&[p.display().to_string()], &t, &fmt, &skip, &enc)
+    let e = prepare(&[p.display().to_string()], Some((&t, &fmt)), &skip, &enc)
         .unwrap_err()
         .to_string();
     assert!(e.contains("no usable examples"), "{e}");
@@ -247,7 +247,7 @@ fn exactly_one_bos_where_wanted() {
             add_bos,
             ..enc.clone()
         };
-        let (out, _) = prepare(names, &t, &fmt, &LoadOptions::default(), &enc).unwrap();
+        let (out, _) = prepare(names, Some((&t, &fmt)), &LoadOptions::default(), &enc).unwrap();
         (t, out[0].clone())
     };
     // Plain text: BOS from add_bos_token (Llama-2) or the post-processor (Llama-3.1), once.
@@ -308,7 +308,7 @@ fn train_on_prompt_and_mask_history() {
     let mut t = tok("smollm2");
     let fmt = ChatFormat::new(Some("smollm2"), &mut t).unwrap();
     let run = |enc: EncodeOptions| {
-        prepare(&names, &t, &fmt, &LoadOptions::default(), &enc)
+        prepare(&names, Some((&t, &fmt)), &LoadOptions::default(), &enc)
             .unwrap()
             .0
             .remove(0)

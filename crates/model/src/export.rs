@@ -152,3 +152,90 @@ pub fn write_checkpoint(
     }
     Ok(names)
 }
+
+/// The base's config.json as JSON, or one built from GGUF metadata.
+pub fn source_config(
+    dir: Option<&Path>,
+    gguf: Option<&Path>,
+) -> Result<serde_json::Value, ModelError> {
+    if let Some(dir) = dir {
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| ModelError::io(p.display(), format!("cannot read: {e}")))?;
+        return serde_json::from_str(&text)
+            .map_err(|e| ModelError::io(p.display(), format!("invalid JSON: {e}")));
+    }
+    if let Some(g) = gguf {
+        return crate::gguf::GgufFile::open(g)?
+            .hf_config()
+            .map_err(|e| ModelError::Other(format!("{}: {e}", g.display())));
+    }
+    Err(ModelError::Other(
+        "the model has no config.json to export".into(),
+    ))
+}
+
+/// The dtype a config declares (`dtype`, or transformers-4's `torch_dtype`), else f32.
+pub fn config_dtype(cfg: &serde_json::Value) -> OutDtype {
+    ["dtype", "torch_dtype"]
+        .iter()
+        .find_map(|k| cfg[*k].as_str())
+        .and_then(|s| OutDtype::parse(s).ok())
+        .unwrap_or(OutDtype::F32)
+}
+
+/// Files a model folder carries beside its weights that a loader of the export needs.
+pub const BESIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Copies `BESIDE_FILES` found in `from` into `out`; returns the names copied.
+pub fn copy_beside(from: &Path, out: &Path) -> Result<Vec<String>, ModelError> {
+    let mut copied = Vec::new();
+    for f in BESIDE_FILES {
+        let src = from.join(f);
+        if src.exists() {
+            let bytes = std::fs::read(&src)
+                .map_err(|e| ModelError::io(src.display(), format!("cannot read: {e}")))?;
+            write_atomic(&out.join(f), &bytes)?;
+            copied.push(f.to_string());
+        }
+    }
+    Ok(copied)
+}
+
+/// A folder transformers loads as is: weights (sharded past `shard_bytes`), config.json
+/// with its dtype set, and the tokenizer files of `from`. Returns the files written.
+pub fn write_model_folder(
+    out: &Path,
+    tensors: &[(String, HostTensor)],
+    mut config: serde_json::Value,
+    dtype: OutDtype,
+    shard_bytes: u64,
+    from: Option<&Path>,
+) -> Result<Vec<String>, ModelError> {
+    let mut files = write_checkpoint(out, tensors, dtype, shard_bytes)?;
+    // transformers 5 reads `dtype`, 4 `torch_dtype`: keep whichever the base had.
+    let keys: Vec<&str> = ["dtype", "torch_dtype"]
+        .into_iter()
+        .filter(|k| config.get(*k).is_some())
+        .collect();
+    for k in if keys.is_empty() { vec!["dtype"] } else { keys } {
+        config[k] = serde_json::Value::from(dtype.hf_name());
+    }
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    write_atomic(&out.join("config.json"), text.as_bytes())?;
+    files.push("config.json".into());
+    if let Some(d) = from {
+        files.extend(copy_beside(d, out)?);
+    }
+    Ok(files)
+}

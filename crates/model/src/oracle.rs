@@ -72,6 +72,15 @@ impl Case {
     pub fn input(&self, key: &str) -> Option<(Vec<usize>, Vec<i64>)> {
         read_i64(&self.dir.join("inputs.safetensors"), key).unwrap_or_else(|e| panic!("{e}"))
     }
+    /// The case's batch (ids with its attention mask) and its labels.
+    pub fn batch(&self) -> (crate::Inputs, Vec<i64>) {
+        let (shape, ids) = self.input("input_ids").expect("input_ids");
+        let mut inp = crate::Inputs::new(shape[0], shape[1], ids);
+        if let Some((_, m)) = self.input("attention_mask") {
+            inp = inp.with_mask(m);
+        }
+        (inp, self.input("labels").map(|l| l.1).unwrap_or_default())
+    }
 }
 
 /// Largest |a-b|; panics with the key when shapes differ.

@@ -16,16 +16,6 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.try_into_vec_as::<f32>().expect("readback")
 }
 
-fn batch(case: &Case) -> (Inputs, Vec<i64>) {
-    let (shape, ids) = case.input("input_ids").expect("input_ids");
-    let mut inp = Inputs::new(shape[0], shape[1], ids);
-    if let Some((_, m)) = case.input("attention_mask") {
-        inp = inp.with_mask(m);
-    }
-    let labels = case.input("labels").map(|l| l.1).unwrap_or_default();
-    (inp, labels)
-}
-
 fn load_with(case: &Case, config_file: &str) -> Result<CausalLm, String> {
     let cfg = ModelConfig::from_file(&case.dir.join(config_file)).map_err(|e| e.to_string())?;
     let src = SafetensorsSource::open_dir(&case.dir).map_err(|e| e.to_string())?;
@@ -40,7 +30,7 @@ fn check_case(case: &Case, r: &mut Report) {
         Ok(m) => m,
         Err(e) => return r.fail(format!("{name}: cannot load: {e}")),
     };
-    let (inp, labels) = batch(case);
+    let (inp, labels) = case.batch();
     let out = model.forward(&inp, &TapRequest::all(model.num_layers()));
     let logits = out.logits.clone();
     r.close(

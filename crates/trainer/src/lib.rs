@@ -1,5 +1,21 @@
-//! phi-trainer: where data batches meet the model. The training loop lands here next; for now
-//! the bridge from `phi_data::Batch` to the model's `Inputs`.
+//! phi-trainer: the training loop and everything around it — settings under LLaMA-Factory's
+//! names, optimizer and schedules, gradient accumulation and clipping, regularizers in the
+//! loss, evaluation, checkpoints and resume, logs and plots.
+
+pub mod args;
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod log;
+pub mod optim;
+pub mod plot;
+pub mod run;
+pub mod schedule;
+pub mod setup;
+
+pub use args::TrainArgs;
+pub use error::TrainError;
+pub use run::{train, Outcome};
 
 use phi_data::Batch;
 use phi_model::Inputs;

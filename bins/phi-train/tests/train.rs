@@ -1,0 +1,413 @@
+//! phi-train end to end on every oracle case (tests/fixtures/oracle or PHI_ORACLE_DIR):
+//! AdamW steps equal PyTorch's, regularizer parts are logged with the oracle's values,
+//! accumulation normalises over the whole batch, resume is bit-identical, bad settings and
+//! NaN losses stop with one line.
+
+use phi_model::oracle::{cases, Case, Report};
+use phi_model::weights::{SafetensorsSource, TensorSource};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(args: &[String]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_phi-train"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("phi-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The oracle batch as pre-tokenized JSONL: each row cut to its attention mask.
+fn jsonl(case: &Case, dir: &Path) -> PathBuf {
+    let (shape, ids) = case.input("input_ids").unwrap();
+    let t = shape[1];
+    let mask = case
+        .input("attention_mask")
+        .map_or(vec![1; ids.len()], |m| m.1);
+    let labels = case.input("labels").unwrap().1;
+    let mut text = String::new();
+    for r in 0..shape[0] {
+        let k = mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count();
+        let row = serde_json::json!({
+            "input_ids": &ids[r * t..r * t + k],
+            "labels": &labels[r * t..r * t + k],
+        });
+        text.push_str(&format!("{row}\n"));
+    }
+    let p = dir.join("batch.jsonl");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn base_args(case: &Case, data: &Path, out: &Path) -> Vec<String> {
+    let c = case.dir.display().to_string();
+    [
+        "--model_name_or_path",
+        &c,
+        "--dataset",
+        &data.display().to_string(),
+        "--learning_rate",
+        "1e-2",
+        "--weight_decay",
+        "0.01",
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        "0",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_grad_norm",
+        "0",
+        "--disable_shuffling",
+        "--output_dir",
+        &out.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn with(mut v: Vec<String>, more: &[&str]) -> Vec<String> {
+    v.extend(more.iter().map(|s| s.to_string()));
+    v
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let src = SafetensorsSource::open_files(&[path.to_path_buf()]).unwrap();
+    src.names()
+        .into_iter()
+        .map(|n| {
+            let t = src.load(&n).unwrap();
+            (n, t.data)
+        })
+        .collect()
+}
+
+fn log_lines(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("trainer_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn adamw_steps_match_pytorch() {
+    let mut r = Report::default();
+    for dir in cases() {
+        let case = Case::open(&dir);
+        if !dir.join("lora").exists() || case.keys("lora.step1.").is_empty() {
+            continue;
+        }
+        let tmp = scratch(&format!("steps-{}", case.name));
+        let data = jsonl(&case, &tmp);
+        for steps in ["1", "2"] {
+            let out = tmp.join(format!("out{steps}"));
+            let lora = format!("{}/lora", dir.display());
+            let args = with(
+                base_args(&case, &data, &out),
+                &[
+                    "--adapter_name_or_path",
+                    &lora,
+                    "--finetuning_type",
+                    "lora",
+                    "--lora_dropout",
+                    "0",
+                    "--max_steps",
+                    steps,
+                ],
+            );
+            let (ok, err) = run(&args);
+            if !ok {
+                r.fail(format!("{}: phi-train failed: {err}", case.name));
+                continue;
+            }
+            let got = tensors(&out.join("adapter_model.safetensors"));
+            let want = case.keys(&format!("lora.step{steps}."));
+            r.equal(
+                &case.name,
+                &format!("step{steps}: tensors"),
+                &[got.len()],
+                &[want.len()],
+            );
+            for (k, v) in got {
+                let key = format!(
+                    "lora.step{steps}.{}",
+                    k.replace(".weight", ".default.weight")
+                );
+                if case.has(&key) {
+                    r.close(&case.name, &key, &v, &case.f32(&key).1, 5e-5);
+                } else {
+                    r.fail(format!("{}: {key} not in expected.safetensors", case.name));
+                }
+            }
+            if steps == "1" {
+                let first = log_lines(&out)[0]["loss"].as_f64().unwrap() as f32;
+                r.close(
+                    &case.name,
+                    "logged step-1 loss",
+                    &[first],
+                    &case.f32("lora.loss").1,
+                    1e-5,
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r.finish();
+}
+
+#[test]
+fn regularizer_parts_are_logged_with_oracle_values() {
+    let mut r = Report::default();
+    for dir in cases() {
+        let case = Case::open(&dir);
+        if !case.has("reg.masked") {
+            continue;
+        }
+        let tmp = scratch(&format!("reg-{}", case.name));
+        let data = jsonl(&case, &tmp);
+        let out = tmp.join("out");
+        let args = with(
+            base_args(&case, &data, &out),
+            &[
+                "--finetuning_type",
+                "freeze",
+                "--rmsnorm_only_training",
+                "--use_rmsnorm_regularization",
+                "--rmsnorm_reg_layers",
+                "2,4",
+                "--rmsnorm_reg_weight",
+                "0.01",
+                "--rmsnorm_reg_target_norm",
+                "1.0",
+                "--max_steps",
+                "1",
+            ],
+        );
+        let (ok, err) = run(&args);
+        assert!(ok, "{}: {err}", case.name);
+        let l = &log_lines(&out)[0];
+        let f = |k: &str| l[k].as_f64().unwrap_or(f64::NAN) as f32;
+        r.close(
+            &case.name,
+            "base_loss",
+            &[f("base_loss")],
+            &case.f32("loss").1,
+            1e-5,
+        );
+        r.close(
+            &case.name,
+            "rmsnorm_reg_loss",
+            &[f("rmsnorm_reg_loss")],
+            &case.f32("reg.masked").1,
+            1e-5,
+        );
+        r.close(
+            &case.name,
+            "total_loss",
+            &[f("total_loss")],
+            &case.f32("reg.total_masked").1,
+            1e-5,
+        );
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("rmsnorm_reg_config.json")).unwrap(),
+        )
+        .unwrap();
+        r.equal(
+            &case.name,
+            "reg config layers",
+            &[cfg["rmsnorm_reg_layers"].clone()],
+            &[serde_json::json!([2, 4])],
+        );
+        // Norm-only output: full weights; only norm tensors moved.
+        let saved = tensors(&out.join("model.safetensors"));
+        let base = SafetensorsSource::open_files(&[dir.join("model.safetensors")]).unwrap();
+        for (k, v) in saved {
+            let moved = base.load(&k).map(|b| b.data != v).unwrap_or(true);
+            r.equal(
+                &case.name,
+                &format!("{k} changed"),
+                &[moved],
+                &[k.contains("norm")],
+            );
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    r.finish();
+}
+
+/// One oracle case with a LoRA folder (the first found), for the property tests.
+fn some_case() -> Case {
+    let dir = cases()
+        .into_iter()
+        .find(|d| d.join("lora").exists())
+        .expect("an oracle case with lora/");
+    Case::open(&dir)
+}
+
+#[test]
+fn accumulation_normalises_over_the_whole_batch() {
+    // Rows with different label counts: batch 2 × 1 and batch 1 × 2 must give the same
+    // update; averaging per micro-batch would weight the shorter row's tokens more.
+    let case = some_case();
+    let tmp = scratch("accum");
+    let data = jsonl(&case, &tmp);
+    let lora = format!("{}/lora", case.dir.display());
+    let mut adapters = Vec::new();
+    for (b, g) in [("2", "1"), ("1", "2")] {
+        let out = tmp.join(format!("b{b}g{g}"));
+        let mut args = base_args(&case, &data, &out);
+        let i = args
+            .iter()
+            .position(|a| a == "--per_device_train_batch_size")
+            .unwrap();
+        args[i + 1] = b.into();
+        args[i + 3] = g.into();
+        let args = with(
+            args,
+            &[
+                "--adapter_name_or_path",
+                &lora,
+                "--optim",
+                "sgd",
+                "--max_steps",
+                "1",
+            ],
+        );
+        let (ok, err) = run(&args);
+        assert!(ok, "{err}");
+        adapters.push(tensors(&out.join("adapter_model.safetensors")));
+    }
+    let mut worst = 0f32;
+    for ((k, a), (_, b)) in adapters[0].iter().zip(&adapters[1]) {
+        let d = phi_model::oracle::max_abs_diff(k, a, b);
+        worst = worst.max(d);
+    }
+    assert!(worst < 1e-6, "accumulated update differs by {worst}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let case = some_case();
+    let tmp = scratch("resume");
+    let data = jsonl(&case, &tmp);
+    for (method, file) in [
+        ("lora", "adapter_model.safetensors"),
+        ("full", "model.safetensors"),
+    ] {
+        let out = tmp.join(method);
+        let common = with(
+            base_args(&case, &data, &out),
+            &[
+                "--finetuning_type",
+                method,
+                "--lora_dropout",
+                "0.1",
+                "--lr_scheduler_type",
+                "cosine",
+                "--warmup_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "1",
+                "--learning_rate",
+                "1e-3",
+                "--max_steps",
+                "4",
+                "--save_steps",
+                "2",
+                "--max_grad_norm",
+                "1.0",
+            ],
+        );
+        let (ok, err) = run(&common);
+        assert!(ok, "{method}: {err}");
+        let straight = std::fs::read(out.join(file)).unwrap();
+        assert!(out.join("checkpoint-2/trainer_state.json").exists());
+        let resumed = with(common.clone(), &["--resume_from_checkpoint", "latest"]);
+        let (ok, err) = run(&resumed);
+        assert!(ok, "{method} resume: {err}");
+        assert!(err.contains("resuming from"), "{err}");
+        let again = std::fs::read(out.join(file)).unwrap();
+        assert!(
+            straight == again,
+            "{method}: resumed weights differ from the straight run"
+        );
+        // Without resume or overwrite, the folder is refused.
+        let (ok, err) = run(&common);
+        assert!(!ok && err.contains("exists and is not empty"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn bad_settings_and_nan_stop_with_one_line() {
+    let case = some_case();
+    let tmp = scratch("bad");
+    let data = jsonl(&case, &tmp);
+    let cfg = tmp.join("run.toml");
+    std::fs::write(&cfg, "learning_rat = 1e-4\n").unwrap();
+    let (ok, err) = run(&[cfg.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        err.contains("run.toml: unknown key learning_rat; did you mean learning_rate?"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    std::fs::write(&cfg, "learning_rate = \"fast\"\n").unwrap();
+    let (ok, err) = run(&[cfg.display().to_string()]);
+    assert!(!ok && err.contains("learning_rate"), "{err}");
+
+    // A file value is overridden by the flag; the run config records the flag's value.
+    let out = tmp.join("override");
+    std::fs::write(
+        &cfg,
+        "learning_rate = 5.0\nmax_steps = 1\nlogging_steps = 1\n",
+    )
+    .unwrap();
+    let mut args = vec![cfg.display().to_string()];
+    args.extend(with(base_args(&case, &data, &out), &["--max_steps", "1"]));
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    let toml_text = std::fs::read_to_string(out.join("training_args.toml")).unwrap();
+    assert!(toml_text.contains("learning_rate = 0.01"), "{toml_text}");
+
+    // An exploding run stops, names the step and keeps the last good checkpoint.
+    let out = tmp.join("nan");
+    let args = with(
+        base_args(&case, &data, &out),
+        &[
+            "--learning_rate",
+            "1e30",
+            "--optim",
+            "sgd",
+            "--max_steps",
+            "5",
+            "--save_steps",
+            "1",
+        ],
+    );
+    let (ok, err) = run(&args);
+    assert!(!ok, "{err}");
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("loss is") && last.contains("last good checkpoint"),
+        "{err}"
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+    assert!(out.join("checkpoint-1/adapter_model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&tmp);
+}

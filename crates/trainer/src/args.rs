@@ -1,0 +1,356 @@
+//! The run's settings under LLaMA-Factory's / HF's names. One struct is the clap parser, the
+//! TOML/YAML schema and the saved run config, so a flag, a file key and the written config
+//! can never disagree on a name or a default.
+
+use crate::error::TrainError;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+// Bool flags take LF's forms: `--do_train`, `--do_train true`, `--do_train=false`.
+#[derive(Parser, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[command(
+    name = "phi-train",
+    rename_all = "snake_case",
+    args_override_self = true,
+    about = "Fine-tune Hugging Face causal LMs. Flags and config keys carry LLaMA-Factory's names; \
+             a flag overrides the config file."
+)]
+#[serde(default)]
+pub struct TrainArgs {
+    /// TOML config (or a LLaMA-Factory YAML); flags override its keys.
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    // ---- model
+    /// Model folder, .gguf file or hub id.
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    /// A PEFT adapter to continue training (LoRA) or to evaluate.
+    #[arg(long)]
+    pub adapter_name_or_path: Option<String>,
+    /// tokenizer.json or a folder holding it (default: the model's).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// cpu, or cuda / cuda:N with the `cuda` build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    // ---- method
+    /// sft (supervised, prompt masked) or pt (plain language modelling).
+    #[arg(long, default_value = "sft")]
+    pub stage: String,
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub do_train: bool,
+    /// lora, freeze or full.
+    #[arg(long, default_value = "lora")]
+    pub finetuning_type: String,
+    /// Module names, `all` / `all-linear`, or `re:<regex>`.
+    #[arg(long, default_value = "all")]
+    pub lora_target: String,
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// Default: 2 × lora_rank (LF).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub use_rslora: bool,
+    /// Whole modules trained beside LoRA (PEFT's modules_to_save), comma-separated.
+    #[arg(long)]
+    pub additional_target: Option<String>,
+    /// Freeze tuning: N>0 last N layers, N<0 first |N|, `all`, or a list such as 2,4,10-12.
+    #[arg(long, default_value = "2")]
+    pub freeze_trainable_layers: String,
+    /// Names under a layer (self_attn, mlp, input_layernorm, ...) or `all`.
+    #[arg(long, default_value = "all")]
+    pub freeze_trainable_modules: String,
+    /// embed_tokens, norm, lm_head (comma-separated).
+    #[arg(long)]
+    pub freeze_extra_modules: Option<String>,
+    /// Train only the RMSNorm/LayerNorm weights.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub rmsnorm_only_training: bool,
+
+    // ---- regularizers
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub use_rmsnorm_regularization: bool,
+    /// 0-based layers whose post-attention RMSNorm output is pulled toward the target norm.
+    #[arg(long, default_value = "2,4")]
+    pub rmsnorm_reg_layers: String,
+    #[arg(long, default_value_t = 0.01)]
+    pub rmsnorm_reg_weight: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub rmsnorm_reg_target_norm: f64,
+    /// Count padding positions too (the recipe's original formula).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub rmsnorm_reg_include_padding: bool,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub use_bos_zero_training: bool,
+    /// Factor on the position-0 embedding (0 zeroes it, 1 is off).
+    #[arg(long, default_value_t = 0.0)]
+    pub bos_scaling_factor: f64,
+
+    // ---- data
+    /// Registry names from dataset_info.json or .json/.jsonl/.txt paths, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(deserialize_with = "comma_list")]
+    pub dataset: Vec<String>,
+    #[arg(long, default_value = "data")]
+    pub dataset_dir: PathBuf,
+    /// LF template name (phi, llama3, smollm2, ...) or `jinja` for the tokenizer's own.
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long, default_value_t = 2048)]
+    pub cutoff_len: usize,
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub train_on_prompt: bool,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub mask_history: bool,
+    /// Put BOS at position 0 when the template does not (label masked).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub add_bos: bool,
+    /// Several examples per row, attention kept within each.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub packing: bool,
+    /// Held-out fraction (< 1) or count (>= 1) for eval_loss.
+    #[arg(long, default_value_t = 0.0)]
+    pub val_size: f64,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub skip_bad_records: bool,
+    /// Fills {{name}} in datasets (LF's identity.json).
+    #[arg(long)]
+    pub identity_name: Option<String>,
+    /// Fills {{author}} in datasets.
+    #[arg(long)]
+    pub identity_author: Option<String>,
+
+    // ---- training
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub overwrite_output_dir: bool,
+    #[arg(long, default_value_t = 1)]
+    pub per_device_train_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub per_device_eval_batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    /// adamw_torch (also adamw / adamw_hf) or sgd.
+    #[arg(long, default_value = "adamw_torch")]
+    pub optim: String,
+    /// Global gradient-norm clip; 0 disables it (HF).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides num_train_epochs when > 0.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+    /// constant, constant_with_warmup, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    pub lr_scheduler_type: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, default_value_t = 10)]
+    pub logging_steps: usize,
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: usize,
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+    /// no or steps (HF's eval_strategy); steps when val_size > 0 and eval_steps is set.
+    #[arg(long, default_value = "no")]
+    pub eval_strategy: String,
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Keep dataset order (no shuffling).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub disable_shuffling: bool,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub bf16: bool,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub fp16: bool,
+    /// A checkpoint folder, or `latest` for the newest checkpoint-N in output_dir.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// Write training_loss.png.
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub plot_loss: bool,
+
+    // ---- preview (no model needed)
+    /// Print the first N encoded examples as LLaMA-Factory does, then exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub preview_data: Option<usize>,
+    /// With --preview_data: one JSON line per example.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: bool,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        TrainArgs::parse_from(["phi-train"])
+    }
+}
+
+/// A list written as `"a,b"` or `["a", "b"]`.
+fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
+        Either::Many(v) => v,
+    })
+}
+
+/// Keys LLaMA-Factory YAML files carry that change nothing here (logging backends, worker
+/// counts, caches): accepted silently from YAML.
+const LF_NO_OPS: &[&str] = &[
+    "report_to",
+    "ddp_timeout",
+    "preprocessing_num_workers",
+    "dataloader_num_workers",
+    "overwrite_cache",
+    "trust_remote_code",
+    "save_only_model",
+    "flash_attn",
+    "run_name",
+];
+
+/// Every key the config file may hold.
+pub fn known_keys() -> Vec<String> {
+    match serde_json::to_value(TrainArgs::default()) {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => unreachable!("TrainArgs serializes to a map"),
+    }
+}
+
+/// The known key nearest to `key`, when one is close enough to be a likely typo.
+pub fn nearest(key: &str) -> Option<String> {
+    known_keys()
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(key, &k), k))
+        .filter(|(s, _)| *s > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+fn read_file(path: &Path) -> Result<(Map<String, Value>, bool), TrainError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainError::file(path, format!("cannot read: {e}")))?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml") | Some("yml")
+    );
+    let value: Value = if yaml {
+        serde_yaml::from_str(&text).map_err(|e| TrainError::file(path, e))?
+    } else {
+        let t: toml::Table = toml::from_str(&text).map_err(|e| {
+            TrainError::file(path, e.to_string().lines().next().unwrap_or("").to_string())
+        })?;
+        serde_json::to_value(t).map_err(|e| TrainError::file(path, e))?
+    };
+    match value {
+        Value::Object(m) => Ok((m, yaml)),
+        Value::Null => Ok((Map::new(), yaml)),
+        _ => Err(TrainError::file(path, "expected a table of key = value")),
+    }
+}
+
+impl TrainArgs {
+    /// Parses the command line (and the config file it names), flags over file keys.
+    pub fn from_cli<I, T>(argv: I) -> Result<TrainArgs, TrainError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = TrainArgs::command()
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| e.exit());
+        let cli = TrainArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let mut map = Map::new();
+        if let Some(path) = &cli.config {
+            let (file, yaml) = read_file(path)?;
+            let known = known_keys();
+            for (k, v) in file {
+                if known.contains(&k) {
+                    map.insert(k, v);
+                } else if yaml {
+                    // LF YAMLs carry many keys; the run uses those it knows and says which not.
+                    if !LF_NO_OPS.contains(&k.as_str()) {
+                        eprintln!(
+                            "{}: ignoring key {k} (not used by phi-train)",
+                            path.display()
+                        );
+                    }
+                } else {
+                    let hint =
+                        nearest(&k).map_or(String::new(), |n| format!("; did you mean {n}?"));
+                    return Err(TrainError::file(path, format!("unknown key {k}{hint}")));
+                }
+            }
+        }
+        let Value::Object(cli_map) = serde_json::to_value(&cli).expect("serializable") else {
+            unreachable!()
+        };
+        for (k, v) in cli_map {
+            if matches.value_source(&k) == Some(clap::parser::ValueSource::CommandLine) {
+                map.insert(k, v);
+            }
+        }
+        let what = cli
+            .config
+            .as_ref()
+            .map_or("phi-train".to_string(), |p| p.display().to_string());
+        // Key by key first, so a bad value is reported under its own key.
+        for (k, v) in &map {
+            let one = Map::from_iter([(k.clone(), v.clone())]);
+            if let Err(e) = serde_json::from_value::<TrainArgs>(Value::Object(one)) {
+                return Err(TrainError::Msg(format!("{what}: {k}: {e}")));
+            }
+        }
+        let mut args: TrainArgs = serde_json::from_value(Value::Object(map))
+            .map_err(|e| TrainError::Msg(e.to_string()))?;
+        args.config = cli.config;
+        args.preview_data = cli.preview_data;
+        args.json = cli.json;
+        Ok(args)
+    }
+
+    /// The run's full config as TOML (every key, defaults included).
+    pub fn to_toml(&self) -> String {
+        // TOML has no null: unset options are left out.
+        let Value::Object(m) = serde_json::to_value(self).expect("serializable") else {
+            unreachable!()
+        };
+        let m: Map<String, Value> = m.into_iter().filter(|(_, v)| !v.is_null()).collect();
+        toml::to_string(&m).unwrap_or_default()
+    }
+}

@@ -1,0 +1,167 @@
+//! What a run reports as it goes: LLaMA-Factory's `trainer_log.jsonl` (one line per logging
+//! step, flushed at once so a crash keeps it), HF's `log_history`, and a progress bar on a
+//! terminal or plain lines otherwise.
+
+use crate::error::TrainError;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// LF's `H:MM:SS`.
+pub fn hms(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+pub struct Logger {
+    path: PathBuf,
+    pub history: Vec<Value>,
+    bar: Option<ProgressBar>,
+    started: Instant,
+    /// Steps already done when this process started (a resumed run).
+    first_step: usize,
+    pub total_steps: usize,
+}
+
+impl Logger {
+    pub fn new(out: &Path, total_steps: usize, first_step: usize, history: Vec<Value>) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(total_steps as u64);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("template"),
+            );
+            b.set_position(first_step as u64);
+            b
+        });
+        Logger {
+            path: out.join("trainer_log.jsonl"),
+            history,
+            bar,
+            started: Instant::now(),
+            first_step,
+            total_steps,
+        }
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn times(&self, step: usize) -> (f64, f64) {
+        let elapsed = self.elapsed();
+        let done = step.saturating_sub(self.first_step).max(1) as f64;
+        let left = self.total_steps.saturating_sub(step) as f64;
+        (elapsed, elapsed / done * left)
+    }
+
+    fn append(&self, line: &Value) -> Result<(), TrainError> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| TrainError::file(&self.path, e))?;
+        writeln!(f, "{line}").map_err(|e| TrainError::file(&self.path, e))?;
+        Ok(())
+    }
+
+    /// One logging step: `values` holds loss, lr, and the regularizer parts when present.
+    pub fn log(
+        &mut self,
+        step: usize,
+        epoch: f64,
+        values: Map<String, Value>,
+    ) -> Result<(), TrainError> {
+        let (elapsed, remaining) = self.times(step);
+        let mut line = Map::new();
+        line.insert("current_steps".into(), json!(step));
+        line.insert("total_steps".into(), json!(self.total_steps));
+        line.extend(values.clone());
+        line.insert("epoch".into(), json!(round(epoch, 2)));
+        line.insert(
+            "percentage".into(),
+            json!(round(
+                100.0 * step as f64 / self.total_steps.max(1) as f64,
+                2
+            )),
+        );
+        line.insert("elapsed_time".into(), json!(hms(elapsed)));
+        line.insert("remaining_time".into(), json!(hms(remaining)));
+        let line = Value::Object(line);
+        self.append(&line)?;
+        let mut h = values;
+        h.insert("epoch".into(), json!(epoch));
+        h.insert("step".into(), json!(step));
+        if let Some(lr) = h.remove("lr") {
+            h.insert("learning_rate".into(), lr);
+        }
+        self.history.push(Value::Object(h));
+        let text = line
+            .as_object()
+            .map(|o| {
+                ["loss", "eval_loss", "rmsnorm_reg_loss", "lr"]
+                    .iter()
+                    .filter_map(|k| Some(format!("{k} {}", fmt_num(o.get(*k)?)?)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        match &self.bar {
+            Some(b) => b.println(format!("step {step}/{}: {text}", self.total_steps)),
+            None => eprintln!(
+                "step {step}/{} ({}%, {} elapsed, {} left): {text}",
+                self.total_steps,
+                round(100.0 * step as f64 / self.total_steps.max(1) as f64, 1),
+                hms(elapsed),
+                hms(remaining)
+            ),
+        }
+        Ok(())
+    }
+
+    pub fn tick(&self, step: usize, loss: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step as u64);
+            b.set_message(format!("loss {loss:.4}"));
+        }
+    }
+
+    pub fn say(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+
+    /// (step, value) pairs of `key` in the history, for the plot.
+    pub fn series(&self, key: &str) -> Vec<(f64, f64)> {
+        self.history
+            .iter()
+            .filter_map(|h| Some((h.get("step")?.as_f64()?, h.get(key)?.as_f64()?)))
+            .collect()
+    }
+}
+
+fn fmt_num(v: &Value) -> Option<String> {
+    let x = v.as_f64()?;
+    Some(if x != 0.0 && x.abs() < 1e-3 {
+        format!("{x:.3e}")
+    } else {
+        format!("{x:.4}")
+    })
+}
+
+pub fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}

@@ -1,0 +1,252 @@
+//! AdamW with PyTorch's semantics (decoupled decay, bias correction as `torch.optim.AdamW`),
+//! plain SGD, and global-norm clipping, on whatever device the model lives on.
+//!
+//! Burn's own AdamW defaults and update order differ from PyTorch's, and its state is keyed by
+//! run-local parameter ids; this one keys state by HF parameter name, so checkpoints resume
+//! bit-identically and read like PyTorch's `optimizer.pt`.
+
+use crate::error::TrainError;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Gradients, Tensor, TensorData};
+use phi_model::CausalLm;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Flattened gradients of the trainable parameters, on the inner (non-autodiff) device.
+pub type Grads = HashMap<ParamId, Tensor<1>>;
+
+/// Reads every gradient `grads` holds for a parameter of `model`.
+pub fn collect(model: &CausalLm, grads: &Gradients) -> Grads {
+    struct V<'a> {
+        grads: &'a Gradients,
+        out: Grads,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = param.val().grad(self.grads) {
+                let n = g.shape().num_elements();
+                self.out.insert(param.id, g.reshape([n]));
+            }
+        }
+    }
+    let mut v = V {
+        grads,
+        out: HashMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Adds `more` into `acc` (gradient accumulation).
+pub fn accumulate(acc: &mut Grads, more: Grads) {
+    for (id, g) in more {
+        match acc.remove(&id) {
+            Some(a) => acc.insert(id, a + g),
+            None => acc.insert(id, g),
+        };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+    Sgd,
+}
+
+impl Kind {
+    pub fn parse(name: &str, beta1: f64, beta2: f64, eps: f64) -> Result<Kind, TrainError> {
+        match name {
+            "adamw_torch" | "adamw" | "adamw_hf" | "adamw_torch_fused" => {
+                Ok(Kind::AdamW { beta1, beta2, eps })
+            }
+            "sgd" => Ok(Kind::Sgd),
+            _ => Err(TrainError::arg("optim", name, "adamw_torch or sgd")),
+        }
+    }
+}
+
+/// HF's `get_decay_parameter_names`: biases and norm weights are not decayed.
+pub fn decays(name: &str) -> bool {
+    let module = name.rsplit_once('.').map_or("", |(m, _)| m);
+    let leaf = module.rsplit('.').next().unwrap_or("");
+    !(name.ends_with(".bias") || leaf.ends_with("norm"))
+}
+
+pub struct Optimizer {
+    pub kind: Kind,
+    pub weight_decay: f64,
+    /// Optimizer steps taken.
+    pub step: u64,
+    names: HashMap<ParamId, String>,
+    /// Trainable ids in module order: sums over parameters run in this order, so a run
+    /// repeats bit for bit (HashMap order changes from process to process).
+    order: Vec<ParamId>,
+    /// exp_avg and exp_avg_sq by HF name, flattened in Burn's layout.
+    state: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+}
+
+impl Optimizer {
+    /// Tracks the parameters of `model` whose gradients are on.
+    pub fn new(model: &CausalLm, kind: Kind, weight_decay: f64) -> Self {
+        let trainable: Vec<_> = model
+            .params()
+            .into_iter()
+            .filter(|p| p.require_grad)
+            .collect();
+        Optimizer {
+            kind,
+            weight_decay,
+            step: 0,
+            order: trainable.iter().map(|p| p.id).collect(),
+            names: trainable.into_iter().map(|p| (p.id, p.name)).collect(),
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_`: returns the total norm before clipping; scales the
+    /// gradients by max_norm / (norm + 1e-6) when that is below 1. `max_norm <= 0` only
+    /// measures.
+    pub fn clip(&self, grads: &mut Grads, max_norm: f64) -> f64 {
+        let sq = self
+            .order
+            .iter()
+            .filter_map(|id| grads.get(id))
+            .map(|g| g.clone().powf_scalar(2.0).sum());
+        let total = match sq.reduce(|a, b| a + b) {
+            Some(t) => (t.into_scalar::<f32>() as f64).sqrt(),
+            None => 0.0,
+        };
+        if max_norm > 0.0 {
+            let coef = max_norm / (total + 1e-6);
+            if coef < 1.0 {
+                for g in grads.values_mut() {
+                    *g = g.clone() * coef;
+                }
+            }
+        }
+        total
+    }
+
+    /// One update of every parameter with a gradient, at learning rate `lr`.
+    pub fn step(&mut self, model: CausalLm, grads: Grads, lr: f64) -> CausalLm {
+        self.step += 1;
+        let mut m = Mapper {
+            opt: self,
+            grads,
+            lr,
+        };
+        model.map(&mut m)
+    }
+
+    fn update(&mut self, name: &str, p: Tensor<1>, g: Tensor<1>, lr: f64) -> Tensor<1> {
+        let wd = if decays(name) { self.weight_decay } else { 0.0 };
+        match self.kind {
+            Kind::Sgd => {
+                let g = if wd > 0.0 { g + p.clone() * wd } else { g };
+                p - g * lr
+            }
+            Kind::AdamW { beta1, beta2, eps } => {
+                let p = if wd > 0.0 { p * (1.0 - lr * wd) } else { p };
+                let (m, v) = match self.state.remove(name) {
+                    Some(s) => s,
+                    None => (g.zeros_like(), g.zeros_like()),
+                };
+                // torch: exp_avg.lerp_(grad, 1-β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
+                let m = m.clone() + (g.clone() - m) * (1.0 - beta1);
+                let v = v * beta2 + g.clone() * g * (1.0 - beta2);
+                let t = self.step as i32;
+                let bc1 = 1.0 - beta1.powi(t);
+                let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+                let denom = v.clone().sqrt() / bc2_sqrt + eps;
+                let p = p - m.clone() / denom * (lr / bc1);
+                self.state.insert(name.to_string(), (m, v));
+                p
+            }
+        }
+    }
+
+    /// `optimizer.safetensors`: `<name>.exp_avg` / `<name>.exp_avg_sq`, plus the step in
+    /// the metadata.
+    pub fn save(&self, path: &Path) -> Result<(), TrainError> {
+        let mut tensors = BTreeMap::new();
+        for (name, (m, v)) in &self.state {
+            for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                let data = t.clone().try_into_vec_as::<f32>().unwrap_or_default();
+                tensors.insert(format!("{name}.{suffix}"), (vec![data.len()], data));
+            }
+        }
+        let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
+        phi_model::io::write_safetensors(path, &tensors, Some(meta))?;
+        Ok(())
+    }
+
+    pub fn load(&mut self, path: &Path, device: &burn::tensor::Device) -> Result<(), TrainError> {
+        use phi_model::weights::{SafetensorsSource, TensorSource};
+        let src = SafetensorsSource::open_files(&[path.to_path_buf()])?;
+        let bytes = std::fs::read(path).map_err(|e| TrainError::file(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| TrainError::file(path, format!("{e:?}")))?;
+        self.step = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| TrainError::file(path, "metadata: missing step"))?;
+        let known: Vec<String> = self.names.values().cloned().collect();
+        self.state.clear();
+        for name in known {
+            let (Ok(m), Ok(v)) = (
+                src.load(&format!("{name}.exp_avg")),
+                src.load(&format!("{name}.exp_avg_sq")),
+            ) else {
+                if self.kind == Kind::Sgd {
+                    continue;
+                }
+                return Err(TrainError::file(
+                    path,
+                    format!("{name}: no optimizer state"),
+                ));
+            };
+            let t = |d: Vec<f32>| {
+                let n = d.len();
+                Tensor::<1>::from_data(TensorData::new(d, [n]), device)
+            };
+            self.state.insert(name, (t(m.data), t(v.data)));
+        }
+        Ok(())
+    }
+}
+
+struct Mapper<'a> {
+    opt: &'a mut Optimizer,
+    grads: Grads,
+    lr: f64,
+}
+
+impl ModuleMapper for Mapper<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(g) = self.grads.remove(&param.id) else {
+            return param;
+        };
+        let Some(name) = self.opt.names.get(&param.id).cloned() else {
+            return param;
+        };
+        let (id, t, mapper) = param.consume();
+        let dims = t.dims();
+        let (autodiff, require_grad) = (t.is_autodiff(), t.is_require_grad());
+        let strategy = t.gradient_checkpointing_strategy();
+        let n = t.shape().num_elements();
+        let updated = self.opt.update(&name, t.inner().reshape([n]), g, self.lr);
+        let mut t: Tensor<D> = updated.reshape(dims);
+        if autodiff {
+            t = t.autodiff();
+            if let Some(s) = strategy {
+                t = t.with_gradient_checkpointing_strategy(s);
+            }
+            if require_grad {
+                t = t.require_grad();
+            }
+        }
+        Param::from_mapped_value(id, t, mapper)
+    }
+}

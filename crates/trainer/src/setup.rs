@@ -1,0 +1,169 @@
+//! From settings to a model ready to train: base weights, adapter (new, continued or resumed),
+//! which parameters train, and the regularizers checked against the architecture.
+
+use crate::args::TrainArgs;
+use crate::error::TrainError;
+use phi_adapters::freeze::{self, Counts, LayerSel, Selection};
+use phi_adapters::{lora, peft, LoraConfig, Targets};
+use phi_model::CausalLm;
+use phi_regularizers::{BosScale, NormTarget};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    Freeze,
+    Full,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Method, TrainError> {
+        match s {
+            "lora" => Ok(Method::Lora),
+            "freeze" => Ok(Method::Freeze),
+            "full" => Ok(Method::Full),
+            _ => Err(TrainError::arg(
+                "finetuning_type",
+                s,
+                "lora, freeze or full",
+            )),
+        }
+    }
+}
+
+fn list(s: &Option<String>) -> Vec<String> {
+    s.as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+pub fn lora_config(a: &TrainArgs) -> LoraConfig {
+    LoraConfig {
+        r: a.lora_rank,
+        alpha: a.lora_alpha.unwrap_or(2.0 * a.lora_rank as f64),
+        dropout: a.lora_dropout,
+        targets: Targets::parse(&a.lora_target),
+        use_rslora: a.use_rslora,
+        modules_to_save: list(&a.additional_target),
+        base_model_name_or_path: a.model_name_or_path.clone(),
+        seed: a.seed,
+        ..LoraConfig::default()
+    }
+}
+
+/// What decides which weights train.
+pub fn selection(a: &TrainArgs, method: Method) -> Result<Selection, TrainError> {
+    if a.rmsnorm_only_training {
+        if method == Method::Lora {
+            return Err(TrainError::arg(
+                "rmsnorm_only_training",
+                "true",
+                "finetuning_type freeze or full (norm-only training trains no adapter)",
+            ));
+        }
+        return Ok(Selection::NormOnly);
+    }
+    Ok(match method {
+        Method::Full => Selection::Full,
+        Method::Lora => Selection::Lora {
+            modules_to_save: list(&a.additional_target),
+        },
+        Method::Freeze => Selection::Freeze {
+            layers: LayerSel::parse(&a.freeze_trainable_layers)?,
+            modules: list(&Some(a.freeze_trainable_modules.clone())),
+            extra: list(&a.freeze_extra_modules),
+        },
+    })
+}
+
+pub struct Prepared {
+    pub model: CausalLm,
+    pub lora: Option<LoraConfig>,
+    pub trainable: Vec<String>,
+    pub counts: Counts,
+}
+
+/// Attaches or loads the adapter and sets the trainable set. `adapter_dir` is a checkpoint
+/// being resumed or `adapter_name_or_path`.
+pub fn prepare(
+    model: CausalLm,
+    a: &TrainArgs,
+    method: Method,
+    adapter_dir: Option<&Path>,
+) -> Result<Prepared, TrainError> {
+    let (mut model, lora) = match (method, adapter_dir) {
+        (Method::Lora, Some(d)) => {
+            let (m, mut cfg, _) = peft::load(model, d)?;
+            // The run's dropout applies to a continued adapter (PEFT keeps the file's).
+            cfg.dropout = a.lora_dropout;
+            (m, Some(cfg))
+        }
+        (Method::Lora, None) => {
+            let cfg = lora_config(a);
+            let mut m = model;
+            lora::attach(&mut m, &cfg)?;
+            (m, Some(cfg))
+        }
+        (_, Some(d)) if a.adapter_name_or_path.is_some() => return Err(TrainError::arg(
+            "adapter_name_or_path",
+            d.display(),
+            "finetuning_type lora (merge the adapter with phi-merge to train it further in full)",
+        )),
+        (_, _) => (model, None),
+    };
+    if let Some(cfg) = &lora {
+        set_dropout(&mut model, cfg.dropout);
+    }
+    let sel = selection(a, method)?;
+    let trainable = freeze::trainable_names(&model, &sel)?;
+    if trainable.is_empty() {
+        return Err(TrainError::Msg(
+            "nothing to train: the chosen finetuning_type / freeze settings select no parameter"
+                .into(),
+        ));
+    }
+    let counts = Counts::of(&model, &trainable);
+    let model = freeze::apply(model, &trainable);
+    Ok(Prepared {
+        model,
+        lora,
+        trainable,
+        counts,
+    })
+}
+
+fn set_dropout(model: &mut CausalLm, p: f64) {
+    for path in lora::adapted(model) {
+        if let Some(l) = model.linear_mut(&path).and_then(|l| l.lora.as_mut()) {
+            l.dropout = burn::nn::DropoutConfig::new(p).init();
+        }
+    }
+}
+
+/// The regularizers the settings ask for, checked against the model.
+pub fn regularizers(
+    a: &TrainArgs,
+    cfg: &phi_model::ModelConfig,
+) -> Result<(Option<NormTarget>, Option<BosScale>), TrainError> {
+    let reg = if a.use_rmsnorm_regularization {
+        let r = NormTarget {
+            layers: NormTarget::parse_layers(&a.rmsnorm_reg_layers)?,
+            weight: a.rmsnorm_reg_weight,
+            target: a.rmsnorm_reg_target_norm,
+            include_padding: a.rmsnorm_reg_include_padding,
+        };
+        r.check(cfg)?;
+        Some(r)
+    } else {
+        None
+    };
+    let bos = if a.use_bos_zero_training {
+        Some(BosScale::new(a.bos_scaling_factor)?)
+    } else {
+        None
+    };
+    Ok((reg, bos))
+}
