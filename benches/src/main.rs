@@ -39,25 +39,34 @@ struct Args {
     /// Attach the LoRA adapter in forward mode too (to time its forward overhead).
     #[arg(long)]
     lora: bool,
+    /// Write the shape's random model (config.json + model.safetensors) to this folder and
+    /// exit: a stand-in checkpoint for timing whole phi-train recipes.
+    #[arg(long)]
+    save_random: Option<std::path::PathBuf>,
 }
 
-fn shape_config(name: &str) -> Result<ModelConfig> {
-    let v = match name {
+fn shape_json(name: &str) -> Result<serde_json::Value> {
+    Ok(match name {
         "smollm2-135m" => json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
             "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536,
             "vocab_size": 49152, "tie_word_embeddings": true, "rope_theta": 100000.0,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 8192
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2
         }),
         "phi3-small" => json!({
             "architectures": ["Phi3ForCausalLM"], "hidden_size": 1024, "num_hidden_layers": 8,
             "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2816,
             "vocab_size": 32064, "tie_word_embeddings": false, "rope_theta": 10000.0,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 4096
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+            "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000
         }),
         other => bail!("--shape {other}: expected smollm2-135m or phi3-small"),
-    };
-    Ok(ModelConfig::from_value(v, name)?)
+    })
+}
+
+fn shape_config(name: &str) -> Result<ModelConfig> {
+    Ok(ModelConfig::from_value(shape_json(name)?, name)?)
 }
 
 /// Peak resident set size of this process (VmHWM), in MB.
@@ -99,6 +108,11 @@ fn probe_grad(model: &CausalLm, name: &str, grads: &burn::tensor::Gradients) -> 
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(dir) = &a.save_random {
+        let files = phi_model::export::write_random_model(dir, shape_json(&a.shape)?, 0)?;
+        println!("{}: {}", dir.display(), files.join(", "));
+        return Ok(());
+    }
     let cfg = shape_config(&a.shape)?;
     let base = phi_model::device_from_name(&a.device)?;
     let train = match a.mode.as_str() {

@@ -3,105 +3,12 @@
 //! accumulation normalises over the whole batch, resume is bit-identical, bad settings and
 //! NaN losses stop with one line.
 
+mod common;
+
+use common::*;
 use phi_model::oracle::{cases, Case, Report};
 use phi_model::weights::{SafetensorsSource, TensorSource};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn run(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_phi-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("phi-train-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The oracle batch as pre-tokenized JSONL: each row cut to its attention mask.
-fn jsonl(case: &Case, dir: &Path) -> PathBuf {
-    let (shape, ids) = case.input("input_ids").unwrap();
-    let t = shape[1];
-    let mask = case
-        .input("attention_mask")
-        .map_or(vec![1; ids.len()], |m| m.1);
-    let labels = case.input("labels").unwrap().1;
-    let mut text = String::new();
-    for r in 0..shape[0] {
-        let k = mask[r * t..(r + 1) * t].iter().filter(|&&m| m != 0).count();
-        let row = serde_json::json!({
-            "input_ids": &ids[r * t..r * t + k],
-            "labels": &labels[r * t..r * t + k],
-        });
-        text.push_str(&format!("{row}\n"));
-    }
-    let p = dir.join("batch.jsonl");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn base_args(case: &Case, data: &Path, out: &Path) -> Vec<String> {
-    let c = case.dir.display().to_string();
-    [
-        "--model_name_or_path",
-        &c,
-        "--dataset",
-        &data.display().to_string(),
-        "--learning_rate",
-        "1e-2",
-        "--weight_decay",
-        "0.01",
-        "--lr_scheduler_type",
-        "constant",
-        "--warmup_steps",
-        "0",
-        "--per_device_train_batch_size",
-        "2",
-        "--gradient_accumulation_steps",
-        "1",
-        "--max_grad_norm",
-        "0",
-        "--disable_shuffling",
-        "--output_dir",
-        &out.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
-fn with(mut v: Vec<String>, more: &[&str]) -> Vec<String> {
-    v.extend(more.iter().map(|s| s.to_string()));
-    v
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let src = SafetensorsSource::open_files(&[path.to_path_buf()]).unwrap();
-    src.names()
-        .into_iter()
-        .map(|n| {
-            let t = src.load(&n).unwrap();
-            (n, t.data)
-        })
-        .collect()
-}
-
-fn log_lines(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("trainer_log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn adamw_steps_match_pytorch() {
@@ -179,83 +86,77 @@ fn regularizer_parts_are_logged_with_oracle_values() {
         }
         let tmp = scratch(&format!("reg-{}", case.name));
         let data = jsonl(&case, &tmp);
-        let out = tmp.join("out");
-        let args = with(
-            base_args(&case, &data, &out),
-            &[
-                "--finetuning_type",
-                "freeze",
-                "--rmsnorm_only_training",
-                "--use_rmsnorm_regularization",
-                "--rmsnorm_reg_layers",
-                "2,4",
-                "--rmsnorm_reg_weight",
-                "0.01",
-                "--rmsnorm_reg_target_norm",
-                "1.0",
-                "--max_steps",
-                "1",
-            ],
-        );
-        let (ok, err) = run(&args);
-        assert!(ok, "{}: {err}", case.name);
-        let l = &log_lines(&out)[0];
-        let f = |k: &str| l[k].as_f64().unwrap_or(f64::NAN) as f32;
-        r.close(
-            &case.name,
-            "base_loss",
-            &[f("base_loss")],
-            &case.f32("loss").1,
-            1e-5,
-        );
-        r.close(
-            &case.name,
-            "rmsnorm_reg_loss",
-            &[f("rmsnorm_reg_loss")],
-            &case.f32("reg.masked").1,
-            1e-5,
-        );
-        r.close(
-            &case.name,
-            "total_loss",
-            &[f("total_loss")],
-            &case.f32("reg.total_masked").1,
-            1e-5,
-        );
-        let cfg: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("rmsnorm_reg_config.json")).unwrap(),
-        )
-        .unwrap();
-        r.equal(
-            &case.name,
-            "reg config layers",
-            &[cfg["rmsnorm_reg_layers"].clone()],
-            &[serde_json::json!([2, 4])],
-        );
-        // Norm-only output: full weights; only norm tensors moved.
-        let saved = tensors(&out.join("model.safetensors"));
-        let base = SafetensorsSource::open_files(&[dir.join("model.safetensors")]).unwrap();
-        for (k, v) in saved {
-            let moved = base.load(&k).map(|b| b.data != v).unwrap_or(true);
+        // Default: only attended positions count; include_padding is the recipe's formula.
+        for (extra, reg_key, total_key) in [
+            (None, "reg.masked", "reg.total_masked"),
+            (
+                Some("--rmsnorm_reg_include_padding"),
+                "reg.all_tokens",
+                "reg.total",
+            ),
+        ] {
+            let out = tmp.join(reg_key);
+            let mut args = with(
+                base_args(&case, &data, &out),
+                &[
+                    "--finetuning_type",
+                    "freeze",
+                    "--rmsnorm_only_training",
+                    "--use_rmsnorm_regularization",
+                    "--rmsnorm_reg_layers",
+                    "2,4",
+                    "--rmsnorm_reg_weight",
+                    "0.01",
+                    "--rmsnorm_reg_target_norm",
+                    "1.0",
+                    "--max_steps",
+                    "1",
+                ],
+            );
+            args.extend(extra.map(String::from));
+            let (ok, err) = run(&args);
+            assert!(ok, "{}: {err}", case.name);
+            let l = &log_lines(&out)[0];
+            let f = |k: &str| l[k].as_f64().unwrap_or(f64::NAN) as f32;
+            for (logged, key) in [
+                ("base_loss", "loss"),
+                ("rmsnorm_reg_loss", reg_key),
+                ("total_loss", total_key),
+            ] {
+                r.close(&case.name, logged, &[f(logged)], &case.f32(key).1, 1e-5);
+            }
+            let cfg: Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("rmsnorm_reg_config.json")).unwrap(),
+            )
+            .unwrap();
             r.equal(
                 &case.name,
-                &format!("{k} changed"),
-                &[moved],
-                &[k.contains("norm")],
+                "reg config",
+                &[
+                    cfg["rmsnorm_reg_layers"].clone(),
+                    cfg["rmsnorm_reg_include_padding"].clone(),
+                ],
+                &[
+                    serde_json::json!([2, 4]),
+                    serde_json::json!(extra.is_some()),
+                ],
             );
+            // Norm-only output: full weights; only norm tensors moved.
+            let saved = tensors(&out.join("model.safetensors"));
+            let base = SafetensorsSource::open_files(&[dir.join("model.safetensors")]).unwrap();
+            for (k, v) in saved {
+                let moved = base.load(&k).map(|b| b.data != v).unwrap_or(true);
+                r.equal(
+                    &case.name,
+                    &format!("{k} changed"),
+                    &[moved],
+                    &[k.contains("norm")],
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(&tmp);
     }
     r.finish();
-}
-
-/// One oracle case with a LoRA folder (the first found), for the property tests.
-fn some_case() -> Case {
-    let dir = cases()
-        .into_iter()
-        .find(|d| d.join("lora").exists())
-        .expect("an oracle case with lora/");
-    Case::open(&dir)
 }
 
 #[test]
@@ -331,16 +232,32 @@ fn resume_is_bit_identical() {
                 "2",
                 "--max_grad_norm",
                 "1.0",
+                "--logging_steps",
+                "1",
             ],
         );
         let (ok, err) = run(&common);
         assert!(ok, "{method}: {err}");
         let straight = std::fs::read(out.join(file)).unwrap();
         assert!(out.join("checkpoint-2/trainer_state.json").exists());
+        // The interrupted run: its state at step 2, and the finished run's later files gone.
+        assert!(out.join("checkpoint-4/trainer_state.json").exists());
+        std::fs::remove_dir_all(out.join("checkpoint-4")).unwrap();
+        std::fs::remove_file(out.join(file)).unwrap();
         let resumed = with(common.clone(), &["--resume_from_checkpoint", "latest"]);
         let (ok, err) = run(&resumed);
         assert!(ok, "{method} resume: {err}");
-        assert!(err.contains("resuming from"), "{err}");
+        assert!(
+            err.contains("resuming from") && err.contains("at step 2"),
+            "{err}"
+        );
+        // One log line per step: the interrupted run's lines past step 2 were replaced.
+        let steps: Vec<u64> = log_lines(&out)
+            .iter()
+            .filter(|l| l.get("loss").is_some())
+            .map(|l| l["current_steps"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4], "{method}");
         let again = std::fs::read(out.join(file)).unwrap();
         assert!(
             straight == again,

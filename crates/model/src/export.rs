@@ -239,3 +239,25 @@ pub fn write_model_folder(
     }
     Ok(files)
 }
+
+/// A model folder of random weights (`RandomSource`'s init) for `config`, as transformers
+/// would save it: for benchmarks and for running recipes without downloading a checkpoint.
+pub fn write_random_model(
+    out: &Path,
+    config: serde_json::Value,
+    seed: u64,
+) -> Result<Vec<String>, ModelError> {
+    let cfg = crate::ModelConfig::from_value(config.clone(), &out.display().to_string())?;
+    let src = crate::weights::RandomSource { seed };
+    let model = crate::CausalLm::load(&cfg, &src, &crate::cpu_device())?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| ModelError::io(out.display(), format!("cannot create: {e}")))?;
+    write_model_folder(
+        out,
+        &model.hf_tensors(),
+        config,
+        OutDtype::F32,
+        5 << 30,
+        None,
+    )
+}

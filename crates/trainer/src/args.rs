@@ -62,7 +62,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub additional_target: Option<String>,
     /// Freeze tuning: N>0 last N layers, N<0 first |N|, `all`, or a list such as 2,4,10-12.
-    #[arg(long, default_value = "2")]
+    #[arg(long, default_value = "2", allow_hyphen_values = true)]
+    #[serde(deserialize_with = "scalar_or_list")]
     pub freeze_trainable_layers: String,
     /// Names under a layer (self_attn, mlp, input_layernorm, ...) or `all`.
     #[arg(long, default_value = "all")]
@@ -79,6 +80,7 @@ pub struct TrainArgs {
     pub use_rmsnorm_regularization: bool,
     /// 0-based layers whose post-attention RMSNorm output is pulled toward the target norm.
     #[arg(long, default_value = "2,4")]
+    #[serde(deserialize_with = "scalar_or_list")]
     pub rmsnorm_reg_layers: String,
     #[arg(long, default_value_t = 0.01)]
     pub rmsnorm_reg_weight: f64,
@@ -174,7 +176,7 @@ pub struct TrainArgs {
     pub save_steps: usize,
     #[arg(long)]
     pub save_total_limit: Option<usize>,
-    /// no or steps (HF's eval_strategy); steps when val_size > 0 and eval_steps is set.
+    /// no, steps or epoch (HF's eval_strategy); steps when val_size > 0 and eval_steps is set.
     #[arg(long, default_value = "no")]
     pub eval_strategy: String,
     #[arg(long)]
@@ -188,6 +190,13 @@ pub struct TrainArgs {
     pub bf16: bool,
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub fp16: bool,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (Burn's balanced checkpointing): less memory, a little more time.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
+    /// LLaMA-Factory's switch; wins over gradient_checkpointing.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub disable_gradient_checkpointing: bool,
     /// A checkpoint folder, or `latest` for the newest checkpoint-N in output_dir.
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
@@ -227,6 +236,30 @@ fn comma_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
             .filter(|x| !x.is_empty())
             .collect(),
         Either::Many(v) => v,
+    })
+}
+
+/// `2`, `"2,4"`, `[2, 4]` or `["2", "10-12"]` as the comma-separated text the parsers take:
+/// LF's YAML writes layer counts as numbers.
+fn scalar_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fn text(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+    let v = Value::deserialize(d)?;
+    let out = match &v {
+        Value::Array(items) => items
+            .iter()
+            .map(text)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        other => text(other),
+    };
+    out.ok_or_else(|| {
+        serde::de::Error::custom(format!("expected a number, a string or a list, found {v}"))
     })
 }
 
@@ -285,6 +318,11 @@ fn read_file(path: &Path) -> Result<(Map<String, Value>, bool), TrainError> {
 }
 
 impl TrainArgs {
+    /// Whether the backward pass recomputes activations (LF's switch wins over HF's).
+    pub fn checkpointing(&self) -> bool {
+        self.gradient_checkpointing && !self.disable_gradient_checkpointing
+    }
+
     /// Parses the command line (and the config file it names), flags over file keys.
     pub fn from_cli<I, T>(argv: I) -> Result<TrainArgs, TrainError>
     where
@@ -305,8 +343,10 @@ impl TrainArgs {
                 } else if yaml {
                     // LF YAMLs carry many keys; the run uses those it knows and says which not.
                     if !LF_NO_OPS.contains(&k.as_str()) {
+                        let hint =
+                            nearest(&k).map_or(String::new(), |n| format!("; did you mean {n}?"));
                         eprintln!(
-                            "{}: ignoring key {k} (not used by phi-train)",
+                            "{}: ignoring key {k} (not used by phi-train{hint})",
                             path.display()
                         );
                     }

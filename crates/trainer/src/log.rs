@@ -26,7 +26,31 @@ pub struct Logger {
 }
 
 impl Logger {
-    pub fn new(out: &Path, total_steps: usize, first_step: usize, history: Vec<Value>) -> Self {
+    /// A fresh run starts `trainer_log.jsonl` anew; a resumed one keeps the lines up to its
+    /// checkpoint's step and drops those of the interrupted run past it, as LF's log shows
+    /// one line per step.
+    pub fn new(
+        out: &Path,
+        total_steps: usize,
+        first_step: usize,
+        history: Vec<Value>,
+    ) -> Result<Self, TrainError> {
+        let path = out.join("trainer_log.jsonl");
+        let kept: String = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                first_step > 0
+                    && serde_json::from_str::<Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("current_steps")?.as_u64())
+                        .is_some_and(|s| s as usize <= first_step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if path.exists() {
+            phi_model::io::write_atomic(&path, kept.as_bytes())?;
+        }
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(total_steps as u64);
             b.set_style(
@@ -38,14 +62,14 @@ impl Logger {
             b.set_position(first_step as u64);
             b
         });
-        Logger {
-            path: out.join("trainer_log.jsonl"),
+        Ok(Logger {
+            path,
             history,
             bar,
             started: Instant::now(),
             first_step,
             total_steps,
-        }
+        })
     }
 
     pub fn elapsed(&self) -> f64 {

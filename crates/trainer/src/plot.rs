@@ -26,7 +26,14 @@ pub fn smooth(xs: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-pub fn plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), TrainError> {
+/// `overlay` draws a second named series (eval loss on the training-loss plot) as points
+/// joined by a line, unsmoothed: evaluations are few.
+pub fn plot(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64)],
+    overlay: Option<(&str, &[(f64, f64)])>,
+) -> Result<(), TrainError> {
     REGISTER.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
@@ -37,12 +44,15 @@ pub fn plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Train
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
         let sm = smooth(&ys);
-        let (x0, x1) = (
-            points[0].0,
-            points[points.len() - 1].0.max(points[0].0 + 1.0),
-        );
-        let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let extra = overlay.map_or(&[][..], |o| o.1);
+        let all = || points.iter().chain(extra);
+        let x0 = all().map(|p| p.0).fold(f64::INFINITY, f64::min);
+        let x1 = all()
+            .map(|p| p.0)
+            .fold(f64::NEG_INFINITY, f64::max)
+            .max(x0 + 1.0);
+        let lo = all().map(|p| p.1).fold(f64::INFINITY, f64::min);
+        let hi = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
         let pad = ((hi - lo) * 0.05).max(1e-3);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 18))
@@ -73,6 +83,17 @@ pub fn plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Train
             .map_err(|e| err(e.to_string()))?
             .label("smoothed")
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RGBColor(31, 119, 180)));
+        if let Some((name, pts)) = overlay.filter(|o| !o.1.is_empty()) {
+            let orange = RGBColor(255, 127, 14);
+            chart
+                .draw_series(LineSeries::new(pts.iter().copied(), orange.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], orange));
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, orange.filled())))
+                .map_err(|e| err(e.to_string()))?;
+        }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -86,23 +107,26 @@ pub fn plot(path: &Path, title: &str, points: &[(f64, f64)]) -> Result<(), Train
     Ok(())
 }
 
-/// The loss plot, and the eval-loss plot when the run evaluated (LF's file names).
+/// The loss plot (with eval loss drawn over it when the run evaluated), and LF's separate
+/// eval-loss plot.
 pub fn plot_losses(out: &Path, log: &Logger) -> Result<(), TrainError> {
     let title = |k: &str| format!("{k} of {}", out.display());
     let loss = log.series("loss");
+    let eval = log.series("eval_loss");
     if !loss.is_empty() {
         plot(
             &out.join("training_loss.png"),
             &title("training loss"),
             &loss,
+            Some(("eval_loss", &eval)),
         )?;
     }
-    let eval = log.series("eval_loss");
     if !eval.is_empty() {
         plot(
             &out.join("training_eval_loss.png"),
             &title("eval loss"),
             &eval,
+            None,
         )?;
     }
     Ok(())

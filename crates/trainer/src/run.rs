@@ -117,8 +117,39 @@ fn check_output_dir(a: &TrainArgs) -> Result<PathBuf, TrainError> {
             "exists and is not empty; pass --overwrite_output_dir true, or --resume_from_checkpoint latest to continue",
         ));
     }
+    if non_empty && a.resume_from_checkpoint.is_none() {
+        clear_previous_run(&out)?;
+    }
     std::fs::create_dir_all(&out).map_err(|e| TrainError::file(&out, e))?;
     Ok(out)
+}
+
+/// An overwritten run starts clean: an old run's checkpoints would otherwise outlive
+/// save_total_limit's rotation or be taken by `--resume_from_checkpoint latest`. Only what
+/// phi-train writes is removed; other files in the folder stay.
+fn clear_previous_run(out: &Path) -> Result<(), TrainError> {
+    let stale = checkpoint::list(out).into_iter().map(|(_, p)| p).chain(
+        [
+            "trainer_log.jsonl",
+            "training_loss.png",
+            "training_eval_loss.png",
+            "rmsnorm_reg_config.json",
+            "bos_zero_config.json",
+        ]
+        .iter()
+        .map(|f| out.join(f)),
+    );
+    for p in stale.filter(|p| p.exists()) {
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|e| {
+            TrainError::file(&p, format!("cannot remove the previous run's output: {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
@@ -144,9 +175,17 @@ fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
     }
     if a.bf16 || a.fp16 {
         eprintln!(
-            "warning: {} requested, but the CPU backend has no half-precision kernels; training in f32",
-            if a.bf16 { "bf16" } else { "fp16" }
+            "warning: {} requested, but mixed precision is not implemented yet (device {}); training in f32",
+            if a.bf16 { "bf16" } else { "fp16" },
+            a.device
         );
+    }
+    if !matches!(a.eval_strategy.as_str(), "no" | "steps" | "epoch") {
+        return Err(TrainError::arg(
+            "eval_strategy",
+            &a.eval_strategy,
+            "no, steps or epoch",
+        ));
     }
     Ok(())
 }
@@ -163,7 +202,10 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         )
     })?;
     let out = check_output_dir(a)?;
-    let device: Device = phi_model::device_from_name(&a.device)?.autodiff();
+    let mut device: Device = phi_model::device_from_name(&a.device)?.autodiff();
+    if a.checkpointing() {
+        device = device.gradient_checkpointing();
+    }
     let resume = match &a.resume_from_checkpoint {
         Some(s) => Some(checkpoint::resolve(s, &out)?),
         None => None,
@@ -233,9 +275,12 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     }
 
     write_run_files(a, &out, &regs)?;
-    let mut log = Logger::new(&out, total, start, history);
+    let mut log = Logger::new(&out, total, start, history)?;
+    // HF: eval_steps defaults to logging_steps; a val split with eval_steps set turns
+    // step evaluation on even when eval_strategy was left at "no" (LF's recipes rely on it).
     let eval_every = match (a.eval_strategy.as_str(), a.eval_steps) {
         (_, _) if ex.val.is_empty() => None,
+        ("epoch", _) => Some(plan.steps_per_epoch.max(1)),
         ("no", None) => None,
         (_, Some(n)) => Some(n.max(1)),
         (_, None) => Some(a.logging_steps),
@@ -274,7 +319,8 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         }
         let base = sum / denom;
         let loss = base + reg;
-        if !loss.is_finite() {
+        let grad_norm = opt.clip(&mut grads, a.max_grad_norm);
+        if !loss.is_finite() || !grad_norm.is_finite() {
             log.finish();
             let kept = checkpoint::list(&out)
                 .pop()
@@ -282,11 +328,10 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
                     format!("the last good checkpoint is {}", p.display())
                 });
             return Err(TrainError::Msg(format!(
-                "step {}: loss is {loss} (base {base}, regularizer {reg}); stopped, nothing written for this step; {kept}",
+                "step {}: loss is {loss} (base {base}, regularizer {reg}), gradient norm {grad_norm}; stopped, nothing written for this step; {kept}",
                 step + 1
             )));
         }
-        let grad_norm = opt.clip(&mut grads, a.max_grad_norm);
         model = opt.step(model, grads, lr);
         let done = step + 1;
         first_loss.get_or_insert(loss);
@@ -313,7 +358,8 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
                 log.log(done, plan.epoch_after(step), v)?;
             }
         }
-        if done % a.save_steps == 0 && done < total {
+        // HF saves at the last step too, so a finished run can be continued further.
+        if done % a.save_steps == 0 || done == total {
             let st = trainer_state(a, &plan, done, total, &log);
             let snap = Snapshot {
                 model: &model,
