@@ -1,10 +1,11 @@
 //! phi-generate: continue a prompt with a checkpoint (greedy or sampled), streaming text.
 
+mod ids;
+
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use phi_data::{ChatFormat, Conversation, Message, Role, Tok};
 use phi_model::generate::{generate, GenerateConfig, Sampling};
-use phi_model::weights::read_i64;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,11 +27,16 @@ struct Args {
     /// System prompt for --template (default: the template's own).
     #[arg(long, requires = "template")]
     system: Option<String>,
-    /// safetensors file with prompt ids [B,T] (int64) under --key.
+    /// safetensors file with prompt ids [B,T] (int64) under --key; padding is dropped using
+    /// --mask-key, or `attention_mask` beside `input_ids` (`x.attention_mask` beside
+    /// `x.input_ids`) when the file has one.
     #[arg(long, group = "input")]
     prompt_ids: Option<PathBuf>,
     #[arg(long, default_value = "input_ids")]
     key: String,
+    /// Mask tensor [B,T] in the --prompt-ids file, 1 for real tokens.
+    #[arg(long, requires = "prompt_ids")]
+    mask_key: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// Greedy decoding (the default unless --temperature is given).
@@ -61,6 +67,11 @@ fn main() {
 
 fn run(a: Args) -> Result<()> {
     let device = phi_model::device_from_name(&a.device)?;
+    // Read before the (slow) load, so a bad file fails at once.
+    let file_prompts = match &a.prompt_ids {
+        Some(p) => Some(ids::prompt_rows(p, &a.key, a.mask_key.as_deref())?),
+        None => None,
+    };
     let t0 = Instant::now();
     let loaded = phi_adapters::peft::with_adapter(
         phi_model::load(&a.model, &device)?,
@@ -97,27 +108,17 @@ fn run(a: Args) -> Result<()> {
             None => tk.encode(text, true)?,
         };
         vec![ids.into_iter().map(i64::from).collect()]
-    } else if let Some(p) = &a.prompt_ids {
-        let (shape, ids) = read_i64(p, &a.key)?.with_context(|| {
-            format!(
-                "{}: tensor {}: missing (expected int64 [B,T])",
-                p.display(),
-                a.key
-            )
-        })?;
-        if shape.len() != 2 || shape[1] == 0 {
-            bail!(
-                "{}: tensor {}: expected shape [B,T] with T > 0, found {shape:?}",
-                p.display(),
-                a.key
-            );
-        }
-        ids.chunks(shape[1]).map(<[i64]>::to_vec).collect()
+    } else if let Some(rows) = file_prompts {
+        rows
     } else {
         bail!("one of --prompt or --prompt-ids is required");
     };
+    let what = match &a.prompt_ids {
+        Some(p) => format!("{}: tensor {}", p.display(), a.key),
+        None => "prompt".into(),
+    };
     for p in &prompts {
-        loaded.check_ids("prompt", p)?;
+        loaded.check_ids(&what, p)?;
     }
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,

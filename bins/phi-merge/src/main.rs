@@ -49,13 +49,17 @@ fn main() {
     }
 }
 
-/// Phi-3 with split projections is a Llama checkpoint; longrope has no such form.
+/// Phi-3 with split projections is a Llama checkpoint, exact only where LlamaForCausalLM
+/// computes what Phi3ForCausalLM does.
 fn as_llama(mut cfg: Value, model: &ModelConfig) -> Result<Value> {
     if let RopeScaling::LongRope { .. } = model.rope_scaling {
-        bail!("--split-fused: a longrope Phi-3 has no split-projection form in transformers; export it fused");
+        // Even where Llama's forward applies longrope alike, Phi3ForCausalLM's generate drops
+        // the KV cache and re-encodes when a sequence crosses the original context, and
+        // Llama's does not: its keys cached with the short factors would go stale.
+        bail!("--split-fused: a longrope Phi-3 cannot become a LlamaForCausalLM checkpoint: Llama's generate keeps the short-factor KV cache when a sequence crosses original_max_position_embeddings, where Phi-3 re-encodes, so generations would differ; export the model fused, or only the adapter split (--split-fused --adapter-only)");
     }
     if model.partial_rotary_factor != 1.0 {
-        bail!("--split-fused: partial rotary Phi-3 has no split-projection form in transformers");
+        bail!("--split-fused: a partial-rotary Phi-3 (partial_rotary_factor {}) cannot become a LlamaForCausalLM checkpoint: Llama rotates the whole head; export the model fused, or only the adapter split (--split-fused --adapter-only)", model.partial_rotary_factor);
     }
     cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
     cfg["model_type"] = serde_json::json!("llama");

@@ -1,69 +1,13 @@
 //! phi-merge end to end on every oracle case: the merged folder equals PEFT's
-//! `merge_and_unload` output, shards and dtypes load back, `--split-fused` keeps the numbers,
-//! and bad adapters fail with one line naming the tensor.
+//! `merge_and_unload` output, shards and dtypes load back, and bad adapters fail with one
+//! line naming the tensor. `--split-fused` is in split.rs.
 
-use burn::tensor::Tensor;
-use phi_model::oracle::{cases, Case, Report};
+mod common;
+
+use common::{logits, lora_cases, merge_into, tmp};
+use phi_model::oracle::Report;
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::{SafetensorsSource, TensorSource};
-use phi_model::{cpu_device, Arch, CausalLm, Inputs, ModelConfig, RopeScaling, TapRequest};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("phi-merge-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn merge(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_phi-merge"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
-}
-
-/// phi-merge of `case`'s base with `adapter` into `out`, plus `extra` flags.
-fn merge_into(case: &Case, adapter: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
-    let mut args = vec![
-        "--model",
-        s(&case.dir),
-        "--adapter",
-        s(adapter),
-        "--out",
-        s(out),
-    ];
-    args.extend_from_slice(extra);
-    merge(&args)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn logits(dir: &Path, case: &Case) -> Vec<f32> {
-    let res = resolve_dir(dir).unwrap_or_else(|e| panic!("{e}"));
-    let model = CausalLm::load(&res.config, res.source.as_ref(), &cpu_device()).unwrap();
-    let (shape, ids) = case.input("input_ids").unwrap();
-    let mut inp = Inputs::new(shape[0], shape[1], ids);
-    if let Some((_, m)) = case.input("attention_mask") {
-        inp = inp.with_mask(m);
-    }
-    let l: Tensor<3> = model.forward(&inp, &TapRequest::none()).logits;
-    l.try_into_vec_as::<f32>().unwrap()
-}
-
-fn lora_cases() -> Vec<Case> {
-    cases()
-        .into_iter()
-        .filter(|d| d.join("lora/adapter_config.json").exists())
-        .map(|d| Case::open(&d))
-        .collect()
-}
 
 #[test]
 fn merged_folder_equals_peft_merge_and_unload() {
@@ -192,110 +136,6 @@ fn shards_and_half_dtypes_load_back() {
             &logits(&out, &case),
             &want,
             0.05 * range,
-        );
-    }
-    r.finish();
-}
-
-#[test]
-fn split_fused_phi3_keeps_the_numbers() {
-    let mut r = Report::default();
-    for case in lora_cases() {
-        let cfg = ModelConfig::from_file(&case.dir.join("config.json")).unwrap();
-        if cfg.arch != Arch::Phi3 {
-            continue;
-        }
-        let out = tmp(&format!("split-{}", case.name));
-        let (ok, err) = merge_into(&case, &case.dir.join("lora"), &out, &["--split-fused"]);
-        let longrope = matches!(cfg.rope_scaling, RopeScaling::LongRope { .. });
-        if longrope {
-            r.equal(&case.name, "split longrope refused", &[ok], &[false]);
-            if !err.contains("--split-fused") || err.lines().count() != 1 {
-                r.fail(format!("{}: unclear error: {err}", case.name));
-            }
-            continue;
-        }
-        assert!(ok, "{}: {err}", case.name);
-        let names = SafetensorsSource::open_files(&[out.join("model.safetensors")])
-            .unwrap()
-            .names();
-        r.equal(
-            &case.name,
-            "no fused keys left",
-            &[names
-                .iter()
-                .any(|n| n.contains("qkv_proj") || n.contains("gate_up_proj"))],
-            &[false],
-        );
-        r.close(
-            &case.name,
-            "split merged logits vs lora.logits",
-            &logits(&out, &case),
-            &case.f32("lora.logits").1,
-            1e-4,
-        );
-        // The adapter alone, split: A shared by q/k/v, B split by rows.
-        let ad = tmp(&format!("split-adapter-{}", case.name));
-        let (ok, err) = merge_into(
-            &case,
-            &case.dir.join("lora"),
-            &ad,
-            &["--split-fused", "--adapter-only"],
-        );
-        assert!(ok, "{}: {err}", case.name);
-        let split = SafetensorsSource::open_files(&[ad.join("adapter_model.safetensors")]).unwrap();
-        let fused =
-            SafetensorsSource::open_files(&[case.dir.join("lora/adapter_model.safetensors")])
-                .unwrap();
-        let p = "base_model.model.model.layers.0";
-        let a = fused
-            .load(&format!("{p}.self_attn.qkv_proj.lora_A.weight"))
-            .unwrap();
-        let b = fused
-            .load(&format!("{p}.self_attn.qkv_proj.lora_B.weight"))
-            .unwrap();
-        let mut rows = Vec::new();
-        for part in ["q_proj", "k_proj", "v_proj"] {
-            let sa = split
-                .load(&format!("{p}.self_attn.{part}.lora_A.weight"))
-                .unwrap();
-            r.equal(&case.name, &format!("{part} shares A"), &sa.data, &a.data);
-            rows.extend(
-                split
-                    .load(&format!("{p}.self_attn.{part}.lora_B.weight"))
-                    .unwrap()
-                    .data,
-            );
-        }
-        r.equal(
-            &case.name,
-            "q/k/v B rows rebuild the fused B",
-            &rows,
-            &b.data,
-        );
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap())
-                .unwrap();
-        let mut t: Vec<&str> = cfg["target_modules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_str().unwrap())
-            .collect();
-        t.sort();
-        r.equal(
-            &case.name,
-            "split targets",
-            &t,
-            &[
-                "down_proj",
-                "gate_proj",
-                "k_proj",
-                "o_proj",
-                "q_proj",
-                "up_proj",
-                "v_proj",
-            ],
         );
     }
     r.finish();

@@ -30,8 +30,9 @@ pub fn matches(targets: &Targets, path: &str) -> Result<bool, AdapterError> {
     })
 }
 
-/// Module paths of the targeted linear layers, in model order. Fails, as PEFT does, when a
-/// target list matches nothing, and names a target that is not a linear layer here.
+/// Module paths of the targeted linear layers, in model order. As PEFT's `inject_adapter`,
+/// fails only when nothing matches at all: a name list may hold names this architecture
+/// lacks (one config for Llama and Phi-3 lists both `q_proj` and `qkv_proj`).
 pub fn resolve(model: &CausalLm, cfg: &LoraConfig) -> Result<Vec<String>, AdapterError> {
     let linears: Vec<String> = model.linears().into_iter().map(|(p, _)| p).collect();
     let mut out = Vec::new();
@@ -45,29 +46,20 @@ pub fn resolve(model: &CausalLm, cfg: &LoraConfig) -> Result<Vec<String>, Adapte
             out.push(p.clone());
         }
     }
-    if let Targets::Names(names) = &cfg.targets {
-        for n in names {
-            if !linears
-                .iter()
-                .any(|p| p == n || p.ends_with(&format!(".{n}")))
-            {
-                let known: std::collections::BTreeSet<&str> =
-                    linears.iter().map(|p| leaf(p)).collect();
-                return Err(AdapterError::config(
-                    "target_modules",
-                    n,
-                    format!(
-                        "a linear module of this model (one of: {})",
-                        known.into_iter().collect::<Vec<_>>().join(", ")
-                    ),
-                ));
-            }
-        }
-    }
     if out.is_empty() {
+        let wanted = match &cfg.targets {
+            Targets::AllLinear => "all-linear".to_string(),
+            Targets::Names(n) => n.join(", "),
+            Targets::Regex(re) => format!("re:{re}"),
+        };
+        let layers = match &cfg.layers_to_transform {
+            Some(l) => format!(" in layers_to_transform {l:?}"),
+            None => String::new(),
+        };
+        let known: std::collections::BTreeSet<&str> = linears.iter().map(|p| leaf(p)).collect();
         return Err(AdapterError::Other(format!(
-            "target_modules {:?} matched no linear layer of this model",
-            cfg.targets
+            "target_modules [{wanted}]: no linear module of this model matches{layers} (its linear modules: {})",
+            known.into_iter().collect::<Vec<_>>().join(", ")
         )));
     }
     Ok(out)

@@ -174,12 +174,61 @@ fn all_linear_excludes_the_head_and_names_match_by_suffix() {
         ..Default::default()
     };
     assert_eq!(targets::resolve(&m, &cfg).unwrap().len(), 8);
+}
+
+/// PEFT's `inject_adapter` raises only when no module matched at all, so one target list can
+/// serve several architectures; the error then names every target and the model's modules.
+#[test]
+fn unmatched_target_names_fail_only_when_nothing_matches() {
+    let phi3 = model("Phi3ForCausalLM", false);
+    let llama = model("LlamaForCausalLM", false);
     let cfg = LoraConfig {
-        targets: Targets::parse("q_proj"),
+        targets: Targets::parse("q_proj,qkv_proj,no_such_proj"),
         ..Default::default()
     };
-    let e = targets::resolve(&m, &cfg).unwrap_err().to_string();
-    assert!(e.contains("q_proj") && e.contains("qkv_proj"), "{e}");
+    let got = targets::resolve(&phi3, &cfg).unwrap();
+    let want: Vec<String> = (0..4)
+        .map(|i| format!("model.layers.{i}.self_attn.qkv_proj"))
+        .collect();
+    assert_eq!(got, want);
+    let got = targets::resolve(&llama, &cfg).unwrap();
+    let want: Vec<String> = (0..4)
+        .map(|i| format!("model.layers.{i}.self_attn.q_proj"))
+        .collect();
+    assert_eq!(got, want);
+
+    let cfg = LoraConfig {
+        targets: Targets::parse("q_proj,no_such_proj"),
+        ..Default::default()
+    };
+    let e = targets::resolve(&phi3, &cfg).unwrap_err().to_string();
+    for part in [
+        "target_modules",
+        "q_proj",
+        "no_such_proj",
+        "qkv_proj",
+        "gate_up_proj",
+    ] {
+        assert!(e.contains(part), "{part} missing from: {e}");
+    }
+    assert_eq!(e.lines().count(), 1, "{e}");
+    // Matching names outside layers_to_transform count as no match.
+    let cfg = LoraConfig {
+        targets: Targets::parse("qkv_proj"),
+        layers_to_transform: Some(vec![9]),
+        ..Default::default()
+    };
+    let e = targets::resolve(&phi3, &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("layers_to_transform") && e.contains("[9]"),
+        "{e}"
+    );
+    let cfg = LoraConfig {
+        targets: Targets::parse(r"re:.*\.nothing"),
+        ..Default::default()
+    };
+    let e = targets::resolve(&phi3, &cfg).unwrap_err().to_string();
+    assert!(e.contains(r"re:.*\.nothing"), "{e}");
 }
 
 #[test]

@@ -1,6 +1,12 @@
 //! What `phi-capture` records: logits, every per-layer tap, the norm weights under their HF
 //! names, and per-layer statistics of the per-token L2 norms (the BOS/RMSNorm experiments'
 //! measurements).
+//!
+//! summary.json: `hidden_states` is a list of L+1 statistics (`index` i is `hidden_states.{i}`),
+//! `layers` a list of L entries (`layer` i) with `input_layernorm` and, where the architecture
+//! has one, `post_attention_layernorm`. Each statistic has mean, std (population), min, max
+//! over real tokens, `pos0` (mean over rows of the value at position 0), `pos0_per_row` and
+//! `tokens` (how many real tokens).
 
 use crate::model::{CausalLm, FinalNorm, Inputs};
 use crate::taps::TapRequest;
@@ -104,9 +110,16 @@ pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
         .unwrap_or_else(|| vec![1; inp.batch * inp.seq]);
     let mut tensors = HostMap::new();
     let mut layers = Vec::new();
+    let mut hidden = Vec::new();
     tensors.insert("logits".into(), host(out.logits));
+    // HF's convention: L+1 entries (embeddings, each layer's output, the final norm's output),
+    // so these are listed apart from the L decoder layers.
     for (i, h) in out.taps.hidden_states.into_iter().enumerate() {
-        tensors.insert(format!("hidden_states.{i}"), host(h));
+        let (shape, data) = host(h);
+        let mut stats = norm_stats(&shape, &data, &mask);
+        stats["index"] = json!(i);
+        hidden.push(stats);
+        tensors.insert(format!("hidden_states.{i}"), (shape, data));
     }
     for i in 0..model.num_layers() {
         let mut entry = serde_json::Map::new();
@@ -134,6 +147,7 @@ pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
         "seq_len": inp.seq,
         "real_tokens": mask.iter().filter(|m| **m != 0).count(),
         "statistic": "per-token L2 norm over the hidden dim, real (unpadded) tokens only; pos0 = position 0",
+        "hidden_states": hidden,
         "layers": layers,
     });
     (tensors, summary)

@@ -2,7 +2,7 @@
 
 use burn::tensor::Tensor;
 use phi_model::gguf::write::{gguf_bytes, quantize, Meta};
-use phi_model::gguf::{GgufFile, F16, F32, Q4_0, Q4_1, Q8_0};
+use phi_model::gguf::{GgufFile, GgufValue, F16, F32, Q4_0, Q4_1, Q8_0};
 use phi_model::weights::{GgufSource, RandomSource, TensorSource};
 use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
 use std::path::PathBuf;
@@ -224,18 +224,66 @@ fn bad_files_name_the_file_and_the_tensor() {
     );
 }
 
+/// llama.cpp's vocab-only Llama-2 GGUF (tests/fixtures/vocab-gguf): a real file's metadata,
+/// arrays and strings, checked against the same vocabulary in HF's tokenizer.json format.
 #[test]
 fn real_vocab_gguf_metadata_parses() {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/assets/vocab-gguf/ggml-vocab-llama-spm.gguf");
-    if !p.exists() {
-        eprintln!("skipped: {} not present", p.display());
-        return;
-    }
-    let g = GgufFile::open(&p).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let g = GgufFile::open(&root.join("tests/fixtures/vocab-gguf/ggml-vocab-llama-spm.gguf"))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(g.architecture(), Some("llama"));
-    match g.metadata().get("tokenizer.ggml.tokens") {
-        Some(phi_model::gguf::GgufValue::Array(a)) => assert_eq!(a.len(), 32000),
-        other => panic!("tokens: {other:?}"),
+    assert!(
+        g.tensor_infos().is_empty(),
+        "a vocab-only file has no tensors"
+    );
+    let meta = g.metadata();
+    assert_eq!(
+        meta.get("tokenizer.ggml.model").and_then(|v| v.as_str()),
+        Some("llama")
+    );
+    for (key, want) in [
+        ("tokenizer.ggml.bos_token_id", 1),
+        ("tokenizer.ggml.eos_token_id", 2),
+        ("tokenizer.ggml.unknown_token_id", 0),
+    ] {
+        assert_eq!(meta.get(key).and_then(|v| v.as_u64()), Some(want), "{key}");
     }
+    let array = |key: &str| match meta.get(key) {
+        Some(GgufValue::Array(a)) => a.clone(),
+        other => panic!("{key}: expected an array, found {other:?}"),
+    };
+    let tokens: Vec<String> = array("tokenizer.ggml.tokens")
+        .iter()
+        .map(|t| t.as_str().expect("token string").to_string())
+        .collect();
+    assert_eq!(tokens.len(), 32000);
+    assert_eq!(array("tokenizer.ggml.scores").len(), 32000);
+    assert_eq!(array("tokenizer.ggml.token_type").len(), 32000);
+    // The same vocabulary, id for id, as the Llama-2 tokenizer.json under assets/.
+    let tj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("assets/tokenizers/llama2/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let mut hf = vec![String::new(); tokens.len()];
+    for (tok, id) in tj["model"]["vocab"].as_object().unwrap() {
+        hf[id.as_u64().unwrap() as usize] = tok.clone();
+    }
+    let differ: Vec<usize> = (0..tokens.len()).filter(|&i| tokens[i] != hf[i]).collect();
+    assert!(
+        differ.is_empty(),
+        "{} ids differ, first {:?}",
+        differ.len(),
+        &differ[..differ.len().min(5)]
+    );
+    // Scores are SentencePiece log-probabilities: 0 for specials, negative and falling after.
+    let scores: Vec<f64> = array("tokenizer.ggml.scores")
+        .iter()
+        .map(|v| v.as_f64().expect("score"))
+        .collect();
+    assert!(
+        scores[300] < 0.0 && scores[300] > scores[31000],
+        "{} {}",
+        scores[300],
+        scores[31000]
+    );
 }
