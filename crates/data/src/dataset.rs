@@ -222,10 +222,16 @@ impl DatasetAttr {
     }
 }
 
+/// What one line or array element of a dataset file holds: a JSON value, or why a JSON Lines
+/// line is not one (kept, not raised, so `skip_bad_records` can pass over it like any other
+/// bad record).
+pub type RawRecord = (String, Result<Value, String>);
+
 /// Raw JSON values of a file with their "line N" / "record N" labels: a JSON array when the
 /// content starts with `[`, else JSON Lines (whatever the extension says, as `datasets` reads
-/// both); a .txt file gives one text per line.
-pub fn read_values(path: &Path) -> Result<Vec<(String, Value)>, DataError> {
+/// both); a .txt file gives one text per line. A JSON array that does not parse fails as a
+/// whole: past the first syntax error its record boundaries are unknown.
+pub fn read_values(path: &Path) -> Result<Vec<RawRecord>, DataError> {
     let f = path.display();
     let text = std::fs::read_to_string(path)
         .map_err(|e| DataError::file(&f, format!("cannot read: {e}")))?;
@@ -235,7 +241,12 @@ pub fn read_values(path: &Path) -> Result<Vec<(String, Value)>, DataError> {
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (format!("line {}", i + 1), serde_json::json!({ "text": l })))
+            .map(|(i, l)| {
+                (
+                    format!("line {}", i + 1),
+                    Ok(serde_json::json!({ "text": l })),
+                )
+            })
             .collect());
     }
     if text.trim_start().starts_with('[') {
@@ -250,7 +261,7 @@ pub fn read_values(path: &Path) -> Result<Vec<(String, Value)>, DataError> {
             Value::Array(items) => Ok(items
                 .into_iter()
                 .enumerate()
-                .map(|(i, v)| (format!("record {}", i + 1), v))
+                .map(|(i, v)| (format!("record {}", i + 1), Ok(v)))
                 .collect()),
             _ => Err(DataError::file(
                 &f,
@@ -258,17 +269,15 @@ pub fn read_values(path: &Path) -> Result<Vec<(String, Value)>, DataError> {
             )),
         };
     }
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("line {}", i + 1);
-        let v = serde_json::from_str(line)
-            .map_err(|e| DataError::record(&f, &at, format!("not valid JSON: {e}")))?;
-        out.push((at, v));
-    }
-    Ok(out)
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let v = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"));
+            (format!("line {}", i + 1), v)
+        })
+        .collect())
 }
 
 fn string_field(o: &Map<String, Value>, key: &str, required: bool) -> Result<String, String> {

@@ -5,7 +5,8 @@
 //! Jinja templates mark no turn boundaries, so they are found by rendering prefixes of the
 //! conversation: a prompt ends where `messages[..=user]` with the generation prompt ends, and
 //! a response ends where the whole rendering and `messages[..=assistant]` part ways (trailers a
-//! template writes only at the very end, such as Phi-3.5's EOS, are not counted in).
+//! template writes only at the very end, such as Phi-3.5's EOS, are not counted in), and at its
+//! EOS when a special token follows (`end_responses_at_eos`).
 
 use crate::template::{Conversation, Role, Turn};
 use crate::tokenizer::Tok;
@@ -89,7 +90,8 @@ impl Jinja {
     }
 
     /// (prompt ids, response ids) per user/assistant exchange; their concatenation is exactly
-    /// what `apply_chat_template(messages, tokenize=True)` gives.
+    /// what `apply_chat_template(messages, tokenize=True)` gives, less a generation header a
+    /// template writes after the last response's EOS (see `end_responses_at_eos`).
     pub fn encode_pairs(&self, tok: &Tok, conv: &Conversation) -> Result<Vec<Turn>, DataError> {
         let n = conv.messages.len();
         let full = self.render(tok, conv, n, false)?;
@@ -139,9 +141,40 @@ impl Jinja {
             }
             segments[seg].push(id);
         }
+        end_responses_at_eos(tok, &mut segments);
         Ok(segments
             .chunks(2)
             .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or_default()))
             .collect())
+    }
+}
+
+/// Llama-3's first template writes the assistant header after every conversation, with or
+/// without `add_generation_prompt`, and that header opens with the same `<|start_header_id|>`
+/// as the next user turn, so prefix comparison alone would train each response on the next
+/// turn's first token and the last response on a whole unused header. A response therefore
+/// ends at its EOS when a special token follows: that token opens a turn. The rest goes to the
+/// next prompt (masked), or is dropped after the last response. Text after EOS that is not a
+/// special token, such as ChatML's newline after `<|im_end|>`, stays trained, as in LF.
+fn end_responses_at_eos(tok: &Tok, segments: &mut [Vec<u32>]) {
+    let Some(eos) = tok.eos.as_ref().map(|e| e.id) else {
+        return;
+    };
+    let mut added = None;
+    for s in (1..segments.len()).step_by(2) {
+        let Some(p) = segments[s].iter().position(|&id| id == eos) else {
+            continue;
+        };
+        let Some(&next) = segments[s].get(p + 1) else {
+            continue;
+        };
+        let added = added.get_or_insert_with(|| tok.inner.get_added_tokens_decoder());
+        if !added.get(&next).is_some_and(|t| t.special) {
+            continue;
+        }
+        let tail = segments[s].split_off(p + 1);
+        if let Some(prompt) = segments.get_mut(s + 1) {
+            prompt.splice(0..0, tail);
+        }
     }
 }

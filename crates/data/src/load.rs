@@ -62,10 +62,9 @@ fn direct_path(name: &str, dir: &Path) -> Option<PathBuf> {
 pub fn resolve(name: &str, dir: &Path) -> Result<Vec<(DatasetAttr, PathBuf)>, DataError> {
     if let Some(p) = direct_path(name, dir) {
         let values = read_values(&p)?;
-        return Ok(vec![(
-            DatasetAttr::from_path(&p, values.first().map(|v| &v.1)),
-            p,
-        )]);
+        // A malformed first line must not decide the format: it is a bad record of its own.
+        let first = values.iter().find_map(|(_, v)| v.as_ref().ok());
+        return Ok(vec![(DatasetAttr::from_path(&p, first), p)]);
     }
     let info = dir.join("dataset_info.json");
     let shown = info.display().to_string();
@@ -124,7 +123,7 @@ pub fn load_records(
                     break;
                 }
                 taken += 1;
-                match attr.parse(&v, &opts.placeholders) {
+                match v.and_then(|v| attr.parse(&v, &opts.placeholders)) {
                     Ok(example) => out.push(Record {
                         file: file.clone(),
                         at,
@@ -196,7 +195,9 @@ pub fn encode_records(
     Ok(out)
 }
 
-/// Loads and encodes `names`; the one entry point the trainer and the preview use.
+/// Loads and encodes `names`; the one entry point the trainer and the preview use. Each
+/// dataset must keep at least one example: one that bad records (or nothing) left empty is
+/// an error naming it, even when the others would fill a run.
 pub fn prepare(
     names: &[String],
     chat: Chat,
@@ -204,17 +205,31 @@ pub fn prepare(
     enc: &EncodeOptions,
 ) -> Result<(Vec<Encoded>, Skipped), DataError> {
     let mut skipped = Skipped::default();
-    let records = load_records(names, load, &mut skipped)?;
-    let encoded = encode_records(chat, &records, enc, load.skip_bad_records, &mut skipped)?;
-    if encoded.is_empty() {
-        return Err(DataError::file(
-            names.join(","),
-            format!(
-                "no usable examples ({} records read, {} skipped)",
-                records.len(),
-                skipped.count
-            ),
-        ));
+    let mut out = Vec::new();
+    for name in names {
+        // Per dataset, so an empty one can say why with its own first bad record.
+        let mut here = Skipped::default();
+        let records = load_records(std::slice::from_ref(name), load, &mut here)?;
+        let unreadable = here.count;
+        let encoded = encode_records(chat, &records, enc, load.skip_bad_records, &mut here)?;
+        if encoded.is_empty() {
+            let seen = records.len() + unreadable;
+            let why = match &here.first {
+                Some(first) => format!(
+                    "all {seen} record(s) were bad and skipped (--skip_bad_records); first: {first}"
+                ),
+                None => "it holds no records".to_string(),
+            };
+            return Err(DataError::file(
+                name,
+                format!("dataset left without usable examples: {why}"),
+            ));
+        }
+        skipped.count += here.count;
+        if skipped.first.is_none() {
+            skipped.first = here.first;
+        }
+        out.extend(encoded);
     }
-    Ok((encoded, skipped))
+    Ok((out, skipped))
 }

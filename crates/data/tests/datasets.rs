@@ -1,17 +1,17 @@
-//! Dataset formats, the LF registry, BOS rules and bad input, on real tokenizers and LF's data.
+//! Dataset formats, the LF registry, BOS rules and masks, on real tokenizers and LF's data
+//! (bad input: bad_input.rs).
 
 use phi_data::dataset::Example;
 use phi_data::encode::{ChatFormat, EncodeOptions, IGNORE};
 use phi_data::load::{load_records, prepare, LoadOptions, Skipped};
 use phi_data::{Role, Tok};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+use common::{repo, scratch, tokenizer};
 
 fn tok(name: &str) -> Tok {
-    Tok::load(&repo().join("assets/tokenizers").join(name)).unwrap()
+    tokenizer(name)
 }
 
 fn lf_data() -> LoadOptions {
@@ -19,14 +19,6 @@ fn lf_data() -> LoadOptions {
         dataset_dir: repo().join("data"),
         ..LoadOptions::default()
     }
-}
-
-fn scratch(name: &str, content: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("phi-data-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
 }
 
 fn names(s: &str) -> Vec<String> {
@@ -165,74 +157,6 @@ fn formats_are_read_by_content_and_registry_tags() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no dataset named \"nope\""), "{e}");
-}
-
-#[test]
-fn bad_records_name_file_and_line_or_are_skipped_once() {
-    let cases = [
-        ("broken.jsonl", "{\"text\":\"ok\"}\n{\"text\": \n", "line 2: not valid JSON"),
-        ("missing.json", r#"[{"instruction":"a","output":"b"},{"instruction":"a"}]"#, "record 2: missing field \"output\""),
-        (
-            "role.jsonl",
-            "{\"conversations\":[{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"robot\",\"value\":\"a\"}]}\n",
-            "line 1: turn 2: unknown role \"robot\"",
-        ),
-        (
-            "alternate.jsonl",
-            "{\"conversations\":[{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"human\",\"value\":\"q\"},{\"from\":\"gpt\",\"value\":\"a\"}]}\n",
-            "line 1: turn 2: conversation does not alternate",
-        ),
-    ];
-    for (name, content, want) in cases {
-        let p = scratch(name, content);
-        let mut sk = Skipped::default();
-        let e = load_records(&[p.display().to_string()], &LoadOptions::default(), &mut sk)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with(&p.display().to_string()) && e.contains(want) && !e.contains('\n'),
-            "{name}: {e}"
-        );
-    }
-    // Everything cut away by cutoff_len: a record error too, skippable.
-    let mut t = tok("smollm2");
-    let fmt = ChatFormat::new(Some("smollm2"), &mut t).unwrap();
-    // Split in proportion, a 40-token budget leaves a 25-token answer after a 2000-token prompt
-    // int(40 * 25 / 2025) = 0 tokens.
-    let long = "word ".repeat(2000);
-    let answer = "yes ".repeat(25);
-    let p = scratch(
-        "cut.jsonl",
-        &format!("{{\"instruction\":\"{long}\",\"output\":\"{answer}\"}}\n{{\"instruction\":\"q\",\"output\":\"a\"}}\n"),
-    );
-    let enc = EncodeOptions {
-        cutoff_len: 40,
-        ..EncodeOptions::default()
-    };
-    let names = [p.display().to_string()];
-    let e = prepare(&names, Some((&t, &fmt)), &LoadOptions::default(), &enc)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("line 1") && e.contains("every label is -100"),
-        "{e}"
-    );
-    let skip = LoadOptions {
-        skip_bad_records: true,
-        ..LoadOptions::default()
-    };
-    let (out, sk) = prepare(&names, Some((&t, &fmt)), &skip, &enc).unwrap();
-    assert_eq!((out.len(), sk.count), (1, 1));
-    assert!(sk.summary().unwrap().contains("skipped 1 bad record"));
-    // Nothing left is an error, not an empty run.
-    let p = scratch(
-        "allbad.jsonl",
-        &format!("{{\"instruction\":\"{long}\",\"output\":\"{answer}\"}}\n"),
-    );
-    let e = prepare(&[p.display().to_string()], Some((&t, &fmt)), &skip, &enc)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("no usable examples"), "{e}");
 }
 
 #[test]

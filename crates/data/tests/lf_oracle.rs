@@ -1,75 +1,32 @@
 //! Token ids and labels against LLaMA-Factory 0.9.5's own encodings: every
 //! `<template>__<tokenizer>__<setting>.jsonl` in tests/fixtures/oracle-data (or
 //! `PHI_ORACLE_DATA_DIR`), every row; and the jinja path against transformers'
-//! apply_chat_template (hf_apply_chat_template/), and the tokenizers against llama.cpp's vectors.
+//! apply_chat_template (hf_apply_chat_template/).
 
+mod common;
+use common::{conversation, ints, key, oracle_dir, rows, tokenizer};
 use phi_data::encode::{supervised, ChatFormat, EncodeOptions, IGNORE};
-use phi_data::{Conversation, Message, Role, Tok};
+use phi_data::{Conversation, Tok};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+const SETTINGS: &str = "sft, train_on_prompt, mask_history, cutoff<N>";
 
-fn oracle_dir() -> PathBuf {
-    match std::env::var("PHI_ORACLE_DATA_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => repo().join("tests/fixtures/oracle-data"),
-    }
-}
-
-fn tokenizer(name: &str) -> Tok {
-    Tok::load(&repo().join("assets/tokenizers").join(name)).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn rows(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn conversation(row: &Value) -> Conversation {
-    let mut c = Conversation::default();
-    for m in row["messages"].as_array().unwrap() {
-        let content = m["content"].as_str().unwrap().to_string();
-        match m["role"].as_str().unwrap() {
-            "system" => c.system = content,
-            "user" => c.messages.push(Message {
-                role: Role::User,
-                content,
-            }),
-            "assistant" => c.messages.push(Message {
-                role: Role::Assistant,
-                content,
-            }),
-            r => panic!("unexpected role {r}"),
-        }
-    }
-    c
-}
-
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
-fn options(setting: &str) -> EncodeOptions {
+fn options(setting: &str) -> Result<EncodeOptions, String> {
     let mut o = EncodeOptions::default();
     match setting {
         "sft" => {}
         "train_on_prompt" => o.train_on_prompt = true,
-        s if s.starts_with("cutoff") => o.cutoff_len = s["cutoff".len()..].parse().unwrap(),
-        s => panic!("unknown setting {s}"),
+        "mask_history" => o.mask_history = true,
+        s => {
+            o.cutoff_len = s
+                .strip_prefix("cutoff")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("unknown setting {s:?} (known: {SETTINGS})"))?
+        }
     }
-    o
+    Ok(o)
 }
 
 /// LF re-registers Phi-3's `<|end|>` without rstrip, so its rows carry `▁` `\n` after every
@@ -80,6 +37,7 @@ fn drop_lf_newlines(tok: &Tok, ids: &[i64], labels: &[i64]) -> (Vec<i64>, Vec<i6
         tok.token_id("▁").unwrap() as i64,
         tok.token_id("<0x0A>").unwrap() as i64,
     ];
+    assert_eq!(extra, [29871, 13]);
     let (mut i2, mut l2) = (Vec::new(), Vec::new());
     let mut k = 0;
     while k < ids.len() {
@@ -93,29 +51,68 @@ fn drop_lf_newlines(tok: &Tok, ids: &[i64], labels: &[i64]) -> (Vec<i64>, Vec<i6
     (i2, l2)
 }
 
-/// (prompt, response) pairs read back from an untruncated, prompt-masked row.
-fn pairs_from_labels(ids: &[i64], labels: &[i64]) -> Vec<(Vec<u32>, Vec<u32>)> {
-    let mut pairs: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
+type Pair = (Vec<i64>, Vec<i64>);
+
+/// (prompt, response) ids read back from an untruncated, prompt-masked row: LF masks every
+/// prompt token and trains every response token, so the runs of -100 are the prompts.
+fn pairs_from_labels(ids: &[i64], labels: &[i64]) -> Vec<Pair> {
+    let mut pairs: Vec<Pair> = Vec::new();
     for (k, (&id, &l)) in ids.iter().zip(labels).enumerate() {
         let prompt = l == IGNORE;
         if prompt && (k == 0 || labels[k - 1] != IGNORE) {
             pairs.push((Vec::new(), Vec::new()));
         }
         let p = pairs.last_mut().unwrap();
-        if prompt { &mut p.0 } else { &mut p.1 }.push(id as u32);
+        if prompt { &mut p.0 } else { &mut p.1 }.push(id);
     }
     pairs
 }
 
-#[test]
-fn llama_factory_encodings_match() {
-    let dir = oracle_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// LF's truncation (`_encode_data_example` + `infer_seqlen`) written out from the rule in
+/// oracle-data/README.md, not phi_data's `supervised`, so that an expectation built with it
+/// does not come from the code under test. `lf_rule_reproduces_truncated_rows` below holds it
+/// to LF's own truncated rows.
+fn lf_truncate(pairs: &[Pair], cutoff: usize, train_on_prompt: bool) -> Pair {
+    let (mut ids, mut labels) = (Vec::new(), Vec::new());
+    for (src, tgt) in pairs {
+        if ids.len() >= cutoff {
+            break;
+        }
+        let budget = cutoff - ids.len();
+        let (s, t) = (src.len(), tgt.len());
+        let max_t = if 2 * t < budget {
+            budget
+        } else if 2 * s < budget {
+            budget - s
+        } else {
+            // Python's int(cutoff_len * (target_len / (source_len + target_len))).
+            (budget as f64 * (t as f64 / (s + t) as f64)) as usize
+        };
+        let keep_t = max_t.min(t);
+        let keep_s = (budget - keep_t).min(s);
+        ids.extend(&src[..keep_s]);
+        if train_on_prompt {
+            labels.extend(&src[..keep_s]);
+        } else {
+            labels.extend(std::iter::repeat_n(IGNORE, keep_s));
+        }
+        ids.extend(&tgt[..keep_t]);
+        labels.extend(&tgt[..keep_t]);
+    }
+    (ids, labels)
+}
+
+/// Every `<template>__<tokenizer>__<setting>.jsonl` in the oracle folder, split by name.
+fn oracle_files(dir: &Path) -> Vec<(PathBuf, [String; 3])> {
+    let mut files: Vec<(PathBuf, [String; 3])> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "jsonl")
-                && p.file_stem().unwrap().to_string_lossy().split("__").count() == 3
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .filter_map(|p| {
+            let stem = p.file_stem()?.to_string_lossy().to_string();
+            let parts: Vec<String> = stem.split("__").map(String::from).collect();
+            let parts: [String; 3] = parts.try_into().ok()?;
+            Some((p, parts))
         })
         .collect();
     files.sort();
@@ -124,62 +121,117 @@ fn llama_factory_encodings_match() {
         "no <template>__<tokenizer>__<setting>.jsonl in {}",
         dir.display()
     );
+    files
+}
+
+/// The same records' untruncated, prompt-masked rows (the `sft` file), by (dataset, index).
+fn sft_rows(
+    dir: &Path,
+    template: &str,
+    tok: &str,
+) -> Result<HashMap<(String, i64), Value>, String> {
+    let path = dir.join(format!("{template}__{tok}__sft.jsonl"));
+    if !path.is_file() {
+        return Err(format!(
+            "{} is missing: truncated rows are checked against it",
+            path.display()
+        ));
+    }
+    Ok(rows(&path).into_iter().map(|r| (key(&r), r)).collect())
+}
+
+#[test]
+fn lf_rule_reproduces_truncated_rows() {
+    let dir = oracle_dir();
+    let (mut checked, mut cut) = (0, 0);
+    for (f, [template, tok, setting]) in oracle_files(&dir) {
+        let name = f.display();
+        let opts = options(&setting).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if opts.mask_history {
+            continue;
+        }
+        let sft = sft_rows(&dir, &template, &tok).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for row in rows(&f) {
+            let full = &sft[&key(&row)];
+            let pairs = pairs_from_labels(&ints(&full["input_ids"]), &ints(&full["labels"]));
+            let got = lf_truncate(&pairs, opts.cutoff_len, opts.train_on_prompt);
+            let want = (ints(&row["input_ids"]), ints(&row["labels"]));
+            assert!(
+                got == want,
+                "{name} {:?}: the README's rule differs from LF",
+                key(&row)
+            );
+            checked += 1;
+            cut += usize::from(want.0.len() < ints(&full["input_ids"]).len());
+        }
+    }
+    assert!(cut > 0, "no truncated rows in {}", dir.display());
+    eprintln!("LF's truncation rule reproduces {checked} rows ({cut} truncated)");
+}
+
+/// What our phi encoding must give for an LF phi row. Rows LF did not cut are LF's minus the
+/// `▁` `\n` after each `<|end|>`. A row LF cut cannot be fixed up that way: LF's budget counted
+/// those two ids, so ours keeps tokens LF cut. It is LF's untruncated row of the same record
+/// (minus the two ids) cut by `lf_truncate`: LF's data and the README's rule, no phi_data code.
+fn phi_expected(tok: &Tok, row: &Value, sft: &Value, opts: &EncodeOptions) -> Pair {
+    let lf = (ints(&row["input_ids"]), ints(&row["labels"]));
+    if lf.0.len() < opts.cutoff_len {
+        return drop_lf_newlines(tok, &lf.0, &lf.1);
+    }
+    let (ids, labels) = drop_lf_newlines(tok, &ints(&sft["input_ids"]), &ints(&sft["labels"]));
+    lf_truncate(
+        &pairs_from_labels(&ids, &labels),
+        opts.cutoff_len,
+        opts.train_on_prompt,
+    )
+}
+
+#[test]
+fn llama_factory_encodings_match() {
+    let dir = oracle_dir();
+    let files = oracle_files(&dir);
     let mut failures = Vec::new();
-    let mut checked = 0;
-    for f in &files {
-        let stem = f.file_stem().unwrap().to_string_lossy().to_string();
-        let parts: Vec<&str> = stem.split("__").collect();
-        let (template, tok_name, setting) = (parts[0], parts[1], parts[2]);
+    let (mut checked, mut phi_cut) = (0, 0);
+    for (f, [template, tok_name, setting]) in &files {
+        let name = f.display();
+        let opts = match options(setting) {
+            Ok(o) => o,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
         let mut tok = tokenizer(tok_name);
-        let fmt =
-            ChatFormat::new(Some(template), &mut tok).unwrap_or_else(|e| panic!("{stem}: {e}"));
-        let opts = options(setting);
-        // Untruncated rows by record, to rebuild phi's expected rows after LF's extra tokens.
-        let sft: HashMap<(String, i64), Value> = if template == "phi" {
-            rows(&dir.join(format!("{template}__{tok_name}__sft.jsonl")))
-                .into_iter()
-                .map(|r| {
-                    (
-                        (
-                            r["dataset"].as_str().unwrap().to_string(),
-                            r["index"].as_i64().unwrap(),
-                        ),
-                        r,
-                    )
-                })
-                .collect()
+        let fmt = match ChatFormat::new(Some(template), &mut tok) {
+            Ok(f) => f,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let sft = if template == "phi" {
+            match sft_rows(&dir, template, tok_name) {
+                Ok(s) => s,
+                Err(e) => {
+                    failures.push(format!("{name}: {e}"));
+                    continue;
+                }
+            }
         } else {
             HashMap::new()
         };
         for row in rows(f) {
-            let id = format!(
-                "{stem} {} #{}",
-                row["dataset"].as_str().unwrap(),
-                row["index"]
-            );
-            let conv = conversation(&row);
+            let id = format!("{name} {:?}", key(&row));
             let pairs = fmt
-                .encode_pairs(&tok, &conv)
+                .encode_pairs(&tok, &conversation(&row))
                 .unwrap_or_else(|e| panic!("{id}: {e}"));
             let got = supervised(&pairs, &opts, tok.bos.as_ref().map(|b| b.id));
-            let (mut want_ids, mut want_labels) = (ints(&row["input_ids"]), ints(&row["labels"]));
-            if template == "phi" {
-                (want_ids, want_labels) = drop_lf_newlines(&tok, &want_ids, &want_labels);
-                let lf_cut = ints(&row["input_ids"]).len() >= opts.cutoff_len;
-                if lf_cut {
-                    // LF's budget counted tokens we do not emit: cut the same record's full
-                    // encoding (checked by the sft file) by LF's rule instead.
-                    let full = &sft[&(
-                        row["dataset"].as_str().unwrap().to_string(),
-                        row["index"].as_i64().unwrap(),
-                    )];
-                    let (i, l) =
-                        drop_lf_newlines(&tok, &ints(&full["input_ids"]), &ints(&full["labels"]));
-                    let e = supervised(&pairs_from_labels(&i, &l), &opts, None);
-                    want_ids = e.input_ids.iter().map(|&x| x as i64).collect();
-                    want_labels = e.labels;
-                }
-            }
+            let (want_ids, want_labels) = if template == "phi" {
+                phi_cut += usize::from(ints(&row["input_ids"]).len() >= opts.cutoff_len);
+                phi_expected(&tok, &row, &sft[&key(&row)], &opts)
+            } else {
+                (ints(&row["input_ids"]), ints(&row["labels"]))
+            };
             let got_ids: Vec<i64> = got.input_ids.iter().map(|&x| x as i64).collect();
             checked += 1;
             if got_ids != want_ids || got.labels != want_labels {
@@ -197,7 +249,7 @@ fn llama_factory_encodings_match() {
     }
     assert!(
         failures.is_empty(),
-        "{} of {checked} rows differ from LLaMA-Factory:\n{}",
+        "{} failures in {checked} rows:\n{}",
         failures.len(),
         failures
             .iter()
@@ -207,7 +259,7 @@ fn llama_factory_encodings_match() {
             .join("\n")
     );
     eprintln!(
-        "{checked} rows in {} files match LLaMA-Factory",
+        "{checked} rows in {} files match LLaMA-Factory ({phi_cut} phi rows cut by LF's rule)",
         files.len()
     );
 }
@@ -226,7 +278,7 @@ fn jinja_templates_match_apply_chat_template() {
         let (tok_name, source) = stem.split_once("__").unwrap();
         let mut tok = tokenizer(tok_name);
         if source != "tokenizer_config" {
-            let tdir = repo().join("tests/fixtures/chat_templates");
+            let tdir = common::chat_templates_dir();
             let jinja = std::fs::read_dir(&tdir)
                 .unwrap()
                 .map(|e| e.unwrap().path())
@@ -246,21 +298,10 @@ fn jinja_templates_match_apply_chat_template() {
             .unwrap_or_else(|| panic!("{stem}: no LF sft rows for {tok_name}"));
         let convs: HashMap<(String, i64), Conversation> = rows(&lf)
             .iter()
-            .map(|r| {
-                (
-                    (
-                        r["dataset"].as_str().unwrap().to_string(),
-                        r["index"].as_i64().unwrap(),
-                    ),
-                    conversation(r),
-                )
-            })
+            .map(|r| (key(r), conversation(r)))
             .collect();
         for row in rows(f) {
-            let key = (
-                row["dataset"].as_str().unwrap().to_string(),
-                row["index"].as_i64().unwrap(),
-            );
+            let key = key(&row);
             let conv = &convs[&key];
             let ChatFormat::Jinja(j) = &fmt else {
                 unreachable!()
@@ -289,33 +330,4 @@ fn jinja_templates_match_apply_chat_template() {
         }
     }
     assert!(checked > 0, "no rows in {}", dir.display());
-}
-
-#[test]
-fn tokenizers_pass_llama_cpp_vectors() {
-    let dir = repo().join("tests/fixtures/tokenizer-test-vectors");
-    let map = [
-        ("gpt-2", "gpt2"),
-        ("llama-bpe", "llama3_1"),
-        ("llama-spm", "llama2"),
-        ("phi-3", "phi3"),
-    ];
-    for (vocab, name) in map {
-        let tok = tokenizer(name);
-        let inp =
-            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.inp"))).unwrap();
-        let out =
-            std::fs::read_to_string(dir.join(format!("ggml-vocab-{vocab}.gguf.out"))).unwrap();
-        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
-        let want: Vec<&str> = out.split('\n').collect();
-        assert_eq!(
-            texts.len(),
-            want.len(),
-            "{vocab}: inputs and outputs pair up"
-        );
-        for (t, w) in texts.iter().zip(&want) {
-            let w: Vec<u32> = w.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            assert_eq!(tok.encode(t, false).unwrap(), w, "{vocab} ({name}): {t:?}");
-        }
-    }
 }
