@@ -1,5 +1,6 @@
 //! phi-generate: continue a prompt with a checkpoint (greedy or sampled), streaming text.
 
+mod chat;
 mod ids;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 #[derive(Parser)]
 #[command(about = "Generate text from a model folder, hub id or .gguf file")]
-struct Args {
+pub struct Args {
     #[arg(long)]
     model: String,
     #[arg(long)]
@@ -55,6 +56,13 @@ struct Args {
     tokenizer: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Interactive: user turns from stdin, one per line, rendered with --template (or the
+    /// tokenizer's own) with the conversation so far; "exit" or end of input quits.
+    #[arg(long, conflicts_with_all = ["prompt_ids", "prompt", "ids"])]
+    chat: bool,
+    /// With --adapter: print the base model's answer and the adapter's, labelled.
+    #[arg(long, conflicts_with_all = ["prompt_ids", "ids"])]
+    compare_base: bool,
 }
 
 fn main() {
@@ -72,6 +80,20 @@ fn run(a: Args) -> Result<()> {
         Some(p) => Some(ids::prompt_rows(p, &a.key, a.mask_key.as_deref())?),
         None => None,
     };
+    let sampling = a.temperature.map(|temperature| Sampling {
+        temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    });
+    if a.chat || a.compare_base {
+        let cfg = GenerateConfig {
+            max_new_tokens: a.max_new_tokens,
+            sampling,
+            eos_token_ids: vec![],
+            use_cache: true,
+        };
+        return chat::run(&a, &device, cfg);
+    }
     let t0 = Instant::now();
     let loaded = phi_adapters::peft::with_adapter(
         phi_model::load(&a.model, &device)?,
@@ -122,11 +144,7 @@ fn run(a: Args) -> Result<()> {
     }
     let cfg = GenerateConfig {
         max_new_tokens: a.max_new_tokens,
-        sampling: a.temperature.map(|temperature| Sampling {
-            temperature,
-            top_p: a.top_p,
-            seed: a.seed,
-        }),
+        sampling,
         eos_token_ids: stop_ids,
         use_cache: true,
     };

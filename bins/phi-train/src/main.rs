@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use phi_data::load::prepare;
 use phi_data::{encode::ChatFormat, preview, Tok};
-use phi_trainer::TrainArgs;
+use phi_trainer::{eval, predict, TrainArgs};
 use std::path::PathBuf;
 
 fn main() {
@@ -14,15 +14,37 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|a| match a.preview_data {
             Some(n) => preview_data(&a, n),
-            None if !a.do_train => bail!(
-                "do_train is false: nothing to do (evaluation-only runs are not available yet)"
-            ),
-            None => phi_trainer::train(&a).map(|_| ()).map_err(Into::into),
+            None => run(&a),
         });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Training, then evaluation and prediction on the trained model (or the base, alone).
+fn run(a: &TrainArgs) -> Result<()> {
+    if !(a.do_train || a.do_eval || a.do_predict) {
+        bail!("do_train, do_eval and do_predict are all false: nothing to do");
+    }
+    // Checked before training, so a long run does not end in this error.
+    if (a.do_eval || a.do_predict) && a.do_train && a.eval_dataset.is_empty() && a.val_size <= 0.0 {
+        bail!("eval_dataset: required for do_eval / do_predict after training (or val_size > 0)");
+    }
+    if a.do_train {
+        phi_trainer::train(a)?;
+    }
+    if a.do_eval || a.do_predict {
+        let m = eval::load_model(a, a.do_train)?;
+        let ex = eval::load_examples(a, &m)?;
+        if a.do_eval {
+            eval::run_eval(a, &m, &ex)?;
+        }
+        if a.do_predict {
+            predict::run_predict(a, &m, &ex)?;
+        }
+    }
+    Ok(())
 }
 
 fn tokenizer_path(a: &TrainArgs) -> Result<PathBuf> {

@@ -6,9 +6,11 @@
 //! `layers` a list of L entries (`layer` i) with `input_layernorm` and, where the architecture
 //! has one, `post_attention_layernorm`. Each statistic has mean, std (population), min, max
 //! over real tokens, `pos0` (mean over rows of the value at position 0), `pos0_per_row` and
-//! `tokens` (how many real tokens).
+//! `tokens` (how many real tokens). Each layer entry and `final_norm_type` name the norm the
+//! slot holds (`rmsnorm` / `layernorm`), which shows norm surgery.
 
 use crate::model::{CausalLm, FinalNorm, Inputs};
+use crate::nn::Norm;
 use crate::taps::TapRequest;
 use burn::tensor::Tensor;
 use serde_json::{json, Value};
@@ -78,26 +80,45 @@ impl CausalLm {
                         b.weight.val(),
                     ));
                 }
-                L::Phi2(l) => {
-                    out.push((
-                        format!("{p}.input_layernorm.weight"),
-                        l.input_layernorm.weight.val(),
-                    ));
-                    out.push((
-                        format!("{p}.input_layernorm.bias"),
-                        l.input_layernorm.bias.val(),
-                    ));
-                }
+                L::Phi2(l) => push_norm(
+                    &mut out,
+                    &format!("{p}.input_layernorm"),
+                    &l.input_layernorm,
+                ),
             }
         }
         match &self.model.norm {
             FinalNorm::Rms(n) => out.push(("model.norm.weight".into(), n.weight.val())),
-            FinalNorm::Layer(n) => {
-                out.push(("model.final_layernorm.weight".into(), n.weight.val()));
-                out.push(("model.final_layernorm.bias".into(), n.bias.val()));
-            }
+            FinalNorm::Layer(n) => push_norm(&mut out, "model.final_layernorm", n),
         }
         out
+    }
+
+    /// Which norm each slot holds (`rmsnorm` / `layernorm`), per layer then the final one:
+    /// after norm surgery a Phi-2 reports `rmsnorm` where the checkpoint had LayerNorms.
+    pub fn norm_kinds(&self) -> (Vec<&'static str>, &'static str) {
+        use crate::model::DecoderLayer as L;
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .map(|l| match l {
+                L::Phi2(l) => l.input_layernorm.kind(),
+                _ => "rmsnorm",
+            })
+            .collect();
+        let last = match &self.model.norm {
+            FinalNorm::Rms(_) => "rmsnorm",
+            FinalNorm::Layer(n) => n.kind(),
+        };
+        (layers, last)
+    }
+}
+
+fn push_norm(out: &mut Vec<(String, Tensor<1>)>, prefix: &str, n: &Norm) {
+    out.push((format!("{prefix}.weight"), n.weight().val()));
+    if let Some(b) = n.bias() {
+        out.push((format!("{prefix}.bias"), b.val()));
     }
 }
 
@@ -121,9 +142,11 @@ pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
         hidden.push(stats);
         tensors.insert(format!("hidden_states.{i}"), (shape, data));
     }
-    for i in 0..model.num_layers() {
+    let (kinds, final_kind) = model.norm_kinds();
+    for (i, kind) in kinds.iter().enumerate() {
         let mut entry = serde_json::Map::new();
         entry.insert("layer".into(), json!(i));
+        entry.insert("norm_type".into(), json!(kind));
         for (kind, map) in [
             ("input_layernorm", &out.taps.input_layernorm),
             (
@@ -149,6 +172,7 @@ pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
         "statistic": "per-token L2 norm over the hidden dim, real (unpadded) tokens only; pos0 = position 0",
         "hidden_states": hidden,
         "layers": layers,
+        "final_norm_type": final_kind,
     });
     (tensors, summary)
 }

@@ -336,6 +336,16 @@ impl ModelConfig {
                 &format!("an activation this architecture supports (got {hidden_act:?})"),
             ));
         }
+        match r.opt_str("norm_surgery")? {
+            None | Some("none") => {}
+            Some("rmsnorm") if arch == Arch::Phi2 => {}
+            Some(other) => {
+                return Err(r.err(
+                    "norm_surgery",
+                    &format!("\"rmsnorm\" on a Phi-2 (LayerNorm) model, or none (got {other:?})"),
+                ))
+            }
+        }
         if arch == Arch::Phi2 && r.opt_bool("qk_layernorm")? == Some(true) {
             return Err(r.err("qk_layernorm", "false (q/k LayerNorms are not implemented)"));
         }
@@ -373,6 +383,13 @@ impl ModelConfig {
     /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
+
+    /// The RMSNorm eps when config.json records phi-tune's norm surgery (`"norm_surgery":
+    /// "rmsnorm"`, eps in `rms_norm_eps`): the LayerNorm slots then hold RMSNorms.
+    pub fn rms_surgery_eps(&self) -> Option<f64> {
+        (self.arch == Arch::Phi2 && self.raw["norm_surgery"].as_str() == Some("rmsnorm"))
+            .then(|| self.raw["rms_norm_eps"].as_f64().unwrap_or(1e-8))
     }
 
     /// Whether the architecture has a post-attention RMSNorm (the regularizer's tap).

@@ -18,6 +18,7 @@ pub mod params;
 pub mod resolve;
 pub mod rng;
 pub mod rope;
+pub mod surgery;
 pub mod taps;
 pub mod weights;
 

@@ -3,7 +3,7 @@
 use crate::arch::{llama::LlamaLayer, phi2::Phi2Layer, phi3::Phi3Layer};
 use crate::config::{Arch, ModelConfig};
 use crate::error::ModelError;
-use crate::nn::{param2, LayerCache, LayerCtx, LayerNorm, Linear, RmsNorm};
+use crate::nn::{param2, LayerCache, LayerCtx, Linear, Norm, RmsNorm};
 use crate::rope::Rope;
 use crate::taps::{LayerTaps, TapRequest, Taps};
 use crate::weights::TensorSource;
@@ -40,7 +40,8 @@ impl DecoderLayer {
 #[derive(Module, Debug)]
 pub enum FinalNorm {
     Rms(RmsNorm),
-    Layer(LayerNorm),
+    /// Phi-2's `final_layernorm` slot (a LayerNorm, or an RMSNorm after norm surgery).
+    Layer(Norm),
 }
 
 impl FinalNorm {
@@ -143,13 +144,9 @@ impl CausalLm {
             });
         }
         let norm = match cfg.arch {
-            Arch::Phi2 => FinalNorm::Layer(LayerNorm::load(
-                src,
-                "model.final_layernorm",
-                h,
-                cfg.norm_eps,
-                device,
-            )?),
+            Arch::Phi2 => {
+                FinalNorm::Layer(Norm::load(src, "model.final_layernorm", h, cfg, device)?)
+            }
             _ => FinalNorm::Rms(RmsNorm::load(src, "model.norm", h, cfg.norm_eps, device)?),
         };
         // Some tied checkpoints still ship lm_head.weight; tying wins, as in transformers.

@@ -152,6 +152,74 @@ impl LayerNorm {
     }
 }
 
+/// A LayerNorm slot (Phi-2) that norm surgery may have turned into an RMSNorm; both keep
+/// the HF name of the slot, so freeze masks, exports and taps see no difference.
+#[derive(Module, Debug)]
+pub enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Norm {
+    /// The slot as the config describes it: an RMSNorm when the config records the surgery.
+    pub fn load(
+        src: &dyn TensorSource,
+        prefix: &str,
+        dim: usize,
+        c: &crate::config::ModelConfig,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Ok(match c.rms_surgery_eps() {
+            Some(eps) => Norm::Rms(RmsNorm::load(src, prefix, dim, eps, device)?),
+            None => Norm::Layer(LayerNorm::load(src, prefix, dim, c.norm_eps, device)?),
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+
+    pub fn weight(&self) -> &Param<Tensor<1>> {
+        match self {
+            Norm::Layer(n) => &n.weight,
+            Norm::Rms(n) => &n.weight,
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Param<Tensor<1>>> {
+        match self {
+            Norm::Layer(n) => Some(&n.bias),
+            Norm::Rms(_) => None,
+        }
+    }
+
+    /// `layernorm` or `rmsnorm`, for summaries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Norm::Layer(_) => "layernorm",
+            Norm::Rms(_) => "rmsnorm",
+        }
+    }
+
+    /// The RMSNorm surgery of one slot: the LayerNorm's weight (same parameter) with `eps`,
+    /// its bias dropped. Returns whether anything changed.
+    pub fn to_rms(self, eps: f64) -> (Norm, bool) {
+        match self {
+            Norm::Layer(n) => (
+                Norm::Rms(RmsNorm {
+                    weight: n.weight,
+                    eps,
+                }),
+                true,
+            ),
+            rms => (rms, false),
+        }
+    }
+}
+
 /// Keys and values already seen, per layer, stored before GQA expansion.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {

@@ -12,13 +12,25 @@ pub fn oracle_dir() -> PathBuf {
     }
 }
 
-/// Every sub-folder holding a config.json and expected.safetensors, sorted.
+/// Every sub-folder holding a config.json and expected.safetensors, sorted. A folder with
+/// only one of the two is a broken case and fails loudly rather than being skipped.
 pub fn cases() -> Vec<PathBuf> {
     let dir = oracle_dir();
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: cannot list oracle folder: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").exists() && p.join("expected.safetensors").exists())
+        .filter(|p| {
+            let (c, e) = (
+                p.join("config.json").exists(),
+                p.join("expected.safetensors").exists(),
+            );
+            assert!(
+                c == e,
+                "{}: an oracle case needs both config.json and expected.safetensors",
+                p.display()
+            );
+            c
+        })
         .collect();
     out.sort();
     assert!(

@@ -204,6 +204,44 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub plot_loss: bool,
 
+    // ---- evaluation, prediction, samples
+    /// Evaluate (eval_loss, perplexity) on eval_dataset, after training or on its own.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub do_eval: bool,
+    /// With predict_with_generate: generate an answer for each eval_dataset example.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub do_predict: bool,
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub predict_with_generate: bool,
+    /// Data for do_eval / do_predict (default: dataset, when not training).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(deserialize_with = "comma_list")]
+    pub eval_dataset: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Sample instead of greedy decoding (LF defaults to true; greedy here, reproducible).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub do_sample: bool,
+    #[arg(long, default_value_t = 0.95)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0.7)]
+    pub top_p: f64,
+    /// Generate from sample_prompts every N optimizer steps into samples.jsonl (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub generate_every: usize,
+    /// Prompts (user turns) for generate_every; default: the first 3 eval/train prompts.
+    #[arg(long)]
+    pub sample_prompts: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    pub sample_max_new_tokens: usize,
+
+    // ---- norm surgery
+    /// none, or rmsnorm: every LayerNorm becomes an RMSNorm with its weight (bias dropped).
+    #[arg(long, default_value = "none")]
+    pub norm_surgery: String,
+    #[arg(long, default_value_t = 1e-8)]
+    pub norm_surgery_eps: f64,
+
     // ---- preview (no model needed)
     /// Print the first N encoded examples as LLaMA-Factory does, then exit.
     #[arg(long)]

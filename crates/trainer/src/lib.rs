@@ -6,10 +6,14 @@ pub mod args;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod log;
+pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod predict;
 pub mod run;
+pub mod samples;
 pub mod schedule;
 pub mod setup;
 

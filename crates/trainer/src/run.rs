@@ -135,6 +135,7 @@ fn clear_previous_run(out: &Path) -> Result<(), TrainError> {
             "training_eval_loss.png",
             "rmsnorm_reg_config.json",
             "bos_zero_config.json",
+            crate::samples::FILE,
         ]
         .iter()
         .map(|f| out.join(f)),
@@ -212,6 +213,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     };
 
     let loaded = phi_model::load(&spec, &device)?;
+    let eos = loaded.eos_token_ids();
     let cfg = loaded.config.clone();
     let model_dir = loaded
         .dir
@@ -240,7 +242,12 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         lora,
         trainable,
         counts,
-    } = setup::prepare(loaded.model, a, method, adapter_dir.as_deref())?;
+    } = setup::prepare(
+        crate::eval::apply_surgery(loaded.model, a)?,
+        a,
+        method,
+        adapter_dir.as_deref(),
+    )?;
     if let (Some(ck), None) = (&resume, &lora) {
         // Loading replaces the tensors, so gradients are switched on again afterwards.
         let m = checkpoint::load_trainable(model, &ck.join(checkpoint::TRAINABLE_FILE))?;
@@ -295,6 +302,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         a.gradient_accumulation_steps
     );
 
+    let sampler = crate::samples::Sampler::new(a, &ex, &eos, cfg.vocab_size, &out, start)?;
     let mut window = Window::default();
     let (mut first_loss, mut last_loss, mut eval_loss) = (None, None, None);
     let mut tokens = 0usize;
@@ -358,6 +366,9 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
                 log.log(done, plan.epoch_after(step), v)?;
             }
         }
+        if let Some(s) = &sampler {
+            s.maybe_run(&model, done, &ex)?;
+        }
         // HF saves at the last step too, so a finished run can be continued further.
         if done % a.save_steps == 0 || done == total {
             let st = trainer_state(a, &plan, done, total, &log);
@@ -381,7 +392,10 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     match &lora {
         Some(cfg) => phi_adapters::peft::save(&model, cfg, &out)?,
         None => {
-            let config = source_config(loaded.dir.as_deref(), loaded.gguf.as_deref())?;
+            let mut config = source_config(loaded.dir.as_deref(), loaded.gguf.as_deref())?;
+            if a.norm_surgery == "rmsnorm" {
+                phi_model::surgery::record_in_config(&mut config, a.norm_surgery_eps);
+            }
             write_model_folder(
                 &out,
                 &model.hf_tensors(),

@@ -3,7 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{rotary_attention, LayerCache, LayerCtx, LayerNorm, Linear};
+use crate::nn::{rotary_attention, LayerCache, LayerCtx, Linear, Norm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -35,7 +35,8 @@ pub struct Phi2Mlp {
 pub struct Phi2Layer {
     pub self_attn: Phi2Attention,
     pub mlp: Phi2Mlp,
-    pub input_layernorm: LayerNorm,
+    /// A LayerNorm, or an RMSNorm after norm surgery.
+    pub input_layernorm: Norm,
 }
 
 impl Phi2Layer {
@@ -62,13 +63,7 @@ impl Phi2Layer {
                 fc2: lin("mlp.fc2", c.intermediate_size, h)?,
                 tanh_gelu: c.hidden_act != "gelu",
             },
-            input_layernorm: LayerNorm::load(
-                src,
-                &format!("{p}.input_layernorm"),
-                h,
-                c.norm_eps,
-                device,
-            )?,
+            input_layernorm: Norm::load(src, &format!("{p}.input_layernorm"), h, c, device)?,
         })
     }
 
