@@ -1,0 +1,129 @@
+//! Timed steps: a forward pass with the loss, or a full training step done as phi-train does
+//! it (forward, the trainer's loss, backward, gradient clipping, the trainer's AdamW update).
+
+use crate::shapes::{median, peak_rss_mb, shape_config, step_flops};
+use crate::Args;
+use anyhow::{bail, Result};
+use burn::tensor::{Device, Tensor};
+use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
+use phi_adapters::{lora, LoraConfig};
+use phi_model::loss::causal_lm_loss_sum;
+use phi_model::weights::RandomSource;
+use phi_model::{CausalLm, Inputs, TapRequest};
+use phi_trainer::optim::{self, Kind, Optimizer};
+use serde_json::json;
+use std::time::Instant;
+
+/// torch.optim.AdamW's defaults except lr, which is LLaMA-Factory's usual 1e-4.
+const LR: f64 = 1e-4;
+const WEIGHT_DECAY: f64 = 0.01;
+/// HF Trainer's default max_grad_norm.
+const MAX_GRAD_NORM: f64 = 1.0;
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.inner()
+        .try_into_vec_as::<f32>()
+        .map_or(f64::NAN, |v| v[0] as f64)
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let cfg = shape_config(&a.shape)?;
+    let base = phi_model::device_from_name(&a.device)?;
+    let (train, selection) = match a.mode.as_str() {
+        "forward" => (false, Selection::Full),
+        "full" => (true, Selection::Full),
+        "norm-only" => (true, Selection::NormOnly),
+        "lora" => (
+            true,
+            Selection::Lora {
+                modules_to_save: vec![],
+            },
+        ),
+        m => bail!("--mode {m}: expected lora, full, norm-only or forward"),
+    };
+    if a.gradient_checkpointing && !train {
+        bail!("--gradient-checkpointing needs a training mode (lora, full, norm-only)");
+    }
+    let device: Device = match (train, a.gradient_checkpointing) {
+        (false, _) => base,
+        (true, false) => base.autodiff(),
+        (true, true) => base.autodiff().gradient_checkpointing(),
+    };
+    let mut model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
+    let with_lora = a.mode == "lora" || a.lora;
+    if with_lora {
+        let lora_cfg = LoraConfig {
+            r: a.rank,
+            alpha: 2.0 * a.rank as f64,
+            ..Default::default()
+        };
+        lora::attach(&mut model, &lora_cfg)?;
+    }
+    let names = trainable_names(&model, &selection)?;
+    let counts = Counts::of(&model, &names);
+    let mut model = if train {
+        freeze::apply(model, &names)
+    } else {
+        model
+    };
+    let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
+    let mut opt = Optimizer::new(
+        &model,
+        Kind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        WEIGHT_DECAY,
+    );
+
+    let n = a.batch * a.seq;
+    let ids: Vec<i64> = (0..n)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as i64)
+        .collect();
+    let inp = Inputs::new(a.batch, a.seq, ids.clone());
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for step in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        let logits = model.forward(&inp, &TapRequest::none()).logits;
+        let (sum, count) = causal_lm_loss_sum(logits, &ids);
+        let loss = sum / count.max(1) as f64;
+        let loss_val;
+        if train {
+            loss_val = scalar(loss.clone());
+            let grads = loss.backward();
+            let mut g = optim::collect(&model, &grads);
+            drop(grads);
+            opt.clip(&mut g, MAX_GRAD_NORM);
+            model = opt.step(model, g, LR);
+        } else {
+            loss_val = scalar(loss);
+        }
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        let dt = t0.elapsed().as_secs_f64();
+        if a.verbose {
+            eprintln!("step {step}: {dt:.3} s, loss {loss_val:.5}");
+        }
+        losses.push(loss_val);
+        if step >= a.warmup {
+            times.push(dt);
+        }
+    }
+    let med = median(&mut times.clone());
+    let line = json!({
+        "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
+        "step_s_median": med, "tokens_per_s": n as f64 / med,
+        "peak_rss_mb": peak_rss_mb(),
+        "gflops_per_s": flops.per_step / med / 1e9,
+        "gflop_per_step": flops.per_step / 1e9,
+        "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "trainable_params": counts.trainable, "all_params": counts.all,
+        "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,
+        "step_s": times, "losses": losses, "impl": "phi-tune/burn-flex",
+    });
+    println!("{line}");
+    Ok(())
+}
