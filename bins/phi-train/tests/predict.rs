@@ -91,15 +91,7 @@ fn greedy_predictions_match_the_oracle_and_are_scored() {
         )
         .unwrap();
         let s = phi_trainer::metrics::similarity(&want, &want);
-        for (i, k) in [
-            "predict_bleu-4",
-            "predict_rouge-1",
-            "predict_rouge-2",
-            "predict_rouge-l",
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, k) in phi_trainer::metrics::KEYS.iter().enumerate() {
             assert_eq!(r[*k].as_f64().unwrap(), s[i], "{name}: {k}");
         }
         assert_eq!(r["predict_samples"], 1);

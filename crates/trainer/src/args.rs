@@ -356,6 +356,17 @@ fn read_file(path: &Path) -> Result<(Map<String, Value>, bool), TrainError> {
 }
 
 impl TrainArgs {
+    /// `model_name_or_path`, required by every run that loads a model.
+    pub fn model_spec(&self) -> Result<String, TrainError> {
+        self.model_name_or_path.clone().ok_or_else(|| {
+            TrainError::arg(
+                "model_name_or_path",
+                "(none)",
+                "a model folder, .gguf file or hub id",
+            )
+        })
+    }
+
     /// Whether the backward pass recomputes activations (LF's switch wins over HF's).
     pub fn checkpointing(&self) -> bool {
         self.gradient_checkpointing && !self.disable_gradient_checkpointing

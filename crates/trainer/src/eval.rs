@@ -55,13 +55,7 @@ pub fn apply_surgery(model: CausalLm, a: &TrainArgs) -> Result<CausalLm, TrainEr
 /// After training: the run's own output (the adapter on the base, or the saved full weights,
 /// whose config.json records any norm surgery). Otherwise the base, surgery, adapter.
 pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError> {
-    let spec = a.model_name_or_path.clone().ok_or_else(|| {
-        TrainError::arg(
-            "model_name_or_path",
-            "(none)",
-            "a model folder, .gguf file or hub id",
-        )
-    })?;
+    let spec = a.model_spec()?;
     let out = a.output_dir.clone();
     let lora = a.finetuning_type == "lora";
     // A full / freeze run saved its own config.json (surgery recorded there); otherwise the

@@ -209,19 +209,21 @@ pub fn similarity(predict: &str, label: &str) -> [f64; 4] {
     ]
 }
 
+/// LF's keys for the four scores of `similarity`, in its order.
+pub const KEYS: [&str; 4] = [
+    "predict_bleu-4",
+    "predict_rouge-1",
+    "predict_rouge-2",
+    "predict_rouge-l",
+];
+
 /// The averages LF writes to predict_results.json, under its keys.
 pub fn average(scores: &[[f64; 4]]) -> Vec<(&'static str, f64)> {
     let n = scores.len().max(1) as f64;
-    [
-        "predict_bleu-4",
-        "predict_rouge-1",
-        "predict_rouge-2",
-        "predict_rouge-l",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, k)| (*k, scores.iter().map(|s| s[i]).sum::<f64>() / n))
-    .collect()
+    KEYS.iter()
+        .enumerate()
+        .map(|(i, k)| (*k, scores.iter().map(|s| s[i]).sum::<f64>() / n))
+        .collect()
 }
 
 #[cfg(test)]

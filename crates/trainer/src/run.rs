@@ -195,13 +195,7 @@ fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
 pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     check_args(a)?;
     let method = Method::parse(&a.finetuning_type)?;
-    let spec = a.model_name_or_path.clone().ok_or_else(|| {
-        TrainError::arg(
-            "model_name_or_path",
-            "(none)",
-            "a model folder, .gguf file or hub id",
-        )
-    })?;
+    let spec = a.model_spec()?;
     let out = check_output_dir(a)?;
     let mut device: Device = phi_model::device_from_name(&a.device)?.autodiff();
     if a.checkpointing() {
