@@ -6,6 +6,7 @@ pub mod capture;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod io;

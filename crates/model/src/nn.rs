@@ -2,6 +2,7 @@
 //! GQA and a KV cache, and the host-side helpers that turn checkpoint tensors into params.
 
 use crate::error::ModelError;
+use crate::fused;
 use crate::lowrank::LowRank;
 use crate::weights::{HostTensor, TensorSource};
 use burn::module::{Module, Param};
@@ -281,6 +282,10 @@ pub fn attend(
     let [b, h, t, d] = q.dims();
     let kv_heads = k.dims()[1];
     let s = k.dims()[2];
+    let scale = 1.0 / (d as f64).sqrt();
+    if ctx.mask.is_none() && q.device().is_autodiff() && fused::fusable(&q) {
+        return grouped_causal(q, k, v, scale);
+    }
     let (k, v) = if kv_heads == h {
         (k, v)
     } else {
@@ -294,13 +299,28 @@ pub fn attend(
         (rep(k), rep(v))
     };
     let options = AttentionModuleOptions {
-        scale: Some(1.0 / (d as f64).sqrt()),
+        scale: Some(scale),
         softcap: None,
         is_causal: ctx.mask.is_none(),
     };
     let mask = ctx.mask.clone().map(|m| m.expand([b, h, t, s]));
     let out = attention(q, k, v, mask, None, options);
     out.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// Causal attention for training: each kv head's g query heads are stacked as one
+/// [g·T, d] block, so GQA needs no repeated k/v, and the scores go through the fused causal
+/// softmax (Burn's `attention` under autodiff is matmul + a composed softmax that keeps every
+/// intermediate of [B, H, T, S] for the backward).
+fn grouped_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<3> {
+    let [b, h, t, d] = q.dims();
+    let [_, kv, s, _] = k.dims();
+    let q = q.reshape([b, kv, h / kv * t, d]);
+    let p = fused::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, s - t);
+    p.matmul(v)
+        .reshape([b, h, t, d])
+        .swap_dims(1, 2)
+        .reshape([b, t, h * d])
 }
 
 /// Projected q/k/v [B, T, n·d] → heads, rotary on q and k, attention: [B, T, heads·d].

@@ -2,11 +2,11 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::fused::swiglu;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 #[derive(Module, Debug)]
@@ -89,7 +89,10 @@ impl LlamaLayer {
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let m = &self.mlp;
-        let act = silu(m.gate_proj.forward(normed.clone())) * m.up_proj.forward(normed);
+        let act = swiglu(
+            m.gate_proj.forward(normed.clone()),
+            m.up_proj.forward(normed),
+        );
         h + m.down_proj.forward(act)
     }
 }

@@ -3,11 +3,11 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::fused::swiglu_packed;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 #[derive(Module, Debug)]
@@ -92,9 +92,6 @@ impl Phi3Layer {
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let gu = self.mlp.gate_up_proj.forward(normed);
-        let i = gu.dims()[2] / 2;
-        let gate = gu.clone().slice([0..b, 0..t, 0..i]);
-        let up = gu.slice([0..b, 0..t, i..2 * i]);
-        h + self.mlp.down_proj.forward(up * silu(gate))
+        h + self.mlp.down_proj.forward(swiglu_packed(gu))
     }
 }

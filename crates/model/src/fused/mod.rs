@@ -1,0 +1,189 @@
+//! Fused ops for the training step's memory-bound parts (issue 6's profile): silu(gate)·up,
+//! the causal attention softmax and the causal-LM cross-entropy. Composed from Burn ops each
+//! of these is 4–8 passes over a large tensor forward and as many backward, with every
+//! intermediate kept for the backward; fused, each is one pass forward and one backward, with
+//! a vectorised exp, keeping only its inputs (or the softmax output).
+//!
+//! They are a Burn backend extension implemented for Flex (the CPU backend) and for
+//! Autodiff<Flex> with hand-written backward passes. Other backends (CUDA) and other dtypes
+//! take the composed path, which is also the reference the tests compare against.
+//! `PHI_FUSED=0` turns the fused path off (for benchmarks).
+
+mod autodiff;
+pub mod kernels;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Backend, DispatchDevice, Flex, TensorMetadata};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use kernels::{Causal, Layout};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    /// silu(gate)·up over two tensors of one shape.
+    fn swiglu_pair(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// silu(gate)·up where each row of `gate_up` is gate then up: [.., 2w] → [.., w].
+    fn swiglu_packed(gate_up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// softmax(scale·x) over the last dim, causal over blocks of `t` query rows at `offset`.
+    fn causal_softmax(
+        scores: FloatTensor<Self>,
+        scale: f64,
+        t: usize,
+        offset: usize,
+    ) -> FloatTensor<Self>;
+    /// Σ over rows with a target ≥ 0 of −log softmax(logits[r])[target[r]], as a [1] tensor.
+    fn cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
+}
+
+/// f32 storage of a Flex tensor in row-major order, copying only a strided view.
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+pub(crate) fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 Flex tensor")
+}
+
+pub(crate) fn flex(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+fn last_dim(t: &FlexTensor) -> usize {
+    *t.shape().as_slice().last().expect("a tensor of rank ≥ 1")
+}
+
+impl FusedOps for Flex {
+    fn swiglu_pair(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        let (gate, up) = (contiguous(gate), contiguous(up));
+        let mut out = vec![0.0; f32s(&gate).len()];
+        kernels::swiglu_forward(f32s(&gate), f32s(&up), Layout::Pair, &mut out);
+        flex(out, gate.shape())
+    }
+
+    fn swiglu_packed(gate_up: FlexTensor) -> FlexTensor {
+        let gu = contiguous(gate_up);
+        let width = last_dim(&gu) / 2;
+        let mut out = vec![0.0; f32s(&gu).len() / 2];
+        kernels::swiglu_forward(f32s(&gu), &[], Layout::Packed { width }, &mut out);
+        let mut shape = gu.shape();
+        let d = shape.num_dims() - 1;
+        shape[d] = width;
+        flex(out, shape)
+    }
+
+    fn causal_softmax(scores: FlexTensor, scale: f64, t: usize, offset: usize) -> FlexTensor {
+        let x = contiguous(scores);
+        let s = last_dim(&x);
+        let mut out = vec![0.0; f32s(&x).len()];
+        let causal = Some(Causal { t, offset });
+        kernels::softmax_forward(f32s(&x), s, scale as f32, causal, &mut out);
+        flex(out, x.shape())
+    }
+
+    fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
+        let x = contiguous(logits);
+        let (loss, _) = kernels::cross_entropy_forward(f32s(&x), last_dim(&x), &targets);
+        let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
+        flex(vec![sum], [1].into())
+    }
+}
+
+/// Whether the fused kernels can run this tensor: f32 on Flex (with or without autodiff),
+/// and not switched off by `PHI_FUSED=0`.
+pub fn fusable<const N: usize>(t: &Tensor<N>) -> bool {
+    static ENABLED: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("PHI_FUSED").map_or(true, |v| v != "0"));
+    *ENABLED && t.dtype() == DType::F32 && on_flex(&t.device())
+}
+
+fn on_flex(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+type D = burn::backend::Dispatch;
+
+/// silu(gate)·up.
+pub fn swiglu<const N: usize>(gate: Tensor<N>, up: Tensor<N>) -> Tensor<N> {
+    if fusable(&gate) && fusable(&up) && gate.dims() == up.dims() {
+        Tensor::from_dispatch(D::swiglu_pair(gate.into_dispatch(), up.into_dispatch()))
+    } else {
+        reference::swiglu(gate, up)
+    }
+}
+
+/// silu(gate)·up with gate and up the two halves of the last dim (Phi-3's `gate_up_proj`).
+pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
+    if fusable(&gate_up) {
+        return Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch()));
+    }
+    reference::swiglu_packed(gate_up)
+}
+
+/// softmax(scale·scores) over the last dim of [B, heads, rows, S], where row r is query
+/// r mod t at absolute position offset + r mod t and sees keys up to it.
+pub fn causal_softmax(scores: Tensor<4>, scale: f64, t: usize, offset: usize) -> Tensor<4> {
+    if fusable(&scores) {
+        let d = scores.into_dispatch();
+        return Tensor::from_dispatch(D::causal_softmax(d, scale, t, offset));
+    }
+    reference::causal_softmax(scores, scale, t, offset)
+}
+
+/// Σ −log softmax(logits[r])[targets[r]] over [rows, V] logits, rows with a negative target
+/// skipped; a [1] tensor.
+pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
+    if fusable(&logits) {
+        let d = logits.into_dispatch();
+        return Tensor::from_dispatch(D::cross_entropy_sum(d, targets));
+    }
+    reference::cross_entropy_sum(logits, targets)
+}
+
+/// The same ops composed from Burn's: the path of other backends and dtypes, and what the
+/// tests hold the fused ones to.
+pub mod reference {
+    use burn::tensor::activation::{log_softmax, silu, softmax};
+    use burn::tensor::{Bool, Int, Tensor, TensorData};
+
+    pub fn swiglu<const N: usize>(gate: Tensor<N>, up: Tensor<N>) -> Tensor<N> {
+        silu(gate) * up
+    }
+
+    pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
+        let w = gate_up.dims()[N - 1] / 2;
+        let gate = gate_up.clone().narrow(N - 1, 0, w);
+        silu(gate) * gate_up.narrow(N - 1, w, w)
+    }
+
+    pub fn causal_softmax(scores: Tensor<4>, scale: f64, t: usize, offset: usize) -> Tensor<4> {
+        let [b, h, r, s] = scores.dims();
+        let masked: Vec<bool> = (0..r * s)
+            .map(|i| i % s >= (offset + (i / s) % t + 1).min(s))
+            .collect();
+        let device = scores.device();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(masked, [r, s]), &device)
+            .unsqueeze::<4>()
+            .expand([b, h, r, s]);
+        softmax((scores * scale).mask_fill(mask, f32::NEG_INFINITY), 3)
+    }
+
+    pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
+        let [n, _] = logits.dims();
+        let device = logits.device();
+        let weights: Vec<f32> = targets.iter().map(|&t| (t >= 0) as u8 as f32).collect();
+        let idx: Vec<i64> = targets.iter().map(|&t| t.max(0)).collect();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+        let picked = log_softmax(logits, 1).gather(1, idx).reshape([n]);
+        let w = Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
+        (picked * w).sum().neg()
+    }
+}
