@@ -7,8 +7,8 @@ use crate::shapes::{median, shape_config};
 use crate::Args;
 use anyhow::Result;
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Distribution, Tensor};
+use phi_model::fused::{causal_softmax, swiglu, swiglu_packed};
 use phi_model::loss::causal_lm_loss_sum;
 use phi_model::lowrank::LowRank;
 use phi_model::nn::{apply_rotary, attend, split_heads, LayerCtx, Linear, RmsNorm};
@@ -184,9 +184,11 @@ pub fn run(a: &Args) -> Result<()> {
         op_times(&inner, &ad, [b, t, heads * hd], reps, attn),
     ));
     rows.push((
-        "  of which softmax [B,H,T,T]".into(),
+        "  of which causal softmax [B,H,T,T]".into(),
         layers,
-        op_times(&inner, &ad, [b, heads, t, t], reps, |x| softmax(x, 3)),
+        op_times(&inner, &ad, [b, kvh, heads / kvh * t, t], reps, |x| {
+            causal_softmax(x, 0.125, t, 0)
+        }),
     ));
     let norm_w = |dev: &Device| RmsNorm {
         weight: Param::from_tensor(rand([h], dev)),
@@ -205,8 +207,13 @@ pub fn run(a: &Args) -> Result<()> {
         2 * layers + 1,
         op_times(&inner, &ad, [b, t, h], reps, norm),
     ));
-    let act =
-        |x: Tensor<3>| silu(x.clone().slice([0..b, 0..t, 0..i])) * x.slice([0..b, 0..t, i..2 * i]);
+    let act = |x: Tensor<3>| match cfg.arch {
+        Arch::Phi3 => swiglu_packed(x),
+        _ => swiglu(
+            x.clone().slice([0..b, 0..t, 0..i]),
+            x.slice([0..b, 0..t, i..2 * i]),
+        ),
+    };
     rows.push((
         "silu(gate)·up".into(),
         layers,

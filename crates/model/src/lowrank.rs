@@ -38,7 +38,13 @@ impl LowRank {
     /// The side path alone: O(tokens·r·(in+out)), never the dense [in, out] product.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let x = self.dropout.forward(x);
-        linear(linear(x, self.a.val(), None), self.b.val(), None) * self.scale
+        // Scaling the [.., r] intermediate rather than the [.., out] result: one pass over
+        // r columns instead of out.
+        linear(
+            linear(x, self.a.val(), None) * self.scale,
+            self.b.val(),
+            None,
+        )
     }
 
     /// s·A·B in Burn's [in, out] layout, for merging.

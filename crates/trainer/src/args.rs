@@ -191,9 +191,10 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub fp16: bool,
     /// Recompute memory-bound activations in the backward pass instead of keeping them
-    /// (Burn's balanced checkpointing): less memory, a little more time.
-    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
-    pub gradient_checkpointing: bool,
+    /// (Burn's balanced checkpointing): less memory, a little more time. Unset: on for
+    /// LoRA (as LLaMA-Factory), off otherwise.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: Option<bool>,
     /// LLaMA-Factory's switch; wins over gradient_checkpointing.
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub disable_gradient_checkpointing: bool,
@@ -369,7 +370,8 @@ impl TrainArgs {
 
     /// Whether the backward pass recomputes activations (LF's switch wins over HF's).
     pub fn checkpointing(&self) -> bool {
-        self.gradient_checkpointing && !self.disable_gradient_checkpointing
+        let default = self.finetuning_type == "lora";
+        self.gradient_checkpointing.unwrap_or(default) && !self.disable_gradient_checkpointing
     }
 
     /// Parses the command line (and the config file it names), flags over file keys.

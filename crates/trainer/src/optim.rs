@@ -8,6 +8,7 @@
 use crate::error::TrainError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor, TensorData};
+use phi_model::fused::kernels::AdamW;
 use phi_model::CausalLm;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -111,11 +112,8 @@ impl Optimizer {
             .order
             .iter()
             .filter_map(|id| grads.get(id))
-            .map(|g| g.clone().powf_scalar(2.0).sum());
-        let total = match sq.reduce(|a, b| a + b) {
-            Some(t) => (t.into_scalar::<f32>() as f64).sqrt(),
-            None => 0.0,
-        };
+            .map(phi_model::fused::sum_squares);
+        let total = sq.sum::<f64>().sqrt();
         if max_norm > 0.0 {
             let coef = max_norm / (total + 1e-6);
             if coef < 1.0 {
@@ -146,15 +144,31 @@ impl Optimizer {
                 p - g * lr
             }
             Kind::AdamW { beta1, beta2, eps } => {
-                let p = if wd > 0.0 { p * (1.0 - lr * wd) } else { p };
                 let (m, v) = match self.state.remove(name) {
                     Some(s) => s,
                     None => (g.zeros_like(), g.zeros_like()),
                 };
+                let t = self.step as i32;
+                let h = AdamW {
+                    lr: lr as f32,
+                    decay: wd as f32,
+                    beta1: beta1 as f32,
+                    beta2: beta2 as f32,
+                    eps: eps as f32,
+                    bc1: (1.0 - beta1.powi(t)) as f32,
+                    bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+                };
+                let (p, g, m, v) = match phi_model::fused::adamw(p, g, m, v, h) {
+                    Ok((p, m, v)) => {
+                        self.state.insert(name.to_string(), (m, v));
+                        return p;
+                    }
+                    Err(unfused) => unfused,
+                };
+                let p = if wd > 0.0 { p * (1.0 - lr * wd) } else { p };
                 // torch: exp_avg.lerp_(grad, 1-β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
                 let m = m.clone() + (g.clone() - m) * (1.0 - beta1);
                 let v = v * beta2 + g.clone() * g * (1.0 - beta2);
-                let t = self.step as i32;
                 let bc1 = 1.0 - beta1.powi(t);
                 let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
                 let denom = v.clone().sqrt() / bc2_sqrt + eps;

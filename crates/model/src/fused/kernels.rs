@@ -365,6 +365,51 @@ pub fn cross_entropy_backward(
     dx
 }
 
+/// One `torch.optim.AdamW` update (decoupled decay, bias correction) in the order torch's
+/// for-each implementation applies it, in place on p, m and v.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub bc1: f32,
+    pub bc2_sqrt: f32,
+}
+
+simd! {
+    fn adamw_block(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) {
+        let keep = 1.0 - h.lr * h.decay;
+        let step = h.lr / h.bc1;
+        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *p *= keep;
+            *m += (g - *m) * (1.0 - h.beta1);
+            *v = *v * h.beta2 + g * g * (1.0 - h.beta2);
+            let denom = v.sqrt() / h.bc2_sqrt + h.eps;
+            *p -= *m / denom * step;
+        }
+    }
+}
+
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) {
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((p, m), v), g)| adamw_block(p, m, v, g, h));
+}
+
+simd! {
+    pub fn sum_squares(x: &[f32]) -> f64 {
+        let mut acc = 0.0f64;
+        for c in x.chunks(1 << 12) {
+            acc += dot(c, c) as f64;
+        }
+        acc
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,55 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
     reference::cross_entropy_sum(logits, targets)
 }
 
+/// One AdamW update of a flat parameter in place, or None (tensors untouched) where the
+/// fused kernel cannot run: the caller then composes it from tensor ops.
+#[allow(clippy::type_complexity)]
+pub fn adamw(
+    p: Tensor<1>,
+    g: Tensor<1>,
+    m: Tensor<1>,
+    v: Tensor<1>,
+    h: kernels::AdamW,
+) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
+    let plain = |t: &Tensor<1>| fusable(t) && !t.is_autodiff();
+    if !(plain(&p) && plain(&g) && plain(&m) && plain(&v)) {
+        return Err((p, g, m, v));
+    }
+    let prim = |t: Tensor<1>| contiguous(t.try_into_primitive::<Flex>().expect("a Flex tensor"));
+    // Updated in place, so each buffer must be exactly the tensor (no offset view).
+    let own = |t: Tensor<1>| {
+        let t = prim(t);
+        if t.storage::<f32>().len() == f32s(&t).len() {
+            t
+        } else {
+            flex(f32s(&t).to_vec(), t.shape())
+        }
+    };
+    let (mut p, g, mut m, mut v) = (own(p), prim(g), own(m), own(v));
+    kernels::adamw(
+        p.storage_mut::<f32>(),
+        m.storage_mut::<f32>(),
+        v.storage_mut::<f32>(),
+        f32s(&g),
+        h,
+    );
+    let back = |t: FlexTensor| Tensor::<1>::from_primitive::<Flex>(t);
+    Ok((back(p), back(m), back(v)))
+}
+
+/// Σ x² of a flat tensor in f64 on Flex (gradient clipping's norm), else composed.
+pub fn sum_squares(x: &Tensor<1>) -> f64 {
+    if fusable(x) && !x.is_autodiff() {
+        let t = contiguous(
+            x.clone()
+                .try_into_primitive::<Flex>()
+                .expect("a Flex tensor"),
+        );
+        return kernels::sum_squares(f32s(&t));
+    }
+    x.clone().square().sum().into_scalar::<f32>() as f64
+}
+
 /// The same ops composed from Burn's: the path of other backends and dtypes, and what the
 /// tests hold the fused ones to.
 pub mod reference {
