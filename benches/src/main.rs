@@ -40,6 +40,10 @@ pub struct Args {
     /// Burn's gradient checkpointing (`Device::gradient_checkpointing`, balanced strategy).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Matmul dtype: f32, or bf16 / f16 autocast with f32 master weights (phi-train's
+    /// --bf16 / --fp16; no loss scaling here).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// In forward mode, attach the LoRA adapter too (to time its forward overhead).
     #[arg(long)]
     lora: bool,

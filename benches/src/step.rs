@@ -49,6 +49,13 @@ pub fn run(a: &Args) -> Result<()> {
         (true, false) => base.autodiff(),
         (true, true) => base.autodiff().gradient_checkpointing(),
     };
+    let compute = match a.dtype.as_str() {
+        "f32" => None,
+        "bf16" => Some(burn::tensor::DType::BF16),
+        "f16" => Some(burn::tensor::DType::F16),
+        d => bail!("--dtype {d}: expected f32, bf16 or f16"),
+    };
+    let _autocast = phi_model::precision::autocast(compute);
     let mut model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
     let with_lora = a.mode == "lora" || a.lora;
     if with_lora {
@@ -119,7 +126,7 @@ pub fn run(a: &Args) -> Result<()> {
         "gflops_per_s": flops.per_step / med / 1e9,
         "gflop_per_step": flops.per_step / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },
-        "gradient_checkpointing": a.gradient_checkpointing,
+        "gradient_checkpointing": a.gradient_checkpointing, "dtype": a.dtype,
         "trainable_params": counts.trainable, "all_params": counts.all,
         "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,
         "step_s": times, "losses": losses, "impl": "phi-tune/burn-flex",

@@ -328,3 +328,49 @@ fn bad_settings_and_nan_stop_with_one_line() {
     assert!(out.join("checkpoint-1/adapter_model.safetensors").exists());
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn mixed_precision_flags() {
+    let case = some_case();
+    let tmp = scratch("half");
+    let data = jsonl(&case, &tmp);
+    let go = |name: &str, more: &[&str], env: &[(&str, &str)]| {
+        let out = tmp.join(name);
+        let args = base_args(&case, &data, &out);
+        let args = with(args, &["--max_steps", "3", "--logging_steps", "1"]);
+        let (ok, err) = run_env(&with(args, more), env);
+        let losses: Vec<f64> = if ok {
+            log_lines(&out)
+                .iter()
+                .filter_map(|l| l["loss"].as_f64())
+                .collect()
+        } else {
+            vec![]
+        };
+        (ok, err, losses)
+    };
+    let (ok, err, _) = go("both", &["--bf16", "--fp16"], &[]);
+    assert!(!ok && err.contains("at most one of bf16 and fp16"), "{err}");
+
+    let (ok, err, f32_losses) = go("f32", &[], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(f32_losses.len(), 3);
+    // On the CPU backend --bf16 falls back to f32 with a warning: the very same run.
+    let (ok, err, fallback) = go("bf16", &["--bf16"], &[]);
+    assert!(ok && err.contains("training in f32"), "{err}");
+    assert_eq!(fallback, f32_losses);
+    // Forced: half matmuls (fp16 with loss scaling) train too, close to but not at f32.
+    for flag in ["--bf16", "--fp16"] {
+        let name = format!("forced-{}", &flag[2..]);
+        let (ok, err, half) = go(&name, &[flag], &[("PHI_CPU_HALF", "1")]);
+        assert!(ok && !err.contains("training in f32"), "{err}");
+        assert_eq!(half.len(), 3, "{err}");
+        let rel = (half[0] - f32_losses[0]).abs() / f32_losses[0];
+        assert!(
+            rel > 1e-7 && rel < 5e-3,
+            "{flag}: {half:?} vs {f32_losses:?}"
+        );
+        assert!(half[2] < half[0], "{flag}: {half:?}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

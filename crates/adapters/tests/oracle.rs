@@ -1,7 +1,7 @@
 //! Adapters against PEFT's reference tensors, for every case folder found in the oracle
 //! directory (tests/fixtures/oracle or PHI_ORACLE_DIR).
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use phi_adapters::freeze::{self, Selection};
 use phi_adapters::merge;
 use phi_adapters::peft::{self, peft_param_name};
@@ -53,16 +53,17 @@ fn grads_by_name(model: &CausalLm, loss: Tensor<1>) -> BTreeMap<String, Vec<f32>
     out
 }
 
-fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
+/// The case's base with the PEFT adapter in `folder`, LoRA factors trainable; None (after
+/// reporting why) when it cannot be loaded.
+fn adapted(case: &Case, dir: &std::path::Path, r: &mut Report) -> Option<CausalLm> {
     let name = &case.name;
-    let dir = case.dir.join(folder);
-    if !dir.join("adapter_config.json").exists() || !case.has(&format!("{folder}.logits")) {
-        return;
-    }
     let device = cpu_device().autodiff();
-    let (model, _, paths) = match peft::load(base(case, &device), &dir) {
+    let (model, _, paths) = match peft::load(base(case, &device), dir) {
         Ok(x) => x,
-        Err(e) => return r.fail(format!("{name}/{folder}: cannot load: {e}")),
+        Err(e) => {
+            r.fail(format!("{name}/{}: cannot load: {e}", dir.display()));
+            return None;
+        }
     };
     let names = freeze::trainable_names(
         &model,
@@ -71,12 +72,19 @@ fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
         },
     )
     .unwrap();
-    assert_eq!(
-        names.len(),
-        2 * paths.len(),
-        "{name}/{folder}: A and B per module"
-    );
-    let model = freeze::apply(model, &names);
+    assert_eq!(names.len(), 2 * paths.len(), "{name}: A and B per module");
+    Some(freeze::apply(model, &names))
+}
+
+fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
+    let name = &case.name;
+    let dir = case.dir.join(folder);
+    if !dir.join("adapter_config.json").exists() || !case.has(&format!("{folder}.logits")) {
+        return;
+    }
+    let Some(model) = adapted(case, &dir, r) else {
+        return;
+    };
     let (inp, labels) = case.batch();
     let logits = model.forward(&inp, &TapRequest::none()).logits;
     r.close(
@@ -122,6 +130,62 @@ fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
             (_, false) => r.fail(format!("{name}: {key}: not in expected.safetensors")),
         }
     }
+}
+
+/// Autocast (phi-train's --bf16 / --fp16): matmuls in the half dtype, f32 logits and f32
+/// gradients for the f32 LoRA factors, within the half type's precision of PEFT's f32
+/// numbers: loss to `loss_tol` relative, the whole LoRA gradient to cosine ≥ `cos_min`.
+fn check_autocast(case: &Case, dtype: DType, loss_tol: f32, cos_min: f64, r: &mut Report) {
+    let name = format!("{} ({dtype:?} autocast)", case.name);
+    let dir = case.dir.join("lora");
+    if !dir.join("adapter_config.json").exists() || !case.has("lora.loss") {
+        return;
+    }
+    let Some(model) = adapted(case, &dir, r) else {
+        return;
+    };
+    let _autocast = phi_model::precision::autocast(Some(dtype));
+    let (inp, labels) = case.batch();
+    let logits = model.forward(&inp, &TapRequest::none()).logits;
+    r.equal(&name, "logits dtype", &[logits.dtype()], &[DType::F32]);
+    let loss = causal_lm_loss(logits, &labels);
+    let want = case.f32("lora.loss").1;
+    r.close_rel(
+        &name,
+        "lora.loss",
+        &vals(loss.clone()),
+        &want,
+        0.0,
+        loss_tol,
+    );
+    let loss_copy = loss.clone();
+    let grads = grads_by_name(&model, loss);
+    let (mut dot, mut gg, mut ww) = (0.0f64, 0.0f64, 0.0f64);
+    for (pname, g) in &grads {
+        let p = model
+            .params()
+            .into_iter()
+            .find(|p| &p.name == pname)
+            .unwrap();
+        let key = format!("lora.grad.{}", peft_param_name(&p.name, p.kind, "default"));
+        for (a, b) in g.iter().zip(&case.f32(&key).1) {
+            dot += *a as f64 * *b as f64;
+            gg += (*a as f64).powi(2);
+            ww += (*b as f64).powi(2);
+        }
+    }
+    let cos = dot / (gg.sqrt() * ww.sqrt()).max(1e-30);
+    // Half matmuls must show: the f32 path matches PEFT to LOSS_TOL, autocast does not.
+    let off = (vals(loss_copy)[0] - want[0]).abs();
+    r.equal(&name, "loss moved off f32", &[off > LOSS_TOL], &[true]);
+    r.equal(&name, "has LoRA gradients", &[grads.is_empty()], &[false]);
+    r.close(
+        &name,
+        "gradient cosine",
+        &[cos as f32],
+        &[1.0],
+        1.0 - cos_min as f32,
+    );
 }
 
 /// Frozen base: after backward, no base weight holds a gradient.
@@ -321,6 +385,18 @@ fn lora_and_rslora_match_peft() {
         check_adapter(&case, "lora", &mut r);
         check_adapter(&case, "rslora", &mut r);
         check_base_frozen(&case, &mut r);
+    }
+    r.finish();
+}
+
+#[test]
+fn autocast_stays_within_half_precision_of_peft() {
+    let mut r = Report::default();
+    for dir in cases() {
+        let case = Case::open(&dir);
+        // Measured on the fixtures: bf16 ≤ 6.2e-4 rel, cos ≥ 0.99968; f16 ≤ 1.2e-4, 0.999995.
+        check_autocast(&case, DType::BF16, 5e-3, 0.995, &mut r);
+        check_autocast(&case, DType::F16, 1e-3, 0.9999, &mut r);
     }
     r.finish();
 }

@@ -16,6 +16,7 @@ pub mod model;
 pub mod nn;
 pub mod oracle;
 pub mod params;
+pub mod precision;
 pub mod resolve;
 pub mod rng;
 pub mod rope;

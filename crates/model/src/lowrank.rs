@@ -40,11 +40,14 @@ impl LowRank {
         let x = self.dropout.forward(x);
         // Scaling the [.., r] intermediate rather than the [.., out] result: one pass over
         // r columns instead of out.
-        linear(
-            linear(x, self.a.val(), None) * self.scale,
-            self.b.val(),
-            None,
-        )
+        // Under autocast the factors (f32 masters) are cast to the input's dtype.
+        let (a, b) = (self.a.val(), self.b.val());
+        let (a, b) = if x.dtype() == a.dtype() {
+            (a, b)
+        } else {
+            (a.cast(x.dtype()), b.cast(x.dtype()))
+        };
+        linear(linear(x, a, None) * self.scale, b, None)
     }
 
     /// s·A·B in Burn's [in, out] layout, for merging.

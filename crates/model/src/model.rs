@@ -4,6 +4,7 @@ use crate::arch::{llama::LlamaLayer, phi2::Phi2Layer, phi3::Phi3Layer};
 use crate::config::{Arch, ModelConfig};
 use crate::error::ModelError;
 use crate::nn::{param2, LayerCache, LayerCtx, Linear, Norm, RmsNorm};
+use crate::precision::{to_compute, to_f32};
 use crate::rope::Rope;
 use crate::taps::{LayerTaps, TapRequest, Taps};
 use crate::weights::TensorSource;
@@ -204,11 +205,10 @@ impl CausalLm {
                 // W·hᵀ reads the [V, H] embedding in its stored layout; hᵀ·Wᵀ would make the
                 // backend copy the whole transposed table on every call.
                 let [b, t, d] = h.dims();
-                let w = self.model.embed_tokens.weight.val();
+                let w = to_compute(self.model.embed_tokens.weight.val());
                 let v = w.dims()[0];
-                w.matmul(h.reshape([b * t, d]).transpose())
-                    .transpose()
-                    .reshape([b, t, v])
+                let h = to_compute(h.reshape([b * t, d]));
+                to_f32(w.matmul(h.transpose()).transpose().reshape([b, t, v]))
             }
         }
     }

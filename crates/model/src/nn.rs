@@ -4,6 +4,7 @@
 use crate::error::ModelError;
 use crate::fused;
 use crate::lowrank::LowRank;
+use crate::precision::{self, to_compute, to_f32};
 use crate::weights::{HostTensor, TensorSource};
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, layer_norm, linear};
@@ -73,6 +74,9 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if precision::compute_dtype().is_some() {
+            return self.forward_autocast(x);
+        }
         let y = linear(
             x.clone(),
             self.weight.val(),
@@ -81,6 +85,22 @@ impl Linear {
         match &self.lora {
             Some(l) => y + l.forward(x),
             None => y,
+        }
+    }
+
+    /// The same in the autocast dtype, returning f32.
+    fn forward_autocast<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let x = to_compute(x);
+        let y = linear(
+            x.clone(),
+            to_compute(self.weight.val()),
+            self.bias.as_ref().map(|b| to_compute(b.val())),
+        );
+        // The sum in f32: a small adapter term added to the base output in bf16 would mostly
+        // round away (8 bits of mantissa).
+        match &self.lora {
+            Some(l) => to_f32(y) + to_f32(l.forward(x)),
+            None => to_f32(y),
         }
     }
 

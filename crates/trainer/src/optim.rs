@@ -8,7 +8,7 @@
 use crate::error::TrainError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor, TensorData};
-use phi_model::fused::kernels::AdamW;
+use phi_model::fused::{self, kernels::AdamW};
 use phi_model::CausalLm;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -45,6 +45,47 @@ pub fn accumulate(acc: &mut Grads, more: Grads) {
             Some(a) => acc.insert(id, a + g),
             None => acc.insert(id, g),
         };
+    }
+}
+
+/// Divides every gradient by `scale` (fp16 loss scaling's unscale).
+pub fn unscale(grads: &mut Grads, scale: f64) {
+    for g in grads.values_mut() {
+        *g = g.clone() / scale;
+    }
+}
+
+/// torch's `GradScaler` defaults: start at 2¹⁶, halve on an overflow (the step is skipped),
+/// double after 2000 steps in a row without one.
+#[derive(Debug, Clone)]
+pub struct LossScaler {
+    pub scale: f64,
+    good: u32,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            good: 0,
+        }
+    }
+}
+
+impl LossScaler {
+    /// Records whether this step's gradients were finite; returns whether to apply it.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale *= 0.5;
+            self.good = 0;
+            return false;
+        }
+        self.good += 1;
+        if self.good == 2000 {
+            self.scale *= 2.0;
+            self.good = 0;
+        }
+        true
     }
 }
 
@@ -112,7 +153,7 @@ impl Optimizer {
             .order
             .iter()
             .filter_map(|id| grads.get(id))
-            .map(phi_model::fused::sum_squares);
+            .map(fused::sum_squares);
         let total = sq.sum::<f64>().sqrt();
         if max_norm > 0.0 {
             let coef = max_norm / (total + 1e-6);
@@ -158,13 +199,11 @@ impl Optimizer {
                     bc1: (1.0 - beta1.powi(t)) as f32,
                     bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
                 };
-                let (p, g, m, v) = match phi_model::fused::adamw(p, g, m, v, h) {
-                    Ok((p, m, v)) => {
-                        self.state.insert(name.to_string(), (m, v));
-                        return p;
-                    }
-                    Err(unfused) => unfused,
-                };
+                if fused::adamw_fusable([&p, &g, &m, &v]) {
+                    let (p, m, v) = fused::adamw(p, g, m, v, h);
+                    self.state.insert(name.to_string(), (m, v));
+                    return p;
+                }
                 let p = if wd > 0.0 { p * (1.0 - lr * wd) } else { p };
                 // torch: exp_avg.lerp_(grad, 1-β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
                 let m = m.clone() + (g.clone() - m) * (1.0 - beta1);
@@ -262,5 +301,33 @@ impl ModuleMapper for Mapper<'_> {
             }
         }
         Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn loss_scaler_backs_off_on_overflow_and_grows_after_2000_good_steps() {
+        let mut s = LossScaler::default();
+        assert_eq!(s.scale, 65536.0);
+        assert!(!s.update(false));
+        assert_eq!(s.scale, 32768.0);
+        for _ in 0..1999 {
+            assert!(s.update(true));
+        }
+        assert_eq!(s.scale, 32768.0);
+        assert!(s.update(true));
+        assert_eq!(s.scale, 65536.0);
+        // An overflow restarts the count.
+        for _ in 0..1000 {
+            s.update(true);
+        }
+        s.update(false);
+        for _ in 0..1999 {
+            s.update(true);
+        }
+        assert_eq!(s.scale, 32768.0);
     }
 }

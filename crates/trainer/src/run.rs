@@ -8,11 +8,11 @@ use crate::checkpoint::{self, write_json, Snapshot};
 use crate::data::{self, Examples, Plan};
 use crate::error::TrainError;
 use crate::log::Logger;
-use crate::optim::{self, Grads, Kind, Optimizer};
+use crate::optim::{self, Grads, Kind, LossScaler, Optimizer};
 use crate::schedule::Schedule;
 use crate::setup::{self, Method, Prepared};
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
 use phi_data::encode::Encoded;
 use phi_data::Batch;
 use phi_model::export::{source_config, write_model_folder, OutDtype};
@@ -47,6 +47,7 @@ fn micro_step(
     regs: &Regs,
     denom: f64,
     parts: f64,
+    loss_scale: f64,
 ) -> (Grads, f64, f64) {
     let inp = crate::inputs(b);
     let mut emb = model.embed(&inp);
@@ -64,8 +65,38 @@ fn micro_step(
         reg_val = scalar(&r);
         loss = loss + r;
     }
+    if loss_scale != 1.0 {
+        loss = loss * loss_scale;
+    }
     let grads = loss.backward();
     (optim::collect(model, &grads), sum_val, reg_val)
+}
+
+/// The autocast dtype for `--bf16` / `--fp16`, or None (f32) where the device has no
+/// kernels for it (with a warning).
+fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
+    let (dtype, name) = match (a.bf16, a.fp16) {
+        (true, _) => (DType::BF16, "bf16"),
+        (_, true) => (DType::F16, "fp16"),
+        _ => return None,
+    };
+    if !device.supports_dtype(dtype) {
+        eprintln!(
+            "warning: {name}: device {} has no {name} kernels; training in f32",
+            a.device
+        );
+        return None;
+    }
+    // Flex has half kernels, but its bf16/f16 GEMMs are slower than its f32 one and the
+    // casts cost memory (docs/benchmarks.md), so a CPU run stays in f32 unless asked.
+    if a.device == "cpu" && std::env::var("PHI_CPU_HALF").map_or(true, |v| v != "1") {
+        eprintln!(
+            "warning: {name} on the CPU backend is slower than f32 (Flex's {name} GEMM runs at \
+             0.4-0.8x its f32 rate here); training in f32. PHI_CPU_HALF=1 runs {name} anyway"
+        );
+        return None;
+    }
+    Some(dtype)
 }
 
 fn scalar(t: &burn::tensor::Tensor<1>) -> f64 {
@@ -174,12 +205,12 @@ fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
             "a non-negative number",
         ));
     }
-    if a.bf16 || a.fp16 {
-        eprintln!(
-            "warning: {} requested, but mixed precision is not implemented yet (device {}); training in f32",
-            if a.bf16 { "bf16" } else { "fp16" },
-            a.device
-        );
+    if a.bf16 && a.fp16 {
+        return Err(TrainError::arg(
+            "fp16",
+            true,
+            "at most one of bf16 and fp16",
+        ));
     }
     if !matches!(a.eval_strategy.as_str(), "no" | "steps" | "epoch") {
         return Err(TrainError::arg(
@@ -206,6 +237,9 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         None => None,
     };
 
+    let compute = mixed_precision(a, &device);
+    let _autocast = phi_model::precision::autocast(compute);
+    let mut scaler = (compute == Some(DType::F16)).then(LossScaler::default);
     let loaded = phi_model::load(&spec, &device)?;
     let eos = loaded.eos_token_ids();
     let cfg = loaded.config.clone();
@@ -314,15 +348,31 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         let (mut sum, mut reg) = (0.0, 0.0);
         for b in &batches {
             tokens += b.attention_mask.iter().filter(|&&m| m != 0).count();
-            let (g, s, r) = micro_step(&model, b, &regs, denom, parts);
+            let ls = scaler.as_ref().map_or(1.0, |s| s.scale);
+            let (g, s, r) = micro_step(&model, b, &regs, denom, parts, ls);
             optim::accumulate(&mut grads, g);
             sum += s;
             reg += r;
         }
         let base = sum / denom;
         let loss = base + reg;
+        if let Some(sc) = &scaler {
+            optim::unscale(&mut grads, sc.scale);
+        }
         let grad_norm = opt.clip(&mut grads, a.max_grad_norm);
-        if !loss.is_finite() || !grad_norm.is_finite() {
+        let mut skip = false;
+        if let Some(sc) = &mut scaler {
+            if loss.is_finite() && !sc.update(grad_norm.is_finite()) {
+                // GradScaler: an fp16 overflow skips the update and halves the scale.
+                log.say(&format!(
+                    "step {}: fp16 gradient overflow, update skipped, loss scale now {}",
+                    step + 1,
+                    sc.scale
+                ));
+                skip = true;
+            }
+        }
+        if !loss.is_finite() || !(grad_norm.is_finite() || skip) {
             log.finish();
             let kept = checkpoint::list(&out)
                 .pop()
@@ -334,7 +384,9 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
                 step + 1
             )));
         }
-        model = opt.step(model, grads, lr);
+        if !skip {
+            model = opt.step(model, grads, lr);
+        }
         let done = step + 1;
         first_loss.get_or_insert(loss);
         last_loss = Some(loss);

@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub fn run(args: &[String]) -> (bool, String) {
+    run_env(args, &[])
+}
+
+pub fn run_env(args: &[String], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_phi-train"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (

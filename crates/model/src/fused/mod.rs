@@ -148,20 +148,20 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
     reference::cross_entropy_sum(logits, targets)
 }
 
-/// One AdamW update of a flat parameter in place, or None (tensors untouched) where the
-/// fused kernel cannot run: the caller then composes it from tensor ops.
-#[allow(clippy::type_complexity)]
+/// Whether `adamw` can run on these tensors (all f32 on Flex, outside autodiff).
+pub fn adamw_fusable(ts: [&Tensor<1>; 4]) -> bool {
+    ts.iter().all(|t| fusable(*t) && !t.is_autodiff())
+}
+
+/// One AdamW update of a flat parameter in place on Flex: (p, m, v) after the step. Only
+/// where `adamw_fusable`; elsewhere the caller composes it from tensor ops.
 pub fn adamw(
     p: Tensor<1>,
     g: Tensor<1>,
     m: Tensor<1>,
     v: Tensor<1>,
     h: kernels::AdamW,
-) -> Result<(Tensor<1>, Tensor<1>, Tensor<1>), (Tensor<1>, Tensor<1>, Tensor<1>, Tensor<1>)> {
-    let plain = |t: &Tensor<1>| fusable(t) && !t.is_autodiff();
-    if !(plain(&p) && plain(&g) && plain(&m) && plain(&v)) {
-        return Err((p, g, m, v));
-    }
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let prim = |t: Tensor<1>| contiguous(t.try_into_primitive::<Flex>().expect("a Flex tensor"));
     // Updated in place, so each buffer must be exactly the tensor (no offset view).
     let own = |t: Tensor<1>| {
@@ -181,7 +181,7 @@ pub fn adamw(
         h,
     );
     let back = |t: FlexTensor| Tensor::<1>::from_primitive::<Flex>(t);
-    Ok((back(p), back(m), back(v)))
+    (back(p), back(m), back(v))
 }
 
 /// Σ x² of a flat tensor in f64 on Flex (gradient clipping's norm), else composed.
