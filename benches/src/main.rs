@@ -68,6 +68,7 @@ pub struct Args {
 }
 
 fn main() -> Result<()> {
+    phi_model::alloc::tune();
     let a = Args::parse();
     if let Some(dir) = &a.save_random {
         let json = shapes::shape_json(&a.shape)?;

@@ -103,6 +103,7 @@ fn pad_rows(rows: Vec<Vec<i64>>, pad: i64) -> Inputs {
 }
 
 fn main() {
+    phi_model::alloc::tune();
     // One line per error: the context chain joined with ": ".
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");

@@ -66,6 +66,7 @@ pub struct Args {
 }
 
 fn main() {
+    phi_model::alloc::tune();
     // One line per error: the context chain joined with ": ".
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");

@@ -43,6 +43,7 @@ struct Args {
 }
 
 fn main() {
+    phi_model::alloc::tune();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -9,6 +9,7 @@ use phi_trainer::{eval, predict, TrainArgs};
 use std::path::PathBuf;
 
 fn main() {
+    phi_model::alloc::tune();
     // One line per error: the context chain joined with ": ".
     let result = TrainArgs::from_cli(std::env::args_os())
         .map_err(anyhow::Error::from)

@@ -1,6 +1,7 @@
 //! phi-model: HF causal LMs (Llama/Mistral, Phi-3, Phi-2) on Burn, loaded from HF checkpoints
 //! or GGUF, reproducing transformers' numbers.
 
+pub mod alloc;
 pub mod arch;
 pub mod capture;
 pub mod config;
