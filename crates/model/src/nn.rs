@@ -77,14 +77,17 @@ impl Linear {
         if precision::compute_dtype().is_some() {
             return self.forward_autocast(x);
         }
-        let y = linear(
-            x.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let bias = self.bias.as_ref().map(|b| b.val());
         match &self.lora {
-            Some(l) => y + l.forward(x),
-            None => y,
+            Some(l) if l.dropout.prob == 0.0 && fused::fusable(&x) => {
+                let y = fused::lora_linear(x, self.weight.val(), l.a.val(), l.b.val(), l.scale);
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
+            Some(l) => linear(x.clone(), self.weight.val(), bias) + l.forward(x),
+            None => linear(x, self.weight.val(), bias),
         }
     }
 

@@ -109,3 +109,49 @@ fn fused_ops_run_without_autodiff_too() {
     let b = vals(reference::cross_entropy_sum(x, vec![1, 2, -1, 63]));
     close(&a, &b, 1e-5, "inference cross-entropy");
 }
+
+#[test]
+fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
+    dev().seed(10);
+    let (x, w, a, b) = (
+        rand([2, 5, 24], 1.0),
+        rand([24, 40], 0.3),
+        rand([24, 4], 0.3),
+        rand([4, 40], 0.3),
+    );
+    let mut results = Vec::new();
+    for fused_path in [true, false] {
+        let leaf = |t: &Tensor<2>| t.clone().detach().require_grad();
+        let (x, w, a, b) = (
+            x.clone().detach().require_grad(),
+            leaf(&w),
+            leaf(&a),
+            leaf(&b),
+        );
+        let y = if fused_path {
+            fused::lora_linear(x.clone(), w.clone(), a.clone(), b.clone(), 1.7)
+        } else {
+            x.clone().matmul(w.clone().unsqueeze())
+                + x.clone()
+                    .matmul(a.clone().unsqueeze())
+                    .matmul(b.clone().unsqueeze())
+                    * 1.7
+        };
+        dev().seed(42);
+        let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
+        let g = (y.clone() * Tensor::from_data(up.into_data(), &y.device()))
+            .sum()
+            .backward();
+        let grads: Vec<Vec<f32>> = [w, a, b]
+            .iter()
+            .map(|p| vals(p.grad(&g).unwrap()))
+            .collect();
+        results.push((vals(y), vals(x.grad(&g).unwrap()), grads));
+    }
+    let (f, r) = (&results[0], &results[1]);
+    close(&f.0, &r.0, 1e-5, "lora output");
+    close(&f.1, &r.1, 1e-5, "lora d x");
+    for (i, name) in ["d w", "d a", "d b"].iter().enumerate() {
+        close(&f.2[i], &r.2[i], 1e-5, name);
+    }
+}

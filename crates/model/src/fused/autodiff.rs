@@ -3,7 +3,7 @@
 //! and is registered compute-bound, so balanced checkpointing keeps rather than recomputes it.
 
 use super::kernels::{self, Causal, Layout};
-use super::{contiguous, f32s, flex, FusedOps};
+use super::{contiguous, f32s, flex, last_dim, lora_forward, FusedOps};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -70,6 +70,46 @@ impl Backward<Flex, 1> for CausalSoftmax {
         let dx = kernels::softmax_backward(f32s(&p), f32s(&grad), s, self.scale, Some(self.causal));
         if let Some(node) = node {
             grads.register::<Flex>(node.id, flex(dx, p.shape()));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LoraLinear {
+    scale: f64,
+}
+
+impl Backward<Flex, 4> for LoraLinear {
+    /// x, w, a, b and hs = s·(x·a).
+    type State = [FlexTensor; 5];
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        use burn::backend::ops::FloatTensorOps;
+        let [node_x, node_w, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [x, w, a, b, hs] = ops.state;
+        let t = Flex::float_transpose;
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, Flex::float_matmul(t(hs), dy.clone()));
+        }
+        // gs = s·dy·bᵀ [N, r], the gradient at x·a.
+        let gs = Flex::float_matmul(dy.clone(), t(b));
+        let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
+        if let Some(node) = node_a {
+            grads.register::<Flex>(node.id, Flex::float_matmul(t(x.clone()), gs.clone()));
+        }
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node.id, Flex::float_matmul(t(x), dy.clone()));
+        }
+        if let Some(node) = node_x {
+            // dy·wᵀ + gs·aᵀ, the rank-r term added in place rather than as a k = r GEMM.
+            let dx = contiguous(Flex::float_matmul(dy, t(w)));
+            let at = contiguous(t(a));
+            let (r, cols, shape) = (last_dim(&gs), last_dim(&dx), dx.shape());
+            let mut out = f32s(&dx).to_vec();
+            drop(dx);
+            kernels::add_low_rank(&mut out, f32s(&gs), f32s(&at), r, cols);
+            grads.register::<Flex>(node.id, flex(out, shape));
         }
     }
 }
@@ -154,6 +194,38 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 scale,
                 t,
                 offset,
+            )),
+        }
+    }
+
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match (LoraLinear { scale })
+            .prepare::<C>([x.node(), w.node(), a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w, a, b) = (
+                    x.into_primitive(),
+                    w.into_primitive(),
+                    a.into_primitive(),
+                    b.into_primitive(),
+                );
+                let (y, hs) = lora_forward(x.clone(), w.clone(), a.clone(), b.clone(), scale);
+                prep.finish([x, w, a, b, hs], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::lora_linear(
+                x.into_primitive(),
+                w.into_primitive(),
+                a.into_primitive(),
+                b.into_primitive(),
+                scale,
             )),
         }
     }

@@ -365,6 +365,27 @@ pub fn cross_entropy_backward(
     dx
 }
 
+simd! {
+    fn low_rank_rows(y: &mut [f32], g: &[f32], m: &[f32], r: usize, cols: usize) {
+        for (y, g) in y.chunks_mut(cols).zip(g.chunks(r)) {
+            for (k, &gk) in g.iter().enumerate() {
+                for (y, &mk) in y.iter_mut().zip(&m[k * cols..(k + 1) * cols]) {
+                    *y += gk * mk;
+                }
+            }
+        }
+    }
+}
+
+/// y[n, :] += Σₖ g[n, k]·m[k, :] for y [N, cols], g [N, r], m [r, cols]: the rank-r update
+/// of a LoRA path, which as a GEMM has inner size r and runs far below the GEMM rate.
+pub fn add_low_rank(y: &mut [f32], g: &[f32], m: &[f32], r: usize, cols: usize) {
+    let rows = rows_per_task(cols);
+    y.par_chunks_mut(rows * cols)
+        .zip(g.par_chunks(rows * r))
+        .for_each(|(y, g)| low_rank_rows(y, g, m, r, cols));
+}
+
 /// One `torch.optim.AdamW` update (decoupled decay, bias correction) in the order torch's
 /// for-each implementation applies it, in place on p, m and v.
 #[derive(Clone, Copy, Debug)]

@@ -31,6 +31,14 @@ pub trait FusedOps: Backend {
         t: usize,
         offset: usize,
     ) -> FloatTensor<Self>;
+    /// x·w + scale·(x·a)·b over [N, in] rows: a linear layer with its LoRA path.
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
     /// Σ over rows with a target ≥ 0 of −log softmax(logits[r])[target[r]], as a [1] tensor.
     fn cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
 }
@@ -52,7 +60,7 @@ pub(crate) fn flex(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-fn last_dim(t: &FlexTensor) -> usize {
+pub(crate) fn last_dim(t: &FlexTensor) -> usize {
     *t.shape().as_slice().last().expect("a tensor of rank ≥ 1")
 }
 
@@ -84,12 +92,44 @@ impl FusedOps for Flex {
         flex(out, x.shape())
     }
 
+    fn lora_linear(
+        x: FlexTensor,
+        w: FlexTensor,
+        a: FlexTensor,
+        b: FlexTensor,
+        s: f64,
+    ) -> FlexTensor {
+        lora_forward(x, w, a, b, s).0
+    }
+
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
         let x = contiguous(logits);
         let (loss, _) = kernels::cross_entropy_forward(f32s(&x), last_dim(&x), &targets);
         let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
         flex(vec![sum], [1].into())
     }
+}
+
+/// x·w + s·(x·a)·b and s·(x·a) (kept for the backward).
+pub(crate) fn lora_forward(
+    x: FlexTensor,
+    w: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    s: f64,
+) -> (FlexTensor, FlexTensor) {
+    use burn::backend::ops::FloatTensorOps;
+    let h = contiguous(Flex::float_mul_scalar(
+        Flex::float_matmul(x.clone(), a),
+        s.into(),
+    ));
+    let y = contiguous(Flex::float_matmul(x, w));
+    let (b, shape) = (contiguous(b), y.shape());
+    let (r, cols) = (last_dim(&h), last_dim(&y));
+    let mut out = f32s(&y).to_vec();
+    drop(y);
+    kernels::add_low_rank(&mut out, f32s(&h), f32s(&b), r, cols);
+    (flex(out, shape), h)
 }
 
 /// Whether the fused kernels can run this tensor: f32 on Flex (with or without autodiff),
@@ -126,6 +166,24 @@ pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
         return Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch()));
     }
     reference::swiglu_packed(gate_up)
+}
+
+/// x·w + scale·(x·a)·b for x [.., in], w [in, out], a [in, r], b [r, out]; None where
+/// the fused kernel cannot run (the caller composes it).
+pub fn lora_linear<const N: usize>(
+    x: Tensor<N>,
+    w: Tensor<2>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<N> {
+    let mut dims = x.dims();
+    let d_in = dims[N - 1];
+    let rows = x.shape().num_elements() / d_in.max(1);
+    dims[N - 1] = w.dims()[1];
+    let x = x.reshape([rows, d_in]).into_dispatch();
+    let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
+    Tensor::<2>::from_dispatch(D::lora_linear(x, w, a, b, scale)).reshape(dims)
 }
 
 /// softmax(scale·scores) over the last dim of [B, heads, rows, S], where row r is query
