@@ -332,15 +332,13 @@ pub fn attend(
 }
 
 /// Causal attention for training: each kv head's g query heads are stacked as one
-/// [g·T, d] block, so GQA needs no repeated k/v, and the scores go through the fused causal
-/// softmax (Burn's `attention` under autodiff is matmul + a composed softmax that keeps every
-/// intermediate of [B, H, T, S] for the backward).
+/// [g·T, d] block, so GQA needs no repeated k/v, in one fused op (Burn's `attention` under
+/// autodiff is matmul + a composed softmax that keeps every intermediate of [B, H, T, S]).
 fn grouped_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<3> {
     let [b, h, t, d] = q.dims();
     let [_, kv, s, _] = k.dims();
     let q = q.reshape([b, kv, h / kv * t, d]);
-    let p = fused::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, s - t);
-    p.matmul(v)
+    fused::causal_attention(q, k, v, scale, t, s - t)
         .reshape([b, h, t, d])
         .swap_dims(1, 2)
         .reshape([b, t, h * d])

@@ -1,28 +1,37 @@
-//! Backward passes of the fused ops on Autodiff<Flex>. Each op keeps what its backward reads
-//! (swiglu: its inputs; softmax: its output; cross-entropy: the logits and per-row logsumexp)
-//! and is registered compute-bound, so balanced checkpointing keeps rather than recomputes it.
+//! Backward passes of the fused ops on Autodiff<Flex>. Inputs the backward reads are handed
+//! to Burn's checkpointer (as its own matmul does), not held: under balanced gradient
+//! checkpointing an input made by a cheap op is then dropped and recomputed, which holding
+//! it would prevent. Own outputs (softmax probabilities, LoRA's s·x·A, the logsumexp) are
+//! kept; the ops are registered compute-bound, so they are never recomputed.
 
+use super::attention::{self, CausalAttention, Probs};
 use super::kernels::{self, Causal, Layout};
 use super::{contiguous, f32s, flex, last_dim, lora_forward, FusedOps};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Flex, TensorMetadata};
+use std::any::TypeId;
 
 #[derive(Debug)]
 struct SwigluPair;
 
-impl Backward<Flex, 2> for SwigluPair {
-    type State = (FlexTensor, FlexTensor);
+fn retrieve(c: &mut Checkpointer, id: NodeId) -> FlexTensor {
+    contiguous(c.retrieve_node_output::<FlexTensor>(id))
+}
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+impl Backward<Flex, 2> for SwigluPair {
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node_g, node_u] = ops.parents;
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let (g, u) = ops.state;
+        let (g, u) = (retrieve(c, ops.state.0), retrieve(c, ops.state.1));
         let shape = g.shape();
         let (dg, du) = kernels::swiglu_backward(f32s(&g), f32s(&u), f32s(&grad), Layout::Pair);
         if let Some(node) = node_g {
@@ -38,12 +47,12 @@ impl Backward<Flex, 2> for SwigluPair {
 struct SwigluPacked;
 
 impl Backward<Flex, 1> for SwigluPacked {
-    type State = FlexTensor;
+    type State = NodeId;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node] = ops.parents;
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let gu = ops.state;
+        let gu = retrieve(c, ops.state);
         let width = *gu.shape().as_slice().last().unwrap() / 2;
         let (dgu, _) =
             kernels::swiglu_backward(f32s(&gu), &[], f32s(&grad), Layout::Packed { width });
@@ -80,14 +89,15 @@ struct LoraLinear {
 }
 
 impl Backward<Flex, 4> for LoraLinear {
-    /// x, w, a, b and hs = s·(x·a).
-    type State = [FlexTensor; 5];
+    /// x, w, a, b (checkpointed) and hs = s·(x·a).
+    type State = ([NodeId; 4], FlexTensor);
 
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
         use burn::backend::ops::FloatTensorOps;
         let [node_x, node_w, node_a, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let [x, w, a, b, hs] = ops.state;
+        let (ids, hs) = ops.state;
+        let [x, w, a, b] = ids.map(|id| retrieve(c, id));
         let t = Flex::float_transpose;
         if let Some(node) = node_b {
             grads.register::<Flex>(node.id, Flex::float_matmul(t(hs), dy.clone()));
@@ -118,13 +128,14 @@ impl Backward<Flex, 4> for LoraLinear {
 struct CrossEntropySum;
 
 impl Backward<Flex, 1> for CrossEntropySum {
-    type State = (FlexTensor, Vec<i64>, Vec<f32>);
+    type State = (NodeId, Vec<i64>, Vec<f32>);
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node] = ops.parents;
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
         let g = f32s(&grad)[0];
-        let (x, targets, lse) = ops.state;
+        let (id, targets, lse) = ops.state;
+        let x = retrieve(c, id);
         let v = *x.shape().as_slice().last().unwrap();
         let dx = kernels::cross_entropy_backward(f32s(&x), v, &targets, &lse, g);
         if let Some(node) = node {
@@ -140,13 +151,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let (g, u) = (
-                    contiguous(gate.into_primitive()),
-                    contiguous(up.into_primitive()),
-                );
-                let out = Flex::swiglu_pair(g.clone(), u.clone());
-                prep.finish((g, u), out)
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
+                let out = Flex::swiglu_pair(gate.into_primitive(), up.into_primitive());
+                prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::swiglu_pair(
                 gate.into_primitive(),
@@ -161,10 +169,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let gu = contiguous(gate_up.into_primitive());
-                let out = Flex::swiglu_packed(gu.clone());
-                prep.finish(gu, out)
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&gate_up);
+                prep.finish(state, Flex::swiglu_packed(gate_up.into_primitive()))
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::swiglu_packed(gate_up.into_primitive())),
         }
@@ -198,6 +205,47 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+        t: usize,
+        offset: usize,
+    ) -> FloatTensor<Self> {
+        let back = CausalAttention {
+            scale: scale as f32,
+            causal: Causal { t, offset },
+        };
+        match back
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (o, p, lse) = attention::forward(q, k, v, scale as f32, Causal { t, offset });
+                // Gradient checkpointing trades the probabilities for a recompute.
+                let recompute = TypeId::of::<C>() == TypeId::of::<BalancedCheckpointing>();
+                let probs = if recompute {
+                    Probs::Lse(lse)
+                } else {
+                    Probs::Kept(p)
+                };
+                prep.finish((ids, probs), o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                scale,
+                t,
+                offset,
+            )),
+        }
+    }
+
     fn lora_linear(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -210,15 +258,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&x, &w, &a, &b].map(|t| prep.checkpoint(t));
                 let (x, w, a, b) = (
                     x.into_primitive(),
                     w.into_primitive(),
                     a.into_primitive(),
                     b.into_primitive(),
                 );
-                let (y, hs) = lora_forward(x.clone(), w.clone(), a.clone(), b.clone(), scale);
-                prep.finish([x, w, a, b, hs], y)
+                let (y, hs) = lora_forward(x, w, a, b, scale);
+                prep.finish((ids, hs), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::lora_linear(
                 x.into_primitive(),
@@ -236,12 +285,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
+            OpsKind::Tracked(mut prep) => {
+                let id = prep.checkpoint(&logits);
                 let x = contiguous(logits.into_primitive());
-                let v = *x.shape().as_slice().last().unwrap();
-                let (loss, lse) = kernels::cross_entropy_forward(f32s(&x), v, &targets);
+                let (loss, lse) = kernels::cross_entropy_forward(f32s(&x), last_dim(&x), &targets);
                 let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
-                prep.finish((x, targets, lse), flex(vec![sum], [1].into()))
+                prep.finish((id, targets, lse), flex(vec![sum], [1].into()))
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(Flex::cross_entropy_sum(logits.into_primitive(), targets))

@@ -257,17 +257,55 @@ fn rows_per_task(s: usize) -> usize {
 
 /// Row softmax of scale·x over [rows, s], masked entries (causal) set to 0.
 pub fn softmax_forward(x: &[f32], s: usize, scale: f32, causal: Option<Causal>, out: &mut [f32]) {
+    softmax_forward_lse(x, s, scale, causal, out);
+}
+
+/// As `softmax_forward`, returning each row's log Σ e^(scale·x) for a later recompute.
+pub fn softmax_forward_lse(
+    x: &[f32],
+    s: usize,
+    scale: f32,
+    causal: Option<Causal>,
+    out: &mut [f32],
+) -> Vec<f32> {
     let per = rows_per_task(s);
+    let mut lse = vec![0.0; x.len() / s.max(1)];
     out.par_chunks_mut(per * s)
         .zip(x.par_chunks(per * s))
+        .zip(lse.par_chunks_mut(per))
         .enumerate()
-        .for_each(|(task, (o, x))| {
-            for (i, (o, x)) in o.chunks_mut(s).zip(x.chunks(s)).enumerate() {
+        .for_each(|(task, ((o, x), lse))| {
+            for (i, ((o, x), lse)) in o.chunks_mut(s).zip(x.chunks(s)).zip(lse).enumerate() {
                 let n = causal.map_or(s, |c| c.visible(task * per + i, s));
                 let m = max_of(&x[..n]);
                 let sum = exp_shifted(&x[..n], m, scale, &mut o[..n]);
                 scale_in_place(&mut o[..n], 1.0 / sum);
                 o[n..].fill(0.0);
+                *lse = m * scale + sum.ln();
+            }
+        });
+    lse
+}
+
+simd! {
+    fn exp_minus(x: &mut [f32], scale: f32, lse: f32) {
+        for v in x {
+            *v = exp(*v * scale - lse);
+        }
+    }
+}
+
+/// Scores → probabilities in place from the forward's logsumexp (attention's recompute).
+pub fn softmax_recompute(x: &mut [f32], s: usize, scale: f32, causal: Option<Causal>, lse: &[f32]) {
+    let per = rows_per_task(s);
+    x.par_chunks_mut(per * s)
+        .zip(lse.par_chunks(per))
+        .enumerate()
+        .for_each(|(task, (x, lse))| {
+            for (i, (x, &l)) in x.chunks_mut(s).zip(lse).enumerate() {
+                let n = causal.map_or(s, |c| c.visible(task * per + i, s));
+                exp_minus(&mut x[..n], scale, l);
+                x[n..].fill(0.0);
             }
         });
 }

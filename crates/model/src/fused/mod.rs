@@ -9,6 +9,7 @@
 //! take the composed path, which is also the reference the tests compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
+mod attention;
 mod autodiff;
 pub mod kernels;
 
@@ -27,6 +28,16 @@ pub trait FusedOps: Backend {
     /// softmax(scale·x) over the last dim, causal over blocks of `t` query rows at `offset`.
     fn causal_softmax(
         scores: FloatTensor<Self>,
+        scale: f64,
+        t: usize,
+        offset: usize,
+    ) -> FloatTensor<Self>;
+    /// softmax(scale·q·kᵀ)·v for q [B, kv, g·t, d] (g query heads of each kv head stacked,
+    /// t queries at `offset`), k, v [B, kv, S, d]; causal as `causal_softmax`.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
         scale: f64,
         t: usize,
         offset: usize,
@@ -90,6 +101,17 @@ impl FusedOps for Flex {
         let causal = Some(Causal { t, offset });
         kernels::softmax_forward(f32s(&x), s, scale as f32, causal, &mut out);
         flex(out, x.shape())
+    }
+
+    fn causal_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        scale: f64,
+        t: usize,
+        offset: usize,
+    ) -> FlexTensor {
+        attention::forward(q, k, v, scale as f32, Causal { t, offset }).0
     }
 
     fn lora_linear(
@@ -184,6 +206,23 @@ pub fn lora_linear<const N: usize>(
     let x = x.reshape([rows, d_in]).into_dispatch();
     let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
     Tensor::<2>::from_dispatch(D::lora_linear(x, w, a, b, scale)).reshape(dims)
+}
+
+/// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),
+/// composed from matmuls and `causal_softmax` off Flex.
+pub fn causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f64,
+    t: usize,
+    offset: usize,
+) -> Tensor<4> {
+    if fusable(&q) {
+        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        return Tensor::from_dispatch(D::causal_attention(q, k, v, scale, t, offset));
+    }
+    reference::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, offset).matmul(v)
 }
 
 /// softmax(scale·scores) over the last dim of [B, heads, rows, S], where row r is query
