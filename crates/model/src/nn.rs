@@ -306,7 +306,7 @@ pub fn attend(
     let kv_heads = k.dims()[1];
     let s = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
-    if ctx.mask.is_none() && q.device().is_autodiff() && fused::fusable(&q) {
+    if ctx.mask.is_none() && fused::fusable(&q) {
         return grouped_causal(q, k, v, scale);
     }
     let (k, v) = if kv_heads == h {
@@ -331,7 +331,7 @@ pub fn attend(
     out.swap_dims(1, 2).reshape([b, t, h * d])
 }
 
-/// Causal attention for training: each kv head's g query heads are stacked as one
+/// Causal attention without a padding mask: each kv head's g query heads are stacked as one
 /// [g·T, d] block, so GQA needs no repeated k/v, in one fused op (Burn's `attention` under
 /// autodiff is matmul + a composed softmax that keeps every intermediate of [B, H, T, S]).
 fn grouped_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<3> {
