@@ -79,8 +79,10 @@ impl Linear {
         }
         let bias = self.bias.as_ref().map(|b| b.val());
         match &self.lora {
-            Some(l) if l.dropout.prob == 0.0 && fused::fusable(&x) => {
-                let y = fused::lora_linear(x, self.weight.val(), l.a.val(), l.b.val(), l.scale);
+            Some(l) if fused::fusable(&x) => {
+                let xd = (l.dropout.prob > 0.0).then(|| l.dropout.forward(x.clone()));
+                let (w, a, b) = (self.weight.val(), l.a.val(), l.b.val());
+                let y = fused::lora_linear(x, xd, w, a, b, l.scale);
                 match bias {
                     Some(b) => y + b.unsqueeze(),
                     None => y,

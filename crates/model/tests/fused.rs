@@ -2,7 +2,7 @@
 //! outputs and input gradients, on shapes with odd sizes, GQA blocks, a KV-cache offset and
 //! ignored cross-entropy rows.
 
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor, TensorData};
 use phi_model::fused::{self, reference};
 
 fn dev() -> burn::tensor::Device {
@@ -119,40 +119,49 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
         rand([24, 4], 0.3),
         rand([4, 40], 0.3),
     );
-    let mut results = Vec::new();
-    for fused_path in [true, false] {
-        let leaf = |t: &Tensor<2>| t.clone().detach().require_grad();
-        let (x, w, a, b) = (
-            x.clone().detach().require_grad(),
-            leaf(&w),
-            leaf(&a),
-            leaf(&b),
-        );
-        let y = if fused_path {
-            fused::lora_linear(x.clone(), w.clone(), a.clone(), b.clone(), 1.7)
-        } else {
-            x.clone().matmul(w.clone().unsqueeze())
-                + x.clone()
+    // A fixed dropout-like mask on the adapter's input: 0 or 1/keep, as Burn's Dropout makes.
+    let mask: Vec<f32> = (0..2 * 5 * 24)
+        .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+        .collect();
+    let mask = Tensor::<3>::from_data(TensorData::new(mask, [2, 5, 24]), &dev().autodiff());
+    for dropout in [false, true] {
+        let mut results = Vec::new();
+        for fused_path in [true, false] {
+            let leaf = |t: &Tensor<2>| t.clone().detach().require_grad();
+            let (x, w, a, b) = (
+                x.clone().detach().require_grad(),
+                leaf(&w),
+                leaf(&a),
+                leaf(&b),
+            );
+            let xd = dropout.then(|| x.clone() * mask.clone());
+            let y = if fused_path {
+                fused::lora_linear(x.clone(), xd, w.clone(), a.clone(), b.clone(), 1.7)
+            } else {
+                let xd = xd.unwrap_or_else(|| x.clone());
+                let lora = xd
                     .matmul(a.clone().unsqueeze())
-                    .matmul(b.clone().unsqueeze())
-                    * 1.7
-        };
-        dev().seed(42);
-        let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
-        let g = (y.clone() * Tensor::from_data(up.into_data(), &y.device()))
-            .sum()
-            .backward();
-        let grads: Vec<Vec<f32>> = [w, a, b]
-            .iter()
-            .map(|p| vals(p.grad(&g).unwrap()))
-            .collect();
-        results.push((vals(y), vals(x.grad(&g).unwrap()), grads));
-    }
-    let (f, r) = (&results[0], &results[1]);
-    close(&f.0, &r.0, 1e-5, "lora output");
-    close(&f.1, &r.1, 1e-5, "lora d x");
-    for (i, name) in ["d w", "d a", "d b"].iter().enumerate() {
-        close(&f.2[i], &r.2[i], 1e-5, name);
+                    .matmul(b.clone().unsqueeze());
+                x.clone().matmul(w.clone().unsqueeze()) + lora * 1.7
+            };
+            dev().seed(42);
+            let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
+            let g = (y.clone() * Tensor::from_data(up.into_data(), &y.device()))
+                .sum()
+                .backward();
+            let grads: Vec<Vec<f32>> = [w, a, b]
+                .iter()
+                .map(|p| vals(p.grad(&g).unwrap()))
+                .collect();
+            results.push((vals(y), vals(x.grad(&g).unwrap()), grads));
+        }
+        let (f, r) = (&results[0], &results[1]);
+        let tag = if dropout { " (dropout)" } else { "" };
+        close(&f.0, &r.0, 1e-5, &format!("lora output{tag}"));
+        close(&f.1, &r.1, 1e-5, &format!("lora d x{tag}"));
+        for (i, name) in ["d w", "d a", "d b"].iter().enumerate() {
+            close(&f.2[i], &r.2[i], 1e-5, &format!("lora {name}{tag}"));
+        }
     }
 }
 

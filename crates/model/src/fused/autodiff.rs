@@ -88,38 +88,58 @@ struct LoraLinear {
     scale: f64,
 }
 
-impl Backward<Flex, 4> for LoraLinear {
-    /// x, w, a, b (checkpointed) and hs = s·(x·a).
-    type State = ([NodeId; 4], FlexTensor);
+impl Backward<Flex, 5> for LoraLinear {
+    /// x, xd, w, a, b (checkpointed) and hs = s·(xd·a).
+    type State = ([NodeId; 5], FlexTensor);
 
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, c: &mut Checkpointer) {
         use burn::backend::ops::FloatTensorOps;
-        let [node_x, node_w, node_a, node_b] = ops.parents;
+        let [node_x, node_xd, node_w, node_a, node_b] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
         let (ids, hs) = ops.state;
-        let [x, w, a, b] = ids.map(|id| retrieve(c, id));
+        // Without dropout xd is x: one gradient, the rank-r term added into it in place.
+        let shared = ids[0] == ids[1];
+        let [x, xd, w, a, b] = ids.map(|id| retrieve(c, id));
         let t = Flex::float_transpose;
         if let Some(node) = node_b {
             grads.register::<Flex>(node.id, Flex::float_matmul(t(hs), dy.clone()));
         }
-        // gs = s·dy·bᵀ [N, r], the gradient at x·a.
+        // gs = s·dy·bᵀ [N, r], the gradient at xd·a.
         let gs = Flex::float_matmul(dy.clone(), t(b));
         let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
         if let Some(node) = node_a {
-            grads.register::<Flex>(node.id, Flex::float_matmul(t(x.clone()), gs.clone()));
+            grads.register::<Flex>(node.id, Flex::float_matmul(t(xd.clone()), gs.clone()));
         }
         if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, Flex::float_matmul(t(x), dy.clone()));
+            grads.register::<Flex>(node.id, Flex::float_matmul(t(x.clone()), dy.clone()));
         }
-        if let Some(node) = node_x {
-            // dy·wᵀ + gs·aᵀ, the rank-r term added in place rather than as a k = r GEMM.
-            let dx = contiguous(Flex::float_matmul(dy, t(w)));
-            let at = contiguous(t(a));
-            let (r, cols, shape) = (last_dim(&gs), last_dim(&dx), dx.shape());
-            let mut out = f32s(&dx).to_vec();
-            drop(dx);
+        let at = contiguous(t(a));
+        let r = last_dim(&gs);
+        // gs·aᵀ added onto `base` (dy·wᵀ, or zeros) rather than computed as a k = r GEMM.
+        let low_rank = |base: Vec<f32>, cols: usize| {
+            let mut out = base;
             kernels::add_low_rank(&mut out, f32s(&gs), f32s(&at), r, cols);
-            grads.register::<Flex>(node.id, flex(out, shape));
+            out
+        };
+        let base = node_x.map(|node| {
+            let dx = contiguous(Flex::float_matmul(dy, t(w)));
+            (node, f32s(&dx).to_vec(), dx.shape())
+        });
+        match (base, node_xd) {
+            (Some((node, dx, shape)), _) if shared => {
+                let cols = last_dim(&x);
+                grads.register::<Flex>(node.id, flex(low_rank(dx, cols), shape));
+            }
+            (base, node_xd) => {
+                if let Some((node, dx, shape)) = base {
+                    grads.register::<Flex>(node.id, flex(dx, shape));
+                }
+                if let Some(node) = node_xd {
+                    let zeros = vec![0.0; f32s(&xd).len()];
+                    let dxd = low_rank(zeros, last_dim(&xd));
+                    grads.register::<Flex>(node.id, flex(dxd, xd.shape()));
+                }
+            }
         }
     }
 }
@@ -248,29 +268,32 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
 
     fn lora_linear(
         x: FloatTensor<Self>,
+        xd: FloatTensor<Self>,
         w: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
         match (LoraLinear { scale })
-            .prepare::<C>([x.node(), w.node(), a.node(), b.node()])
+            .prepare::<C>([x.node(), xd.node(), w.node(), a.node(), b.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let ids = [&x, &w, &a, &b].map(|t| prep.checkpoint(t));
-                let (x, w, a, b) = (
+                let ids = [&x, &xd, &w, &a, &b].map(|t| prep.checkpoint(t));
+                let (x, xd, w, a, b) = (
                     x.into_primitive(),
+                    xd.into_primitive(),
                     w.into_primitive(),
                     a.into_primitive(),
                     b.into_primitive(),
                 );
-                let (y, hs) = lora_forward(x, w, a, b, scale);
+                let (y, hs) = lora_forward(x, xd, w, a, b, scale);
                 prep.finish((ids, hs), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::lora_linear(
                 x.into_primitive(),
+                xd.into_primitive(),
                 w.into_primitive(),
                 a.into_primitive(),
                 b.into_primitive(),

@@ -42,9 +42,11 @@ pub trait FusedOps: Backend {
         t: usize,
         offset: usize,
     ) -> FloatTensor<Self>;
-    /// x·w + scale·(x·a)·b over [N, in] rows: a linear layer with its LoRA path.
+    /// x·w + scale·(xd·a)·b over [N, in] rows: a linear layer with its LoRA path, whose
+    /// input xd is x after the adapter's dropout (x itself without one).
     fn lora_linear(
         x: FloatTensor<Self>,
+        xd: FloatTensor<Self>,
         w: FloatTensor<Self>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
@@ -116,12 +118,13 @@ impl FusedOps for Flex {
 
     fn lora_linear(
         x: FlexTensor,
+        xd: FlexTensor,
         w: FlexTensor,
         a: FlexTensor,
         b: FlexTensor,
         s: f64,
     ) -> FlexTensor {
-        lora_forward(x, w, a, b, s).0
+        lora_forward(x, xd, w, a, b, s).0
     }
 
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
@@ -132,19 +135,17 @@ impl FusedOps for Flex {
     }
 }
 
-/// x·w + s·(x·a)·b and s·(x·a) (kept for the backward).
+/// x·w + s·(xd·a)·b and s·(xd·a) (kept for the backward).
 pub(crate) fn lora_forward(
     x: FlexTensor,
+    xd: FlexTensor,
     w: FlexTensor,
     a: FlexTensor,
     b: FlexTensor,
     s: f64,
 ) -> (FlexTensor, FlexTensor) {
     use burn::backend::ops::FloatTensorOps;
-    let h = contiguous(Flex::float_mul_scalar(
-        Flex::float_matmul(x.clone(), a),
-        s.into(),
-    ));
+    let h = contiguous(Flex::float_mul_scalar(Flex::float_matmul(xd, a), s.into()));
     let y = contiguous(Flex::float_matmul(x, w));
     let (b, shape) = (contiguous(b), y.shape());
     let (r, cols) = (last_dim(&h), last_dim(&y));
@@ -190,10 +191,11 @@ pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
     reference::swiglu_packed(gate_up)
 }
 
-/// x·w + scale·(x·a)·b for x [.., in], w [in, out], a [in, r], b [r, out]; None where
-/// the fused kernel cannot run (the caller composes it).
+/// x·w + scale·(xd·a)·b for x [.., in], w [in, out], a [in, r], b [r, out], with xd the
+/// adapter's input (x after dropout; None: x). Only where `fusable` (callers check).
 pub fn lora_linear<const N: usize>(
     x: Tensor<N>,
+    xd: Option<Tensor<N>>,
     w: Tensor<2>,
     a: Tensor<2>,
     b: Tensor<2>,
@@ -203,9 +205,13 @@ pub fn lora_linear<const N: usize>(
     let d_in = dims[N - 1];
     let rows = x.shape().num_elements() / d_in.max(1);
     dims[N - 1] = w.dims()[1];
+    let xd = xd
+        .unwrap_or_else(|| x.clone())
+        .reshape([rows, d_in])
+        .into_dispatch();
     let x = x.reshape([rows, d_in]).into_dispatch();
     let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
-    Tensor::<2>::from_dispatch(D::lora_linear(x, w, a, b, scale)).reshape(dims)
+    Tensor::<2>::from_dispatch(D::lora_linear(x, xd, w, a, b, scale)).reshape(dims)
 }
 
 /// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),
