@@ -3,6 +3,7 @@
 
 use crate::DataError;
 use serde_json::Value;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A special token by text and id.
@@ -36,16 +37,32 @@ fn token_text(v: &Value) -> Option<String> {
 }
 
 impl Tok {
-    /// `path` is a tokenizer.json or a folder holding one; tokenizer_config.json and
-    /// chat_template.jinja are read from the same folder when present.
+    /// `path` is a tokenizer.json (or tokenizer.json.gz) or a folder holding one;
+    /// tokenizer_config.json and chat_template.jinja are read from the same folder when present.
     pub fn load(path: &Path) -> Result<Tok, DataError> {
         let file = if path.is_dir() {
-            path.join("tokenizer.json")
+            let plain = path.join("tokenizer.json");
+            let gz = path.join("tokenizer.json.gz");
+            if !plain.exists() && gz.exists() {
+                gz
+            } else {
+                plain
+            }
         } else {
             path.to_path_buf()
         };
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| DataError::file(file.display(), format!("cannot load tokenizer: {e}")))?;
+        let bad =
+            |e: String| DataError::file(file.display(), format!("cannot load tokenizer: {e}"));
+        let inner = if file.extension().is_some_and(|e| e == "gz") {
+            // Large vocabularies ship compressed (a 128K-token tokenizer.json is 9 MB).
+            let mut bytes = Vec::new();
+            std::fs::File::open(&file)
+                .and_then(|f| flate2::read::GzDecoder::new(f).read_to_end(&mut bytes))
+                .map_err(|e| bad(e.to_string()))?;
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?
+        } else {
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| bad(e.to_string()))?
+        };
         let dir = file.parent().unwrap_or(Path::new("."));
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
