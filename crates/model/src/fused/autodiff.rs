@@ -6,7 +6,9 @@
 
 use super::attention::{self, CausalAttention, Probs};
 use super::kernels::{self, Causal, Layout};
-use super::{contiguous, f32s, flex, last_dim, lora_forward, FusedOps};
+use super::{
+    contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, owned, FusedOps,
+};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -115,29 +117,24 @@ impl Backward<Flex, 5> for LoraLinear {
         }
         let at = contiguous(t(a));
         let r = last_dim(&gs);
-        // gs·aᵀ added onto `base` (dy·wᵀ, or zeros) rather than computed as a k = r GEMM.
-        let low_rank = |base: Vec<f32>, cols: usize| {
-            let mut out = base;
-            kernels::add_low_rank(&mut out, f32s(&gs), f32s(&at), r, cols);
-            out
+        // gs·aᵀ added in place onto dy·wᵀ (or zeros) rather than computed as a k = r GEMM.
+        let add_low_rank = |mut base: FlexTensor| {
+            let cols = last_dim(&base);
+            kernels::add_low_rank(base.storage_mut::<f32>(), f32s(&gs), f32s(&at), r, cols);
+            base
         };
-        let base = node_x.map(|node| {
-            let dx = contiguous(Flex::float_matmul(dy, t(w)));
-            (node, f32s(&dx).to_vec(), dx.shape())
-        });
-        match (base, node_xd) {
-            (Some((node, dx, shape)), _) if shared => {
-                let cols = last_dim(&x);
-                grads.register::<Flex>(node.id, flex(low_rank(dx, cols), shape));
+        let dx = node_x.map(|node| (node, owned(Flex::float_matmul(dy, t(w)))));
+        match (dx, node_xd) {
+            (Some((node, dx)), _) if shared => {
+                grads.register::<Flex>(node.id, add_low_rank(dx));
             }
-            (base, node_xd) => {
-                if let Some((node, dx, shape)) = base {
-                    grads.register::<Flex>(node.id, flex(dx, shape));
+            (dx, node_xd) => {
+                if let Some((node, dx)) = dx {
+                    grads.register::<Flex>(node.id, dx);
                 }
                 if let Some(node) = node_xd {
-                    let zeros = vec![0.0; f32s(&xd).len()];
-                    let dxd = low_rank(zeros, last_dim(&xd));
-                    grads.register::<Flex>(node.id, flex(dxd, xd.shape()));
+                    let zeros = flex(vec![0.0; f32s(&xd).len()], xd.shape());
+                    grads.register::<Flex>(node.id, add_low_rank(zeros));
                 }
             }
         }
@@ -311,9 +308,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let id = prep.checkpoint(&logits);
                 let x = contiguous(logits.into_primitive());
-                let (loss, lse) = kernels::cross_entropy_forward(f32s(&x), last_dim(&x), &targets);
-                let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
-                prep.finish((id, targets, lse), flex(vec![sum], [1].into()))
+                let (sum, lse) = cross_entropy_forward(&x, &targets);
+                prep.finish((id, targets, lse), sum)
             }
             OpsKind::UnTracked(prep) => {
                 prep.finish(Flex::cross_entropy_sum(logits.into_primitive(), targets))

@@ -65,6 +65,17 @@ pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// `t` with a buffer that is exactly its elements in row-major order, so `storage_mut`
+/// edits it in place; copies only a view (strided or offset) or a short buffer.
+pub(crate) fn owned(t: FlexTensor) -> FlexTensor {
+    let t = contiguous(t);
+    if t.storage::<f32>().len() == f32s(&t).len() {
+        t
+    } else {
+        flex(f32s(&t).to_vec(), t.shape())
+    }
+}
+
 pub(crate) fn f32s(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 Flex tensor")
 }
@@ -128,11 +139,15 @@ impl FusedOps for Flex {
     }
 
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
-        let x = contiguous(logits);
-        let (loss, _) = kernels::cross_entropy_forward(f32s(&x), last_dim(&x), &targets);
-        let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
-        flex(vec![sum], [1].into())
+        cross_entropy_forward(&contiguous(logits), &targets).0
     }
+}
+
+/// The summed loss as a [1] tensor and each row's logsumexp (kept for the backward).
+pub(crate) fn cross_entropy_forward(x: &FlexTensor, targets: &[i64]) -> (FlexTensor, Vec<f32>) {
+    let (loss, lse) = kernels::cross_entropy_forward(f32s(x), last_dim(x), targets);
+    let sum = loss.iter().map(|&l| l as f64).sum::<f64>() as f32;
+    (flex(vec![sum], [1].into()), lse)
 }
 
 /// x·w + s·(xd·a)·b and s·(xd·a) (kept for the backward).
@@ -146,13 +161,11 @@ pub(crate) fn lora_forward(
 ) -> (FlexTensor, FlexTensor) {
     use burn::backend::ops::FloatTensorOps;
     let h = contiguous(Flex::float_mul_scalar(Flex::float_matmul(xd, a), s.into()));
-    let y = contiguous(Flex::float_matmul(x, w));
-    let (b, shape) = (contiguous(b), y.shape());
+    let mut y = owned(Flex::float_matmul(x, w));
+    let b = contiguous(b);
     let (r, cols) = (last_dim(&h), last_dim(&y));
-    let mut out = f32s(&y).to_vec();
-    drop(y);
-    kernels::add_low_rank(&mut out, f32s(&h), f32s(&b), r, cols);
-    (flex(out, shape), h)
+    kernels::add_low_rank(y.storage_mut::<f32>(), f32s(&h), f32s(&b), r, cols);
+    (y, h)
 }
 
 /// Whether the fused kernels can run this tensor: f32 on Flex (with or without autodiff),
@@ -266,15 +279,7 @@ pub fn adamw(
     h: kernels::AdamW,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let prim = |t: Tensor<1>| contiguous(t.try_into_primitive::<Flex>().expect("a Flex tensor"));
-    // Updated in place, so each buffer must be exactly the tensor (no offset view).
-    let own = |t: Tensor<1>| {
-        let t = prim(t);
-        if t.storage::<f32>().len() == f32s(&t).len() {
-            t
-        } else {
-            flex(f32s(&t).to_vec(), t.shape())
-        }
-    };
+    let own = |t: Tensor<1>| owned(prim(t));
     let (mut p, g, mut m, mut v) = (own(p), prim(g), own(m), own(v));
     kernels::adamw(
         p.storage_mut::<f32>(),
