@@ -69,7 +69,7 @@ pub struct Args {
 
 fn main() -> Result<()> {
     phi_model::alloc::tune();
-    let a = Args::parse();
+    let a: Args = phi_cli::parse();
     if let Some(dir) = &a.save_random {
         let json = shapes::shape_json(&a.shape)?;
         let files = phi_model::export::write_random_model(dir, json, 0)?;

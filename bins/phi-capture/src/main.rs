@@ -7,6 +7,7 @@ use phi_model::capture::capture;
 use phi_model::io::{prepare_out_dir, write_atomic, write_safetensors};
 use phi_model::weights::read_i64;
 use phi_model::Inputs;
+use phi_regularizers::BosScale;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -32,6 +33,11 @@ struct Args {
     /// PEFT adapter folder.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// BOS scaling of the position-0 embedding: `auto` applies the adapter folder's
+    /// bos_zero_config.json (written by BOS-scaling training) when it has one, `off` never
+    /// scales, a number is the factor.
+    #[arg(long, default_value = "auto")]
+    bos_scaling: String,
     #[arg(long)]
     out: PathBuf,
     /// Replace files in a non-empty output folder.
@@ -104,11 +110,7 @@ fn pad_rows(rows: Vec<Vec<i64>>, pad: i64) -> Inputs {
 
 fn main() {
     phi_model::alloc::tune();
-    // One line per error: the context chain joined with ": ".
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    phi_cli::exit_on_error(run(phi_cli::parse()));
 }
 
 fn run(a: Args) -> Result<()> {
@@ -121,7 +123,7 @@ fn run(a: Args) -> Result<()> {
         let p = a
             .tokenizer
             .clone()
-            .or_else(|| loaded.tokenizer_path())
+            .or_else(|| phi_data::tokenizer::find(loaded.files_dir().as_deref()))
             .context("--tokenizer: no tokenizer.json beside the model; pass --tokenizer")?;
         Ok(Tok::load(&p)?)
     };
@@ -186,7 +188,11 @@ fn run(a: Args) -> Result<()> {
     }
     loaded.check_ids("input_ids", &inp.input_ids)?;
     prepare_out_dir(&a.out, a.overwrite)?;
-    let (tensors, summary) = capture(&loaded.model, &inp);
+    let (bos, note) = BosScale::from_flag(&a.bos_scaling, a.adapter.as_deref())?;
+    if let Some(n) = note {
+        eprintln!("[phi-capture] {n}");
+    }
+    let (tensors, summary) = capture(&loaded.model, &inp, bos.map(|b| b.factor));
     write_safetensors(&a.out.join("capture.safetensors"), &tensors, None)?;
     write_atomic(
         &a.out.join("summary.json"),

@@ -13,6 +13,8 @@ struct Session {
     label: String,
     model: CausalLm,
     conv: Conversation,
+    /// The adapter's BOS scaling; the base of --compare-base runs without it.
+    bos_scale: Option<f64>,
 }
 
 impl Session {
@@ -35,7 +37,11 @@ impl Session {
                 chat.vocab
             );
         }
-        let mut out: Vec<u32> = generate(&self.model, &ids, &chat.cfg, |_| {})
+        let cfg = GenerateConfig {
+            bos_scale: self.bos_scale,
+            ..chat.cfg.clone()
+        };
+        let mut out: Vec<u32> = generate(&self.model, &ids, &cfg, |_| {})
             .into_iter()
             .map(|x| x as u32)
             .collect();
@@ -67,7 +73,7 @@ pub fn run(a: &Args, device: &burn::tensor::Device, mut cfg: GenerateConfig) -> 
     let tok_path = a
         .tokenizer
         .clone()
-        .or_else(|| base.tokenizer_path())
+        .or_else(|| phi_data::tokenizer::find(base.files_dir().as_deref()))
         .context("--tokenizer: no tokenizer.json beside the model; pass --tokenizer")?;
     let mut tok = Tok::load(&tok_path)?;
     // A chat always has a template: the named one, else the tokenizer's own (or LF's empty).
@@ -98,11 +104,13 @@ pub fn run(a: &Args, device: &burn::tensor::Device, mut cfg: GenerateConfig) -> 
             label: "base".into(),
             model: base.model,
             conv: conv(),
+            bos_scale: None,
         });
         sessions.push(Session {
             label: format!("adapter {}", adapter.display()),
             model: tuned,
             conv: conv(),
+            bos_scale: cfg.bos_scale,
         });
     } else {
         let model = match &a.adapter {
@@ -113,6 +121,7 @@ pub fn run(a: &Args, device: &burn::tensor::Device, mut cfg: GenerateConfig) -> 
             label: String::new(),
             model,
             conv: conv(),
+            bos_scale: cfg.bos_scale,
         });
     }
     let chat = Chat {

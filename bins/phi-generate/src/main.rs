@@ -6,7 +6,8 @@ mod ids;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use phi_data::{ChatFormat, Conversation, Message, Role, Tok};
-use phi_model::generate::{generate, GenerateConfig, Sampling};
+use phi_model::generate::{generate, new_token_budget, GenerateConfig, Sampling};
+use phi_regularizers::BosScale;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -63,15 +64,16 @@ pub struct Args {
     /// With --adapter: print the base model's answer and the adapter's, labelled.
     #[arg(long, conflicts_with_all = ["prompt_ids", "ids"])]
     compare_base: bool,
+    /// BOS scaling of the position-0 embedding: `auto` applies the adapter folder's
+    /// bos_zero_config.json (written by BOS-scaling training) when it has one, `off` never
+    /// scales, a number is the factor.
+    #[arg(long, default_value = "auto")]
+    bos_scaling: String,
 }
 
 fn main() {
     phi_model::alloc::tune();
-    // One line per error: the context chain joined with ": ".
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    phi_cli::exit_on_error(run(phi_cli::parse()));
 }
 
 fn run(a: Args) -> Result<()> {
@@ -86,12 +88,18 @@ fn run(a: Args) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     });
+    let (bos, note) = BosScale::from_flag(&a.bos_scaling, a.adapter.as_deref())?;
+    if let Some(n) = note {
+        eprintln!("[phi-generate] {n}");
+    }
+    let bos_scale = bos.map(|b| b.factor);
     if a.chat || a.compare_base {
         let cfg = GenerateConfig {
             max_new_tokens: a.max_new_tokens,
             sampling,
             eos_token_ids: vec![],
             use_cache: true,
+            bos_scale,
         };
         return chat::run(&a, &device, cfg);
     }
@@ -101,7 +109,11 @@ fn run(a: Args) -> Result<()> {
         a.adapter.as_deref(),
     )?;
     let load_s = t0.elapsed().as_secs_f64();
-    let mut tok = match a.tokenizer.clone().or_else(|| loaded.tokenizer_path()) {
+    let mut tok = match a
+        .tokenizer
+        .clone()
+        .or_else(|| phi_data::tokenizer::find(loaded.files_dir().as_deref()))
+    {
         Some(p) => Some(Tok::load(&p)?),
         None => None,
     };
@@ -148,14 +160,35 @@ fn run(a: Args) -> Result<()> {
         sampling,
         eos_token_ids: stop_ids,
         use_cache: true,
+        bos_scale,
     };
     let mut stdout = std::io::stdout();
+    let limit = loaded.model.max_positions;
     for prompt in &prompts {
+        let budget = new_token_budget(&loaded.model, prompt.len(), cfg.max_new_tokens);
+        if budget < cfg.max_new_tokens {
+            if budget == 0 {
+                bail!(
+                    "{what}: the prompt has {} tokens; the model's max_position_embeddings ({limit}) leaves no room for a new one",
+                    prompt.len()
+                );
+            }
+            eprintln!(
+                "[phi-generate] the model's max_position_embeddings is {limit}: at most {budget} new tokens after this {}-token prompt (asked {})",
+                prompt.len(),
+                cfg.max_new_tokens
+            );
+        }
         let t1 = Instant::now();
         let mut shown = String::new();
         let mut new_ids: Vec<u32> = Vec::new();
+        let mut first = true;
         let out = generate(&loaded.model, prompt, &cfg, |id| {
-            if a.ids {
+            // Ids stream as they are chosen, like text does.
+            if a.ids || tok.is_none() {
+                let _ = write!(stdout, "{}{id}", if first { "" } else { " " });
+                let _ = stdout.flush();
+                first = false;
                 return;
             }
             if let Some(tk) = &tok {
@@ -172,12 +205,7 @@ fn run(a: Args) -> Result<()> {
                 }
             }
         });
-        if a.ids || tok.is_none() {
-            let line: Vec<String> = out.iter().map(i64::to_string).collect();
-            println!("{}", line.join(" "));
-        } else {
-            println!();
-        }
+        println!();
         let s = t1.elapsed().as_secs_f64();
         eprintln!(
             "[phi-generate] load {load_s:.2}s; prompt {} tokens; {} new tokens in {s:.2}s ({:.1} tokens/s)",

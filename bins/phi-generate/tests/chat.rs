@@ -127,6 +127,7 @@ fn expected(
         sampling: None,
         eos_token_ids: stops,
         use_cache: true,
+        bos_scale: None,
     };
     let mut out: Vec<u32> = generate(&model, &ids, &cfg, |_| {})
         .into_iter()

@@ -135,7 +135,7 @@ fn greedy_ids_equal_transformers_generate_on_every_case() {
                 &["--prompt-ids", s(&inputs), "--key", prompt_key],
                 new,
             ) {
-                Ok(got) => r.equal(&case.name, key, &got, &[want[prompt.len()..].to_vec()]),
+                Ok(got) => r.exact(&case.name, key, &got, &[want[prompt.len()..].to_vec()]),
                 Err(e) => r.fail(format!("{}: {key}: phi-generate failed: {e}", case.name)),
             }
         }
@@ -163,7 +163,7 @@ fn padded_rows_continue_from_their_last_real_token() {
         r.equal(&case.name, "one line per row", &[got.len()], &[rows.len()]);
         for (b, want) in oracle_next(&case, "logits").into_iter().enumerate() {
             if let (Some(w), Some(g)) = (want, got.get(b)) {
-                r.equal(
+                r.exact(
                     &case.name,
                     &format!("row {b}: first token = argmax logits at last real position"),
                     &g[..1],
@@ -177,7 +177,7 @@ fn padded_rows_continue_from_their_last_real_token() {
             let f = tmpd.join(format!("row{b}.safetensors"));
             write_ids(&f, &[("input_ids", vec![1, row.len()], row.clone())]);
             match greedy_ids(&dir, &["--prompt-ids", s(&f)], 4) {
-                Ok(alone) => r.equal(
+                Ok(alone) => r.exact(
                     &case.name,
                     &format!("row {b} padded vs alone"),
                     &got[b..=b],
@@ -200,7 +200,7 @@ fn padded_rows_continue_from_their_last_real_token() {
             &["--prompt-ids", s(&f), "--key", "ids", "--mask-key", "m"],
             4,
         ) {
-            Ok(left) => r.equal(&case.name, "left-padded vs right-padded", &left, &got),
+            Ok(left) => r.exact(&case.name, "left-padded vs right-padded", &left, &got),
             Err(e) => r.fail(format!("{}: {e}", case.name)),
         }
         let _ = std::fs::remove_dir_all(&tmpd);
@@ -220,6 +220,7 @@ fn adapter_generation_follows_peft() {
         let case = Case::open(&dir);
         let (lora, merged) = (dir.join("lora"), dir.join("lora_merged"));
         if !lora.join("adapter_config.json").exists() || !case.has("lora.logits") {
+            r.fail(format!("{}: no lora/ adapter or no lora.logits", case.name));
             continue;
         }
         let inputs = dir.join("inputs.safetensors");
@@ -233,7 +234,7 @@ fn adapter_generation_follows_peft() {
         };
         for (b, want) in oracle_next(&case, "lora.logits").into_iter().enumerate() {
             if let (Some(w), Some(g)) = (want, got.get(b)) {
-                r.equal(
+                r.exact(
                     &case.name,
                     &format!("row {b}: first token = argmax lora.logits"),
                     &g[..1],
@@ -244,7 +245,7 @@ fn adapter_generation_follows_peft() {
         // PEFT's merge_and_unload of the same adapter must continue the same way.
         if merged.join("model.safetensors").exists() {
             match greedy_ids(&merged, &["--prompt-ids", s(&inputs)], 6) {
-                Ok(m) => r.equal(&case.name, "--adapter vs lora_merged", &got, &m),
+                Ok(m) => r.exact(&case.name, "--adapter vs lora_merged", &got, &m),
                 Err(e) => r.fail(format!("{}: lora_merged: {e}", case.name)),
             }
         }
@@ -362,4 +363,99 @@ fn bad_input_fails_with_one_line_naming_the_file_and_key() {
         &["no-adapter", "adapter_config.json"],
     );
     let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn generation_stops_at_the_models_position_limit() {
+    let case = Case::open(&cases()[0]);
+    let dir = &case.dir;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let limit = cfg["max_position_embeddings"].as_u64().unwrap() as usize;
+    let inputs = dir.join("inputs.safetensors");
+    let prompt = case.input("generate.prompt_ids").unwrap().1;
+    // LF's snake_case spelling is accepted as well as clap's.
+    let (ok, out, err) = generate(&[
+        "--model",
+        s(dir),
+        "--prompt-ids",
+        s(&inputs),
+        "--key",
+        "generate.prompt_ids",
+        "--ids",
+        "--greedy",
+        "--max_new_tokens",
+        "100000",
+    ]);
+    assert!(ok, "{err}");
+    let budget = limit - prompt.len();
+    assert!(
+        err.contains(&format!(
+            "max_position_embeddings is {limit}: at most {budget} new tokens"
+        )),
+        "{err}"
+    );
+    // EOS may stop it earlier; it never runs past the limit.
+    let n = out.split_whitespace().count();
+    assert!(n > 0 && n <= budget, "{n} new tokens, limit {budget}");
+    // The same ids as a short run, as far as that goes: the stream is the same sequence.
+    let want = case.expected_ids("generate.ids").unwrap().1;
+    let got: Vec<i64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let k = (want.len() - prompt.len()).min(got.len());
+    assert_eq!(got[..k], want[prompt.len()..prompt.len() + k]);
+}
+
+#[test]
+fn an_adapters_bos_scaling_is_applied_and_said() {
+    let case = Case::open(&cases()[0]);
+    let dir = &case.dir;
+    let inputs = dir.join("inputs.safetensors");
+    let adapter = tmp("bos-adapter");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(dir.join("lora").join(f), adapter.join(f)).unwrap();
+    }
+    std::fs::write(
+        adapter.join("bos_zero_config.json"),
+        r#"{"use_bos_zero_training": true, "bos_scaling_factor": 0.0}"#,
+    )
+    .unwrap();
+    let run = |bos: &str| {
+        let (ok, out, err) = generate(&[
+            "--model",
+            s(dir),
+            "--prompt-ids",
+            s(&inputs),
+            "--key",
+            "generate.prompt_ids",
+            "--adapter",
+            s(&adapter),
+            "--ids",
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--bos-scaling",
+            bos,
+        ]);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let (auto, said) = run("auto");
+    assert!(
+        said.contains("BOS scaling 0 from") && said.contains("bos_zero_config.json"),
+        "{said}"
+    );
+    let (zero, _) = run("0");
+    let (off, quiet) = run("off");
+    assert!(!quiet.contains("BOS scaling"), "{quiet}");
+    assert_eq!(auto, zero, "auto applies the file's factor");
+    // Unscaled, the adapter gives PEFT's unscaled continuation: the merged model's.
+    let merged = greedy_ids(
+        &dir.join("lora_merged"),
+        &["--prompt-ids", s(&inputs), "--key", "generate.prompt_ids"],
+        8,
+    )
+    .unwrap();
+    let off_ids: Vec<i64> = off.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(off_ids, merged[0]);
+    let _ = std::fs::remove_dir_all(&adapter);
 }

@@ -44,10 +44,7 @@ struct Args {
 
 fn main() {
     phi_model::alloc::tune();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    phi_cli::exit_on_error(run(phi_cli::parse()));
 }
 
 /// Phi-3 with split projections is a Llama checkpoint, exact only where LlamaForCausalLM

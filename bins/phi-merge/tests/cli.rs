@@ -15,6 +15,7 @@ fn merged_folder_equals_peft_merge_and_unload() {
     for case in lora_cases() {
         let want_file = case.dir.join("lora_merged/model.safetensors");
         if !want_file.exists() {
+            r.fail(format!("{}: no lora_merged/model.safetensors", case.name));
             continue;
         }
         let out = tmp(&format!("m-{}", case.name));
@@ -205,4 +206,35 @@ fn existing_output_and_bad_adapter_fail_with_one_line() {
         !ok && err.contains("use_dora") && err.contains("adapter_config.json"),
         "{err}"
     );
+}
+
+#[test]
+fn overwrite_removes_the_previous_exports_shards() {
+    let case = lora_cases().into_iter().next().expect("a case with lora/");
+    let out = tmp("overwrite-shards");
+    let adapter = case.dir.join("lora");
+    // Sharded first (tiny shards), then one file over it: no shard or index may remain.
+    let (ok, err) = merge_into(&case, &adapter, &out, &["--shard-size", "100KB"]);
+    assert!(ok, "{err}");
+    assert!(out.join("model.safetensors.index.json").exists());
+    let (ok, err) = merge_into(&case, &adapter, &out, &["--overwrite"]);
+    assert!(ok, "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("safetensors"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["model.safetensors"]);
+    // And back: one file replaced by shards leaves no model.safetensors beside the index.
+    let (ok, err) = merge_into(
+        &case,
+        &adapter,
+        &out,
+        &["--overwrite", "--shard_size", "100KB"],
+    );
+    assert!(ok, "{err}");
+    assert!(!out.join("model.safetensors").exists());
+    assert!(out.join("model.safetensors.index.json").exists());
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -10,23 +10,19 @@ use std::path::PathBuf;
 
 fn main() {
     phi_model::alloc::tune();
-    // One line per error: the context chain joined with ": ".
     let result = TrainArgs::from_cli(std::env::args_os())
         .map_err(anyhow::Error::from)
         .and_then(|a| match a.preview_data {
             Some(n) => preview_data(&a, n),
             None => run(&a),
         });
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    phi_cli::exit_on_error(result);
 }
 
 /// Training, then evaluation and prediction on the trained model (or the base, alone).
 fn run(a: &TrainArgs) -> Result<()> {
     if !(a.do_train || a.do_eval || a.do_predict) {
-        bail!("do_train, do_eval and do_predict are all false: nothing to do");
+        bail!("do_train, do_eval and do_predict are all false (each defaults to false, as in LLaMA-Factory): nothing to do; pass --do_train to train");
     }
     // Checked before training, so a long run does not end in this error.
     if (a.do_eval || a.do_predict) && a.do_train && a.eval_dataset.is_empty() && a.val_size <= 0.0 {
@@ -49,18 +45,22 @@ fn run(a: &TrainArgs) -> Result<()> {
 }
 
 fn tokenizer_path(a: &TrainArgs) -> Result<PathBuf> {
-    if let Some(t) = &a.tokenizer {
-        return Ok(PathBuf::from(t));
-    }
-    let Some(spec) = &a.model_name_or_path else {
-        bail!("--tokenizer or --model_name_or_path: one is needed to encode the data");
+    let dir = match (&a.tokenizer, &a.model_name_or_path) {
+        (Some(_), _) => None,
+        (None, Some(spec)) => {
+            let r = phi_model::resolve::resolve(spec)?;
+            phi_model::files_dir(r.dir.as_deref(), r.gguf.as_deref())
+        }
+        (None, None) => {
+            bail!("--tokenizer or --model_name_or_path: one is needed to encode the data")
+        }
     };
-    let r = phi_model::resolve::resolve(spec)?;
-    r.dir
-        .or_else(|| r.gguf.as_ref()?.parent().map(PathBuf::from))
-        .with_context(|| {
-            format!("--model_name_or_path {spec}: no folder to find tokenizer.json in")
-        })
+    phi_trainer::data::tokenizer_path(a, dir.as_deref()).with_context(|| {
+        format!(
+            "--model_name_or_path {}: no tokenizer.json (or .gz) beside the model; pass --tokenizer",
+            a.model_name_or_path.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 fn preview_data(a: &TrainArgs, n: usize) -> Result<()> {
@@ -70,7 +70,7 @@ fn preview_data(a: &TrainArgs, n: usize) -> Result<()> {
     let mut tok = Tok::load(&tokenizer_path(a)?)?;
     let fmt = ChatFormat::new(a.template.as_deref(), &mut tok)?;
     let load = phi_trainer::data::load_options(a);
-    let enc = phi_trainer::data::encode_options(a);
+    let enc = phi_trainer::data::encode_options(a, None);
     let (examples, skipped) = prepare(&a.dataset, Some((&tok, &fmt)), &load, &enc)?;
     if let Some(s) = skipped.summary() {
         eprintln!("{s}");

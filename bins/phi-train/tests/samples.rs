@@ -47,6 +47,7 @@ fn samples_every_step_equal_greedy_generation_at_lr_zero() {
         sampling: None,
         eos_token_ids: loaded.eos_token_ids(),
         use_cache: true,
+        bos_scale: None,
     };
     for v in &got {
         let prompt: Vec<i64> = v["prompt"]

@@ -5,18 +5,17 @@
 mod common;
 
 use common::{base_args, jsonl, run, scratch, tensors, with};
-use phi_model::oracle::{cases, Case};
+use phi_model::oracle::{cases_where, Case};
 use phi_model::{Arch, ModelConfig};
 use serde_json::Value;
 
 fn layernorm_cases() -> Vec<Case> {
-    cases()
-        .into_iter()
-        .filter(|d| {
-            ModelConfig::from_file(&d.join("config.json")).is_ok_and(|c| c.arch == Arch::Phi2)
-        })
-        .map(|d| Case::open(&d))
-        .collect()
+    cases_where("a LayerNorm model", |d| {
+        ModelConfig::from_file(&d.join("config.json")).is_ok_and(|c| c.arch == Arch::Phi2)
+    })
+    .into_iter()
+    .map(|d| Case::open(&d))
+    .collect()
 }
 
 fn json(p: &std::path::Path) -> Value {
@@ -25,9 +24,7 @@ fn json(p: &std::path::Path) -> Value {
 
 #[test]
 fn norm_only_step_saves_and_reloads_rmsnorms() {
-    let found = layernorm_cases();
-    assert!(!found.is_empty(), "no LayerNorm oracle case");
-    for case in found {
+    for case in layernorm_cases() {
         let tmp = scratch(&format!("surgery-norm-{}", case.name));
         let data = jsonl(&case, &tmp);
         let out = tmp.join("out");
@@ -139,11 +136,10 @@ fn lora_step_on_swapped_model_and_eval_reapplies_the_surgery() {
 
 #[test]
 fn surgery_on_an_rmsnorm_model_is_refused() {
-    let Some(dir) = cases().into_iter().find(|d| {
+    let dir = cases_where("an RMSNorm model", |d| {
         ModelConfig::from_file(&d.join("config.json")).is_ok_and(|c| c.arch != Arch::Phi2)
-    }) else {
-        return;
-    };
+    })
+    .remove(0);
     let case = Case::open(&dir);
     let tmp = scratch("surgery-bad");
     let data = jsonl(&case, &tmp);

@@ -1,7 +1,7 @@
 //! phi-train end to end on every oracle case (tests/fixtures/oracle or PHI_ORACLE_DIR):
 //! AdamW steps equal PyTorch's, regularizer parts are logged with the oracle's values,
-//! accumulation normalises over the whole batch, resume is bit-identical, bad settings and
-//! NaN losses stop with one line.
+//! accumulation normalises over the whole batch, resume is bit-identical, bad settings stop
+//! with one line (exploding runs: tests/hostile.rs).
 
 mod common;
 
@@ -16,6 +16,7 @@ fn adamw_steps_match_pytorch() {
     for dir in cases() {
         let case = Case::open(&dir);
         if !dir.join("lora").exists() || case.keys("lora.step1.").is_empty() {
+            r.fail(format!("{}: no lora/ or lora.step1.* keys", case.name));
             continue;
         }
         let tmp = scratch(&format!("steps-{}", case.name));
@@ -34,6 +35,8 @@ fn adamw_steps_match_pytorch() {
                     "0",
                     "--max_steps",
                     steps,
+                    "--logging_steps",
+                    "1",
                 ],
             );
             let (ok, err) = run(&args);
@@ -60,14 +63,23 @@ fn adamw_steps_match_pytorch() {
                     r.fail(format!("{}: {key} not in expected.safetensors", case.name));
                 }
             }
-            if steps == "1" {
-                let first = log_lines(&out)[0]["loss"].as_f64().unwrap() as f32;
+            // Each step logs the loss of the weights it started from: step 2's is PEFT's
+            // loss after one AdamW step.
+            let logged: Vec<f32> = log_lines(&out)
+                .iter()
+                .map(|l| l["loss"].as_f64().map_or(f32::NAN, |x| x as f32))
+                .collect();
+            // The step-1 weights are within 5e-5 of PyTorch's (the check above), and the loss
+            // they give inherits that: 1.3e-5 measured on llama3_scaled.
+            let want = [("lora.loss", 1e-5), ("lora.loss_after_step1", 5e-5)];
+            for (i, (key, tol)) in want.iter().take(steps.parse().unwrap()).enumerate() {
+                let got = logged.get(i).copied().unwrap_or(f32::NAN);
                 r.close(
                     &case.name,
-                    "logged step-1 loss",
-                    &[first],
-                    &case.f32("lora.loss").1,
-                    1e-5,
+                    &format!("logged {key}"),
+                    &[got],
+                    &case.f32(key).1,
+                    *tol,
                 );
             }
         }
@@ -271,7 +283,7 @@ fn resume_is_bit_identical() {
 }
 
 #[test]
-fn bad_settings_and_nan_stop_with_one_line() {
+fn bad_settings_stop_with_one_line() {
     let case = some_case();
     let tmp = scratch("bad");
     let data = jsonl(&case, &tmp);
@@ -302,30 +314,6 @@ fn bad_settings_and_nan_stop_with_one_line() {
     let toml_text = std::fs::read_to_string(out.join("training_args.toml")).unwrap();
     assert!(toml_text.contains("learning_rate = 0.01"), "{toml_text}");
 
-    // An exploding run stops, names the step and keeps the last good checkpoint.
-    let out = tmp.join("nan");
-    let args = with(
-        base_args(&case, &data, &out),
-        &[
-            "--learning_rate",
-            "1e30",
-            "--optim",
-            "sgd",
-            "--max_steps",
-            "5",
-            "--save_steps",
-            "1",
-        ],
-    );
-    let (ok, err) = run(&args);
-    assert!(!ok, "{err}");
-    let last = err.lines().last().unwrap();
-    assert!(
-        last.contains("loss is") && last.contains("last good checkpoint"),
-        "{err}"
-    );
-    assert!(!out.join("adapter_model.safetensors").exists());
-    assert!(out.join("checkpoint-1/adapter_model.safetensors").exists());
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

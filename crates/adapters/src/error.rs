@@ -5,7 +5,7 @@ use phi_model::ModelError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{0}")]
     Other(String),

@@ -98,6 +98,8 @@ pub struct EncodeOptions {
     pub mask_history: bool,
     /// Put the tokenizer's BOS first when the template does not (label masked).
     pub add_bos: bool,
+    /// The model's vocabulary size: ids and labels at or above it are refused per record.
+    pub vocab_size: Option<usize>,
 }
 
 impl Default for EncodeOptions {
@@ -108,6 +110,7 @@ impl Default for EncodeOptions {
             train_on_prompt: false,
             mask_history: false,
             add_bos: false,
+            vocab_size: None,
         }
     }
 }
@@ -129,6 +132,35 @@ impl Encoded {
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
     }
+    /// Why the ids or labels cannot be trained on: an id outside `0..vocab`, or a label that
+    /// is neither -100 (ignored) nor such an id. Checked before training starts, so a bad
+    /// record is named by file and line instead of failing mid-run.
+    pub fn check_ids(&self, vocab: Option<usize>) -> Result<(), String> {
+        let v = vocab.map_or(i64::MAX, |v| v as i64);
+        let range = vocab.map_or("a token id (>= 0)".to_string(), |v| format!("in 0..{v}"));
+        if let Some((i, id)) = self
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x as i64 >= v)
+        {
+            return Err(format!(
+                "input id {id} at position {i} is outside the model's vocabulary (expected {range})"
+            ));
+        }
+        match self
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l != IGNORE && (l < 0 || l >= v))
+        {
+            Some((i, l)) => Err(format!(
+                "label {l} at position {i}: expected {IGNORE} (ignored) or a token id {range}"
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn trained_tokens(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE).count()
     }

@@ -46,11 +46,14 @@ impl Skipped {
     }
 }
 
-fn direct_path(name: &str, dir: &Path) -> Option<PathBuf> {
-    let looks_like_file = [".json", ".jsonl", ".txt"]
+fn looks_like_file(name: &str) -> bool {
+    [".json", ".jsonl", ".txt"]
         .iter()
-        .any(|e| name.ends_with(e));
-    if !looks_like_file {
+        .any(|e| name.ends_with(e))
+}
+
+fn direct_path(name: &str, dir: &Path) -> Option<PathBuf> {
+    if !looks_like_file(name) {
         return None;
     }
     [PathBuf::from(name), dir.join(name)]
@@ -68,6 +71,19 @@ pub fn resolve(name: &str, dir: &Path) -> Result<Vec<(DatasetAttr, PathBuf)>, Da
     }
     let info = dir.join("dataset_info.json");
     let shown = info.display().to_string();
+    let registered = std::fs::read_to_string(&info)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|r| r.get(name).is_some());
+    if looks_like_file(name) && !registered {
+        return Err(DataError::file(
+            name,
+            format!(
+                "no such file (looked here and in dataset_dir {}), and {shown} has no dataset of that name",
+                dir.display()
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(&info).map_err(|_| {
         DataError::file(
             &shown,
@@ -167,6 +183,7 @@ pub fn encode_record(chat: Chat, rec: &Record, opts: &EncodeOptions) -> Result<E
             e
         }
     };
+    enc.check_ids(opts.vocab_size).map_err(|e| bad(&e))?;
     if enc.trained_tokens() == 0 {
         return Err(bad(&format!(
             "every label is -100 after cutting to cutoff_len {} ({} tokens): nothing to train on",

@@ -36,18 +36,22 @@ fn token_text(v: &Value) -> Option<String> {
     }
 }
 
+/// The tokenizer file in a model folder: tokenizer.json, else tokenizer.json.gz (large
+/// vocabularies ship compressed). The one lookup every binary and the trainer use.
+pub fn find(dir: Option<&Path>) -> Option<PathBuf> {
+    let dir = dir?;
+    ["tokenizer.json", "tokenizer.json.gz"]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
 impl Tok {
     /// `path` is a tokenizer.json (or tokenizer.json.gz) or a folder holding one;
     /// tokenizer_config.json and chat_template.jinja are read from the same folder when present.
     pub fn load(path: &Path) -> Result<Tok, DataError> {
         let file = if path.is_dir() {
-            let plain = path.join("tokenizer.json");
-            let gz = path.join("tokenizer.json.gz");
-            if !plain.exists() && gz.exists() {
-                gz
-            } else {
-                plain
-            }
+            find(Some(path)).unwrap_or_else(|| path.join("tokenizer.json"))
         } else {
             path.to_path_buf()
         };

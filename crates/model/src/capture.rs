@@ -123,8 +123,14 @@ fn push_norm(out: &mut Vec<(String, Tensor<1>)>, prefix: &str, n: &Norm) {
 }
 
 /// Runs one forward with every tap and returns the tensors to save and the summary.
-pub fn capture(model: &CausalLm, inp: &Inputs) -> (HostMap, Value) {
-    let out = model.forward(inp, &TapRequest::all(model.num_layers()));
+/// The forward's logits, hidden states and norm outputs with their statistics; `bos_scale`
+/// scales each sequence's first embedding as BOS-scaling training did.
+pub fn capture(model: &CausalLm, inp: &Inputs, bos_scale: Option<f64>) -> (HostMap, Value) {
+    let mut embeds = model.embed(inp);
+    if let Some(f) = bos_scale {
+        embeds = CausalLm::scale_sequence_starts(embeds, f, inp.position_ids.as_deref());
+    }
+    let out = model.forward_embeds(embeds, inp, &TapRequest::all(model.num_layers()), None);
     let mask = inp
         .attention_mask
         .clone()

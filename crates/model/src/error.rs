@@ -19,7 +19,7 @@ pub enum ModelError {
         tensor: String,
         expected: String,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
     #[error("{0}")]
     Other(String),

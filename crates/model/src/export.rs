@@ -150,7 +150,38 @@ pub fn write_checkpoint(
         let text = serde_json::to_string_pretty(&index).expect("json");
         write_atomic(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
     }
+    remove_stale_weights(dir, &names)?;
     Ok(names)
+}
+
+/// Removes an earlier export's weight files that the one just written does not have (a
+/// sharded export replaced by a single file, or the reverse): a stale index.json beside a
+/// new model.safetensors would make a loader read the old weights. Runs after the new files
+/// are in place, so a failed write still leaves the earlier export whole.
+fn remove_stale_weights(dir: &Path, written: &[String]) -> Result<(), ModelError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let sharded = written.len() > 1;
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = if name == "model.safetensors.index.json" {
+            !sharded
+        } else {
+            let weights = name == "model.safetensors"
+                || (name.starts_with("model-") && name.ends_with(".safetensors"));
+            weights && !written.contains(&name)
+        };
+        if stale {
+            std::fs::remove_file(e.path()).map_err(|err| {
+                ModelError::io(
+                    e.path().display(),
+                    format!("cannot remove an earlier export: {err}"),
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The base's config.json as JSON, or one built from GGUF metadata.
@@ -187,6 +218,7 @@ pub fn config_dtype(cfg: &serde_json::Value) -> OutDtype {
 /// Files a model folder carries beside its weights that a loader of the export needs.
 pub const BESIDE_FILES: &[&str] = &[
     "tokenizer.json",
+    "tokenizer.json.gz",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",

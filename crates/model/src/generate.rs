@@ -19,6 +19,9 @@ pub struct GenerateConfig {
     pub sampling: Option<Sampling>,
     pub eos_token_ids: Vec<u32>,
     pub use_cache: bool,
+    /// BOS scaling as in training (`use_bos_zero_training`): the embedding at position 0
+    /// times this factor in every forward that starts at position 0.
+    pub bos_scale: Option<f64>,
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -75,8 +78,15 @@ fn last_logits(logits: Tensor<3>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// Continues one unpadded prompt; returns only the new tokens. `on_token` sees each token
-/// as it is chosen, for streaming.
+/// How many new tokens `generate` will produce at most for a prompt of `prompt_len`: the
+/// asked number, cut so the sequence stays within the model's max_position_embeddings.
+pub fn new_token_budget(model: &CausalLm, prompt_len: usize, asked: usize) -> usize {
+    asked.min(model.max_positions.saturating_sub(prompt_len))
+}
+
+/// Continues one unpadded prompt; returns only the new tokens, never more than fit in the
+/// model's max_position_embeddings (`new_token_budget`). `on_token` sees each token as it
+/// is chosen, for streaming.
 pub fn generate(
     model: &CausalLm,
     prompt: &[i64],
@@ -89,7 +99,7 @@ pub fn generate(
     let mut pending: Vec<i64> = prompt.to_vec();
     let mut out = Vec::new();
     let none = TapRequest::none();
-    for _ in 0..cfg.max_new_tokens {
+    for _ in 0..new_token_budget(model, prompt.len(), cfg.max_new_tokens) {
         // Phi-3 longrope: keys cached with the short table are stale once a call needs the
         // long one, so re-encode everything (transformers drops its cache at that step too).
         let next_pos = seq.len() - 1;
@@ -98,13 +108,16 @@ pub fn generate(
             pending = seq.clone();
         }
         let inp = Inputs::new(1, pending.len(), pending.clone());
-        let logits = if cfg.use_cache {
-            model
-                .forward_embeds(model.embed(&inp), &inp, &none, Some(&mut cache))
-                .logits
+        let mut embeds = model.embed(&inp);
+        if let Some(f) = cfg.bos_scale.filter(|_| !cfg.use_cache || cache.len == 0) {
+            embeds = CausalLm::scale_sequence_starts(embeds, f, None);
+        }
+        let cache_arg = if cfg.use_cache {
+            Some(&mut cache)
         } else {
-            model.forward(&inp, &none).logits
+            None
         };
+        let logits = model.forward_embeds(embeds, &inp, &none, cache_arg).logits;
         let row = last_logits(logits);
         let tok = match &cfg.sampling {
             None => argmax(&row),

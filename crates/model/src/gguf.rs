@@ -200,7 +200,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
-fn hf_name(gguf: &str) -> Option<String> {
+pub fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -257,8 +257,10 @@ fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
             let (size, qs_at) = if ty == Q4_0 { (18, 2) } else { (20, 4) };
             for blk in bytes.chunks_exact(size) {
                 let d = f16(blk);
+                // -0.0 adds nothing, not even to a -0.0 product: llama.cpp's Q4_0 is just
+                // (q - 8)·d, whose zeros keep the scale's sign.
                 let (m, off) = if ty == Q4_0 {
-                    (0.0, 8.0)
+                    (-0.0, 8.0)
                 } else {
                     (f16(&blk[2..]), 0.0)
                 };

@@ -59,6 +59,15 @@ pub fn device_from_name(name: &str) -> Result<Device, ModelError> {
     }
 }
 
+/// A model's tokenizer/config folder from where it was loaded: its folder, else the GGUF
+/// file's.
+pub fn files_dir(
+    dir: Option<&std::path::Path>,
+    gguf: Option<&std::path::Path>,
+) -> Option<std::path::PathBuf> {
+    dir.or_else(|| gguf?.parent()).map(|p| p.to_path_buf())
+}
+
 pub struct Loaded {
     pub model: CausalLm,
     pub config: ModelConfig,
@@ -67,13 +76,10 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// tokenizer.json in the model folder, or beside the GGUF file.
-    pub fn tokenizer_path(&self) -> Option<std::path::PathBuf> {
-        let dir = self
-            .dir
-            .clone()
-            .or_else(|| self.gguf.as_ref()?.parent().map(|p| p.to_path_buf()))?;
-        Some(dir.join("tokenizer.json")).filter(|p| p.exists())
+    /// The folder holding the model's tokenizer and config files: the model folder, or the
+    /// one the GGUF file is in.
+    pub fn files_dir(&self) -> Option<std::path::PathBuf> {
+        files_dir(self.dir.as_deref(), self.gguf.as_deref())
     }
 
     /// Rejects token ids outside the vocabulary before they reach the embedding.

@@ -78,6 +78,9 @@ pub struct CausalLm {
     /// Mistral / Phi-3 local attention: a query sees only the last `w` keys (itself included).
     #[module(skip)]
     pub sliding_window: Option<usize>,
+    /// config.json's max_position_embeddings: the longest sequence the model was built for.
+    #[module(skip)]
+    pub max_positions: usize,
 }
 
 /// A batch as the forward sees it: host ids (the masks are built on the host anyway).
@@ -174,6 +177,7 @@ impl CausalLm {
             lm_head,
             rope: Rope::new(cfg),
             sliding_window: cfg.sliding_window.filter(|_| cfg.arch != Arch::Phi2),
+            max_positions: cfg.max_position_embeddings,
         })
     }
 
@@ -192,6 +196,31 @@ impl CausalLm {
             &self.device(),
         );
         embedding(self.model.embed_tokens.weight.val(), ids)
+    }
+
+    /// `embeds` [batch, seq, hidden] with every sequence's first position times `factor`
+    /// (the BOS-scaling recipe). Without `position_ids` position 0 is the first column; with
+    /// them (packed rows) every token whose position id is 0 starts a sequence.
+    pub fn scale_sequence_starts(
+        embeds: Tensor<3>,
+        factor: f64,
+        position_ids: Option<&[i64]>,
+    ) -> Tensor<3> {
+        let [b, t, _] = embeds.dims();
+        let f = factor as f32;
+        let (scale, shape) = match position_ids {
+            None => {
+                let mut s = vec![1.0f32; t];
+                s[0] = f;
+                (s, [1, t, 1])
+            }
+            Some(p) => (
+                p.iter().map(|&x| if x == 0 { f } else { 1.0 }).collect(),
+                [b, t, 1],
+            ),
+        };
+        let scale = Tensor::<3>::from_data(TensorData::new(scale, shape), &embeds.device());
+        embeds * scale
     }
 
     pub fn forward(&self, inp: &Inputs, req: &TapRequest) -> Output {
@@ -278,6 +307,9 @@ impl CausalLm {
             if req.hidden_states && i + 1 < n {
                 taps.hidden_states.push(x.clone());
             }
+        }
+        if req.hidden_states {
+            taps.last_layer = Some(x.clone());
         }
         let h = self.model.norm.forward(x);
         if req.hidden_states {

@@ -4,19 +4,35 @@
 use crate::weights::{read_i64, SafetensorsSource, TensorSource};
 use std::path::{Path, PathBuf};
 
+/// The committed copy of the public oracle.
+pub fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/oracle")
+}
+
 /// `PHI_ORACLE_DIR`, else the copy under tests/fixtures/oracle.
 pub fn oracle_dir() -> PathBuf {
     match std::env::var("PHI_ORACLE_DIR") {
         Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/oracle"),
+        _ => fixture_dir(),
     }
 }
 
-/// Every sub-folder holding a config.json and expected.safetensors, sorted. A folder with
-/// only one of the two is a broken case and fails loudly rather than being skipped.
+/// Every case folder of `oracle_dir()`, sorted.
 pub fn cases() -> Vec<PathBuf> {
     let dir = oracle_dir();
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
+    let out = cases_in(&dir);
+    assert!(
+        !out.is_empty(),
+        "{}: no oracle case folders found",
+        dir.display()
+    );
+    out
+}
+
+/// Every sub-folder of `dir` holding a config.json and expected.safetensors, sorted. A folder
+/// with only one of the two is a broken case and fails loudly rather than being skipped.
+fn cases_in(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: cannot list oracle folder: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -33,12 +49,37 @@ pub fn cases() -> Vec<PathBuf> {
         })
         .collect();
     out.sort();
-    assert!(
-        !out.is_empty(),
-        "{}: no oracle case folders found",
-        dir.display()
-    );
     out
+}
+
+/// The cases of `oracle_dir()` that `keep` accepts. A check that needs a kind of case the
+/// folder lacks (a PHI_ORACLE_DIR of other architectures) runs on the committed fixture
+/// cases of that kind instead, and says so; with none there either it panics: such a check
+/// never passes without having run.
+pub fn cases_where(what: &str, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let found: Vec<PathBuf> = cases().into_iter().filter(|d| keep(d)).collect();
+    if !found.is_empty() {
+        return found;
+    }
+    let fixtures: Vec<PathBuf> = cases_in(&fixture_dir())
+        .into_iter()
+        .filter(|d| keep(d))
+        .collect();
+    assert!(
+        !fixtures.is_empty(),
+        "no oracle case is {what}, neither in {} nor in {}",
+        oracle_dir().display(),
+        fixture_dir().display()
+    );
+    eprintln!(
+        "{}: no case is {what}; checking the committed fixture cases {:?} instead",
+        oracle_dir().display(),
+        fixtures
+            .iter()
+            .filter_map(|d| d.file_name())
+            .collect::<Vec<_>>()
+    );
+    fixtures
 }
 
 pub struct Case {
@@ -95,7 +136,24 @@ impl Case {
     }
 }
 
-/// Largest |a-b|; panics with the key when shapes differ.
+/// Largest of `|a-b| - (abs + rel·|b|)` over the elements (> 0 means out of bounds), and
+/// +inf when any value of either operand is NaN or infinite: a float fold with `f32::max`
+/// skips NaN, so a comparison built on it would pass on an all-NaN tensor.
+pub fn worst_excess(got: &[f32], want: &[f32], abs: f32, rel: f32) -> f32 {
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| {
+            if a.is_finite() && b.is_finite() {
+                (a - b).abs() - (abs + rel * b.abs())
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(f32::NEG_INFINITY, |m, d| if d > m { d } else { m })
+}
+
+/// Largest |a-b| (+inf when either side holds a NaN or an infinity); panics with the key
+/// when the lengths differ.
 pub fn max_abs_diff(key: &str, got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(
         got.len(),
@@ -104,16 +162,22 @@ pub fn max_abs_diff(key: &str, got: &[f32], want: &[f32]) -> f32 {
         got.len(),
         want.len()
     );
+    worst_excess(got, want, 0.0, 0.0).max(0.0)
+}
+
+/// Largest |a-b| / (1 + |b|), +inf on any non-finite value; panics when the lengths differ.
+pub fn max_scaled_diff(key: &str, got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len(), "{key}: lengths differ");
     got.iter()
         .zip(want)
         .map(|(a, b)| {
-            if a.is_nan() || b.is_nan() {
-                f32::INFINITY
+            if a.is_finite() && b.is_finite() {
+                (a - b).abs() / (1.0 + b.abs())
             } else {
-                (a - b).abs()
+                f32::INFINITY
             }
         })
-        .fold(0.0, f32::max)
+        .fold(0.0, |m, d| if d > m { d } else { m })
 }
 
 /// Collects failures so one run reports every mismatching key of every case.
@@ -121,12 +185,16 @@ pub fn max_abs_diff(key: &str, got: &[f32], want: &[f32]) -> f32 {
 pub struct Report {
     pub failures: Vec<String>,
     pub checked: usize,
+    /// Value comparisons among `checked` (close / close_rel): a report made only of
+    /// structural checks (counts, names) proves nothing about the numbers.
+    pub numeric: usize,
 }
 
 impl Report {
     /// Counts a check; false (with a failure recorded) when the lengths differ.
     fn same_len(&mut self, case: &str, key: &str, got: usize, want: usize) -> bool {
         self.checked += 1;
+        self.numeric += 1;
         if got != want {
             self.failures
                 .push(format!("{case}: {key}: {got} values, expected {want}"));
@@ -135,16 +203,9 @@ impl Report {
     }
 
     pub fn close(&mut self, case: &str, key: &str, got: &[f32], want: &[f32], tol: f32) {
-        if !self.same_len(case, key, got.len(), want.len()) {
-            return;
-        }
-        let d = max_abs_diff(key, got, want);
-        if d > tol {
-            self.failures
-                .push(format!("{case}: {key}: max |diff| {d:e} > {tol:e}"));
-        }
+        self.close_rel(case, key, got, want, tol, 0.0)
     }
-    /// |got-want| <= abs + rel·|want| element-wise.
+    /// |got-want| <= abs + rel·|want| element-wise, and every value finite.
     pub fn close_rel(
         &mut self,
         case: &str,
@@ -157,15 +218,18 @@ impl Report {
         if !self.same_len(case, key, got.len(), want.len()) {
             return;
         }
-        let worst = got
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs() - (abs + rel * b.abs()))
-            .fold(f32::NEG_INFINITY, f32::max);
-        if worst.is_nan() || worst > 0.0 {
-            self.failures.push(format!(
-                "{case}: {key}: exceeds {abs:e} abs + {rel:e} rel by {worst:e}"
-            ));
+        if got.is_empty() {
+            self.failures.push(format!("{case}: {key}: no values"));
+            return;
+        }
+        let worst = worst_excess(got, want, abs, rel);
+        if worst > 0.0 {
+            let what = if worst.is_infinite() {
+                "holds a NaN or infinite value".to_string()
+            } else {
+                format!("exceeds {abs:e} abs + {rel:e} rel by {worst:e}")
+            };
+            self.failures.push(format!("{case}: {key}: {what}"));
         }
     }
     pub fn equal<T: PartialEq + std::fmt::Debug>(
@@ -181,12 +245,34 @@ impl Report {
                 .push(format!("{case}: {key}: got {got:?}, expected {want:?}"));
         }
     }
+    /// Exact equality of values (token ids, bit-identical tensors): a numeric check, where
+    /// `equal` is a structural one (counts, names, flags).
+    pub fn exact<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        case: &str,
+        key: &str,
+        got: &[T],
+        want: &[T],
+    ) {
+        self.numeric += 1;
+        if got.is_empty() && want.is_empty() {
+            self.checked += 1;
+            self.failures.push(format!("{case}: {key}: no values"));
+            return;
+        }
+        self.equal(case, key, got, want);
+    }
     pub fn fail(&mut self, msg: String) {
         self.checked += 1;
         self.failures.push(msg);
     }
     pub fn finish(self) {
         assert!(self.checked > 0, "no oracle check ran");
+        assert!(
+            self.numeric > 0 || !self.failures.is_empty(),
+            "none of the {} oracle checks compared numbers",
+            self.checked
+        );
         assert!(
             self.failures.is_empty(),
             "{} of {} oracle checks failed:\n{}",
@@ -195,5 +281,54 @@ impl Report {
             self.failures.join("\n")
         );
         eprintln!("{} oracle checks passed", self.checked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(got: &[f32], want: &[f32]) -> Report {
+        let mut r = Report::default();
+        r.close("c", "k", got, want, 1e-3);
+        r.close_rel("c", "k", got, want, 1e-3, 1e-3);
+        r
+    }
+
+    #[test]
+    fn non_finite_values_never_pass() {
+        let want = [1.0, 2.0, 3.0];
+        for got in [
+            [f32::NAN; 3],
+            [1.0, f32::NAN, 3.0],
+            [1.0, 2.0, f32::INFINITY],
+            [f32::NEG_INFINITY, 2.0, 3.0],
+        ] {
+            assert_eq!(report(&got, &want).failures.len(), 2, "{got:?}");
+            assert_eq!(report(&want, &got).failures.len(), 2, "{got:?} as expected");
+            assert_eq!(max_abs_diff("k", &got, &want), f32::INFINITY);
+            assert_eq!(max_scaled_diff("k", &got, &want), f32::INFINITY);
+        }
+        // inf == inf on both sides is still no evidence of a match.
+        let inf = [f32::INFINITY; 3];
+        assert_eq!(report(&inf, &inf).failures.len(), 2);
+        assert!(report(&want, &want).failures.is_empty());
+        assert_eq!(report(&[], &[]).failures.len(), 2, "empty comparisons fail");
+    }
+
+    #[test]
+    #[should_panic(expected = "none of the 1 oracle checks compared numbers")]
+    fn a_report_of_structural_checks_only_fails() {
+        let mut r = Report::default();
+        r.equal("c", "count", &[3], &[3]);
+        r.finish();
+    }
+
+    #[test]
+    #[should_panic(expected = "1 of 1 oracle checks failed")]
+    fn an_all_nan_tensor_fails_the_report() {
+        let mut r = Report::default();
+        r.close_rel("c", "grad", &[f32::NAN; 4], &[0.5; 4], 1e-5, 1e-4);
+        r.finish();
     }
 }

@@ -61,6 +61,10 @@ fn hub_snapshot(id: &str) -> Result<PathBuf, ModelError> {
 }
 
 fn download(id: &str) -> Result<PathBuf, ModelError> {
+    eprintln!(
+        "{id}: no such file or folder here; downloading it as a Hugging Face hub id into {}",
+        hub_cache_dir().display()
+    );
     let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(hub_cache_dir()))
         .build()
         .map_err(|e| ModelError::io(id, format!("cannot reach the hub: {e}")))?;
@@ -121,12 +125,20 @@ pub fn resolve(spec: &str) -> Result<Resolved, ModelError> {
     }
     let dir = if path.is_dir() {
         path.to_path_buf()
-    } else if !path.exists() && looks_like_hub_id(spec) {
-        hub_snapshot(spec)?
+    } else if path.exists() {
+        return Err(ModelError::io(spec, "not a model folder or a .gguf file"));
+    } else if looks_like_hub_id(spec) {
+        // `models/smol` may be a mistyped folder as well as owner/name: say both.
+        hub_snapshot(spec).map_err(|e| {
+            ModelError::io(
+                spec,
+                format!("no such file or folder; as a Hugging Face hub id: {e}"),
+            )
+        })?
     } else {
         return Err(ModelError::io(
             spec,
-            "not a model folder, a .gguf file, or a hub id (owner/name)",
+            "no such file or folder (and not a hub id of the form owner/name)",
         ));
     };
     resolve_dir(&dir)

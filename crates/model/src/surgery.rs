@@ -32,6 +32,7 @@ pub fn layernorm_to_rmsnorm(model: CausalLm, eps: f64) -> (CausalLm, usize) {
         lm_head,
         rope,
         sliding_window,
+        max_positions,
     } = model;
     backbone.norm = match backbone.norm {
         FinalNorm::Layer(n) => {
@@ -46,6 +47,7 @@ pub fn layernorm_to_rmsnorm(model: CausalLm, eps: f64) -> (CausalLm, usize) {
         lm_head,
         rope,
         sliding_window,
+        max_positions,
     };
     (model, swapped)
 }

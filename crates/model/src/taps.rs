@@ -30,6 +30,9 @@ pub struct Taps {
     /// HF's `output_hidden_states`: 0 = embeddings, i = output of layer i-1, and the last
     /// entry is the final norm applied to the last layer's output.
     pub hidden_states: Vec<Tensor<3>>,
+    /// With `hidden_states`: the last layer's output before the final norm (transformers 4's
+    /// last hidden state; transformers 5 replaced it by the normed one).
+    pub last_layer: Option<Tensor<3>>,
     pub input_layernorm: BTreeMap<usize, Tensor<3>>,
     pub post_attention_layernorm: BTreeMap<usize, Tensor<3>>,
 }

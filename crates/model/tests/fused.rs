@@ -22,11 +22,7 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0f32, f32::max);
+    let worst = phi_model::oracle::max_scaled_diff(what, a, b);
     assert!(worst <= tol, "{what}: worst error {worst} > {tol}");
 }
 

@@ -171,11 +171,7 @@ fn quantized_tensors_dequantize_within_their_step() {
                 Q8_0 => amax / 127.0,
                 _ => 2.0 * amax / 15.0,
             };
-            let worst = got
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+            let worst = phi_model::oracle::max_abs_diff(n, &got, want);
             assert!(worst <= tol, "{name} {n}: error {worst} > {tol}");
             if shape.len() == 1 {
                 assert_eq!(&got, want, "{name} {n}: F32 norms are exact");

@@ -110,11 +110,7 @@ fn half_precision_checkpoints_load_as_their_exact_values() {
         }
         // Rounded weights move the logits a little, never wildly.
         let got = logits(&dir);
-        let worst = got
-            .iter()
-            .zip(&base)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let worst = phi_model::oracle::max_abs_diff("logits", &got, &base);
         let bound = if dtype == Dtype::F16 { 0.05 } else { 0.5 };
         assert!(
             worst > 0.0 && worst < bound,

@@ -74,6 +74,37 @@ fn check_model(case: &Case, model: &CausalLm, name: &str, r: &mut Report) {
             case.keys("hidden_states.").len()
         ));
     }
+    // Raw layer outputs: layer i's is hidden state i+1, the last one is taken before the norm.
+    let n = model.num_layers();
+    let layer_keys = case.keys("layer_output.");
+    if layer_keys.len() != n {
+        r.fail(format!(
+            "{name}: {} layer_output keys for {n} layers",
+            layer_keys.len()
+        ));
+    }
+    for key in layer_keys {
+        let i: usize = key["layer_output.".len()..].parse().expect("index");
+        let got = if i + 1 < n {
+            out.taps.hidden_states.get(i + 1)
+        } else {
+            out.taps.last_layer.as_ref().filter(|_| i + 1 == n)
+        };
+        match got {
+            Some(t) => r.close(name, &key, &vals(t.clone()), &case.f32(&key).1, TOL),
+            None => r.fail(format!("{name}: {key}: the model has {n} layers")),
+        }
+    }
+    match case.has("rope.attention_scaling") {
+        true => r.close(
+            name,
+            "rope.attention_scaling",
+            &[model.rope.attention_scaling],
+            &case.f32("rope.attention_scaling").1,
+            1e-6,
+        ),
+        false => r.fail(format!("{name}: no rope.attention_scaling")),
+    }
     for (prefix, map) in [
         ("input_layernorm.", &out.taps.input_layernorm),
         (
@@ -136,6 +167,7 @@ fn check_model(case: &Case, model: &CausalLm, name: &str, r: &mut Report) {
                 sampling: None,
                 eos_token_ids: vec![],
                 use_cache,
+                bos_scale: None,
             };
             let mut got = prompt.clone();
             got.extend(generate(model, &prompt, &cfg, |_| {}));

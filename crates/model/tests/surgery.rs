@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use phi_model::capture::capture;
 use phi_model::export::{source_config, write_model_folder, OutDtype};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::{cases, Case};
+use phi_model::oracle::{cases_where, Case};
 use phi_model::resolve::resolve_dir;
 use phi_model::surgery::{layernorm_to_rmsnorm, record_in_config, DEFAULT_EPS};
 use phi_model::weights::{SafetensorsSource, TensorSource};
@@ -24,18 +24,17 @@ fn load(dir: &std::path::Path) -> (CausalLm, phi_model::ModelConfig) {
 
 /// The oracle cases whose model has LayerNorms, found by their config (never by name).
 fn layernorm_cases() -> Vec<Case> {
-    cases()
-        .into_iter()
-        .filter(|d| resolve_dir(d).is_ok_and(|r| r.config.arch == Arch::Phi2))
-        .map(|d| Case::open(&d))
-        .collect()
+    cases_where("a LayerNorm model", |d| {
+        resolve_dir(d).is_ok_and(|r| r.config.arch == Arch::Phi2)
+    })
+    .into_iter()
+    .map(|d| Case::open(&d))
+    .collect()
 }
 
 #[test]
 fn swapped_norms_compute_rmsnorm_by_hand() {
-    let found = layernorm_cases();
-    assert!(!found.is_empty(), "no LayerNorm oracle case");
-    for case in found {
+    for case in layernorm_cases() {
         let (m, cfg) = load(&case.dir);
         let n_layers = m.num_layers();
         let (m, swapped) = layernorm_to_rmsnorm(m, DEFAULT_EPS);
@@ -71,13 +70,13 @@ fn swapped_norms_compute_rmsnorm_by_hand() {
             }
         }
         // capture's summary names the norm each slot now holds.
-        let (_, summary) = capture(&m, &inp);
+        let (_, summary) = capture(&m, &inp, None);
         for l in summary["layers"].as_array().unwrap() {
             assert_eq!(l["norm_type"], "rmsnorm", "{}", case.name);
         }
         assert_eq!(summary["final_norm_type"], "rmsnorm");
         let (orig, _) = load(&case.dir);
-        let (_, s0) = capture(&orig, &inp);
+        let (_, s0) = capture(&orig, &inp, None);
         assert_eq!(s0["layers"][0]["norm_type"], "layernorm");
         assert_eq!(s0["final_norm_type"], "layernorm");
     }
@@ -94,11 +93,7 @@ fn first_forward_moves_and_saved_model_reloads_identically() {
         let after = m.forward(&inp, &TapRequest::none()).logits;
         let loss1 = vals(causal_lm_loss(after.clone(), &labels))[0];
         let (a, b) = (vals(before), vals(after));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
+        let diff = phi_model::oracle::max_abs_diff("logits", &a, &b);
         let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
         println!(
             "{}: rmsnorm surgery (eps {DEFAULT_EPS}): max |Δlogits| {diff:.4} (max |logit| {scale:.3}), loss {loss0:.5} -> {loss1:.5} ({:+.5})",
@@ -136,12 +131,10 @@ fn first_forward_moves_and_saved_model_reloads_identically() {
 
 #[test]
 fn surgery_is_refused_in_config_for_rmsnorm_models() {
-    let Some(dir) = cases()
-        .into_iter()
-        .find(|d| resolve_dir(d).is_ok_and(|r| r.config.arch != Arch::Phi2))
-    else {
-        return;
-    };
+    let dir = cases_where("an RMSNorm model", |d| {
+        resolve_dir(d).is_ok_and(|r| r.config.arch != Arch::Phi2)
+    })
+    .remove(0);
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     v["norm_surgery"] = "rmsnorm".into();

@@ -3,7 +3,7 @@
 //! can never disagree on a name or a default.
 
 use crate::error::TrainError;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{FromArgMatches, Parser};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -41,7 +41,9 @@ pub struct TrainArgs {
     /// sft (supervised, prompt masked) or pt (plain language modelling).
     #[arg(long, default_value = "sft")]
     pub stage: String,
-    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    /// Train (HF's and LF's default is false: LF's train configs set it, its eval and
+    /// predict configs do not).
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub do_train: bool,
     /// lora, freeze or full.
     #[arg(long, default_value = "lora")]
@@ -380,9 +382,7 @@ impl TrainArgs {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = TrainArgs::command()
-            .try_get_matches_from(argv)
-            .unwrap_or_else(|e| e.exit());
+        let matches = phi_cli::matches::<TrainArgs, _, _>(argv);
         let cli = TrainArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let mut map = Map::new();
         if let Some(path) = &cli.config {
@@ -424,6 +424,12 @@ impl TrainArgs {
         for (k, v) in &map {
             let one = Map::from_iter([(k.clone(), v.clone())]);
             if let Err(e) = serde_json::from_value::<TrainArgs>(Value::Object(one)) {
+                // JSON has no inf or NaN: a non-finite number arrives here as null.
+                let e = if v.is_null() {
+                    "expected a finite number".to_string()
+                } else {
+                    e.to_string()
+                };
                 return Err(TrainError::Msg(format!("{what}: {k}: {e}")));
             }
         }
@@ -433,6 +439,60 @@ impl TrainArgs {
         args.preview_data = cli.preview_data;
         args.json = cli.json;
         Ok(args)
+    }
+
+    /// Optimizer numbers the f32 update can use: finite in f32 (1e39 is not) and in range.
+    pub fn check_numbers(&self) -> Result<(), TrainError> {
+        let f32_ok = |x: f64| x.is_finite() && (x as f32).is_finite();
+        for (key, x, want_ok, want) in [
+            (
+                "learning_rate",
+                self.learning_rate,
+                self.learning_rate >= 0.0,
+                "a finite f32 >= 0",
+            ),
+            (
+                "weight_decay",
+                self.weight_decay,
+                self.weight_decay >= 0.0,
+                "a finite f32 >= 0",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                true,
+                "a finite f32 (0 or less: no clipping)",
+            ),
+            (
+                "adam_beta1",
+                self.adam_beta1,
+                (0.0..1.0).contains(&self.adam_beta1),
+                "in [0, 1)",
+            ),
+            (
+                "adam_beta2",
+                self.adam_beta2,
+                (0.0..1.0).contains(&self.adam_beta2),
+                "in [0, 1)",
+            ),
+            (
+                "adam_epsilon",
+                self.adam_epsilon,
+                self.adam_epsilon > 0.0,
+                "a finite f32 > 0",
+            ),
+        ] {
+            if !(f32_ok(x) && want_ok) {
+                // 1e39, not its 40 digits.
+                let shown = if x.is_finite() && x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+                    format!("{x:e}")
+                } else {
+                    x.to_string()
+                };
+                return Err(TrainError::arg(key, shown, want));
+            }
+        }
+        Ok(())
     }
 
     /// The run's full config as TOML (every key, defaults included).

@@ -10,6 +10,7 @@ use phi_model::weights::{SafetensorsSource, TensorSource};
 use phi_model::CausalLm;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const TRAINABLE_FILE: &str = "trainable_weights.safetensors";
@@ -58,10 +59,74 @@ pub struct Snapshot<'a> {
     pub trainer_state: Value,
 }
 
+/// The file a run locks in its output folder.
+pub const LOCK_FILE: &str = ".phi-train.lock";
+
+/// Creates `out` and takes the run's exclusive lock on it, or says which run holds it.
+pub fn lock(out: &Path) -> Result<std::fs::File, TrainError> {
+    std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
+    let path = out.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TrainError::file(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {
+            // The holder's pid, for the message a second run prints.
+            let _ = f.set_len(0);
+            let _ = (&f).write_all(std::process::id().to_string().as_bytes());
+            Ok(f)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            Err(TrainError::file(
+                out,
+                format!(
+                    "another phi-train run (pid {}) is using this output folder; wait for it or choose another output_dir",
+                    pid.trim()
+                ),
+            ))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(TrainError::file(&path, format!("cannot lock: {e}")))
+        }
+    }
+}
+
+/// Removes what interrupted writes leave in `out`: `.checkpoint-N.tmp…` folders and
+/// `.<name>.tmp<pid>` files. Only the run holding the folder's lock calls it.
+pub fn clear_temps(out: &Path) -> Result<(), TrainError> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let checkpoint_tmp = name.starts_with(".checkpoint-") && name.contains(".tmp");
+        let file_tmp = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()));
+        if !(checkpoint_tmp || file_tmp) {
+            continue;
+        }
+        let p = e.path();
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(|err| TrainError::file(&p, format!("cannot remove a stale temp: {err}")))?;
+    }
+    Ok(())
+}
+
 /// Writes `checkpoint-{step}` into `out`; returns its path.
 pub fn save(out: &Path, step: usize, s: &Snapshot) -> Result<PathBuf, TrainError> {
     let dir = out.join(format!("checkpoint-{step}"));
-    let tmp = out.join(format!(".checkpoint-{step}.tmp"));
+    let tmp = out.join(format!(".checkpoint-{step}.tmp{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::file(&tmp, e))?;
     }

@@ -17,14 +17,12 @@ pub struct Examples {
     pub tok: Option<(Tok, ChatFormat)>,
 }
 
-/// `--tokenizer`, else tokenizer.json beside the model, else none (pre-tokenized data only).
+/// `--tokenizer`, else the model folder's tokenizer, else none (pre-tokenized data only).
 pub fn tokenizer_path(a: &TrainArgs, model_dir: Option<&Path>) -> Option<PathBuf> {
-    if let Some(t) = &a.tokenizer {
-        return Some(PathBuf::from(t));
+    match &a.tokenizer {
+        Some(t) => Some(PathBuf::from(t)),
+        None => phi_data::tokenizer::find(model_dir),
     }
-    model_dir
-        .map(|d| d.join("tokenizer.json"))
-        .filter(|p| p.exists())
 }
 
 /// Where records come from and how bad ones are handled, from the settings.
@@ -44,19 +42,23 @@ pub fn load_options(a: &TrainArgs) -> LoadOptions {
 }
 
 /// How records become ids and labels; `stage pt` trains on every token.
-pub fn encode_options(a: &TrainArgs) -> EncodeOptions {
+pub fn encode_options(a: &TrainArgs, vocab_size: Option<usize>) -> EncodeOptions {
     EncodeOptions {
         cutoff_len: a.cutoff_len,
         train_on_prompt: a.train_on_prompt || a.stage == "pt",
         mask_history: a.mask_history,
         add_bos: a.add_bos,
+        vocab_size,
     }
 }
 
+/// Every record encoded and checked against the model's `vocab_size` (ids and labels), so a
+/// bad record stops the run before its first step, named by file and line.
 pub fn load(
     a: &TrainArgs,
     tokenizer: Option<&Path>,
     fallback_pad: u32,
+    vocab_size: usize,
 ) -> Result<Examples, TrainError> {
     if a.dataset.is_empty() {
         return Err(TrainError::arg(
@@ -74,7 +76,7 @@ pub fn load(
         None => None,
     };
     let load = load_options(a);
-    let enc = encode_options(a);
+    let enc = encode_options(a, Some(vocab_size));
     let chat = tok.as_mut().map(|(t, f)| (&*t, &*f));
     let (examples, skipped) = prepare(&a.dataset, chat, &load, &enc)?;
     if let Some(s) = skipped.summary() {

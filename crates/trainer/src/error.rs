@@ -4,13 +4,13 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] phi_model::ModelError),
-    #[error("{0}")]
+    #[error(transparent)]
     Adapter(#[from] phi_adapters::AdapterError),
-    #[error("{0}")]
+    #[error(transparent)]
     Data(#[from] phi_data::DataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Reg(#[from] phi_regularizers::RegError),
     #[error("{0}")]
     Msg(String),

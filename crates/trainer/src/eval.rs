@@ -68,10 +68,7 @@ pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError>
     let device = phi_model::device_from_name(&a.device)?;
     let loaded = phi_model::load(&spec, &device)?;
     let eos = loaded.eos_token_ids();
-    let model_dir = loaded
-        .dir
-        .clone()
-        .or_else(|| loaded.gguf.as_ref()?.parent().map(Path::to_path_buf));
+    let model_dir = loaded.files_dir();
     let mut model = loaded.model;
     if !saved_full {
         model = apply_surgery(model, a)?;
@@ -116,7 +113,7 @@ pub fn load_examples(a: &TrainArgs, m: &EvalModel) -> Result<Examples, TrainErro
             "registry names or .json/.jsonl paths to evaluate on",
         ));
     }
-    let mut ex = data::load(&ea, tok.as_deref(), pad)?;
+    let mut ex = data::load(&ea, tok.as_deref(), pad, m.config.vocab_size)?;
     if use_val {
         if ex.val.is_empty() {
             return Err(TrainError::arg(
@@ -126,17 +123,6 @@ pub fn load_examples(a: &TrainArgs, m: &EvalModel) -> Result<Examples, TrainErro
             ));
         }
         ex.train = std::mem::take(&mut ex.val);
-    }
-    let vocab = m.config.vocab_size as u32;
-    if let Some(bad) = ex
-        .train
-        .iter()
-        .flat_map(|e| &e.input_ids)
-        .find(|&&i| i >= vocab)
-    {
-        return Err(TrainError::Msg(format!(
-            "eval_dataset: token id {bad} is outside the vocabulary (0..{vocab})"
-        )));
     }
     Ok(ex)
 }

@@ -89,8 +89,7 @@ impl Logger {
             .append(true)
             .open(&self.path)
             .map_err(|e| TrainError::file(&self.path, e))?;
-        writeln!(f, "{line}").map_err(|e| TrainError::file(&self.path, e))?;
-        Ok(())
+        write_line(&mut f, line).map_err(|e| TrainError::file(&self.path, e))
     }
 
     /// One logging step: `values` holds loss, lr, and the regularizer parts when present.
@@ -176,6 +175,12 @@ impl Logger {
     }
 }
 
+/// The line and its newline in one write: `writeln!` on a file issues a write per formatted
+/// piece, so a kill could tear a line and two appenders could interleave theirs.
+fn write_line(f: &mut impl Write, line: &Value) -> std::io::Result<()> {
+    f.write_all(format!("{line}\n").as_bytes())
+}
+
 fn fmt_num(v: &Value) -> Option<String> {
     let x = v.as_f64()?;
     Some(if x != 0.0 && x.abs() < 1e-3 {
@@ -188,4 +193,30 @@ fn fmt_num(v: &Value) -> Option<String> {
 pub fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts the writes it is given.
+    struct Writes(Vec<Vec<u8>>);
+    impl Write for Writes {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.push(b.to_vec());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_log_line_is_one_write() {
+        let line = json!({"current_steps": 3, "loss": 1.25, "lr": 1e-4, "epoch": 0.5});
+        let mut w = Writes(vec![]);
+        write_line(&mut w, &line).unwrap();
+        assert_eq!(w.0.len(), 1);
+        assert_eq!(w.0[0], format!("{line}\n").into_bytes());
+    }
 }

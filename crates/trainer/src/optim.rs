@@ -125,6 +125,9 @@ pub struct Optimizer {
     order: Vec<ParamId>,
     /// exp_avg and exp_avg_sq by HF name, flattened in Burn's layout.
     state: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+    /// The first parameter the last step left with a NaN or infinity, if any: the trainer
+    /// stops before saving such weights.
+    pub non_finite: Option<String>,
 }
 
 impl Optimizer {
@@ -142,6 +145,7 @@ impl Optimizer {
             order: trainable.iter().map(|p| p.id).collect(),
             names: trainable.into_iter().map(|p| (p.id, p.name)).collect(),
             state: BTreeMap::new(),
+            non_finite: None,
         }
     }
 
@@ -169,6 +173,7 @@ impl Optimizer {
     /// One update of every parameter with a gradient, at learning rate `lr`.
     pub fn step(&mut self, model: CausalLm, grads: Grads, lr: f64) -> CausalLm {
         self.step += 1;
+        self.non_finite = None;
         let mut m = Mapper {
             opt: self,
             grads,
@@ -290,6 +295,9 @@ impl ModuleMapper for Mapper<'_> {
         let strategy = t.gradient_checkpointing_strategy();
         let n = t.shape().num_elements();
         let updated = self.opt.update(&name, t.inner().reshape([n]), g, self.lr);
+        if self.opt.non_finite.is_none() && !fused::all_finite(&updated) {
+            self.opt.non_finite = Some(name);
+        }
         let mut t: Tensor<D> = updated.reshape(dims);
         if autodiff {
             t = t.autodiff();

@@ -43,6 +43,8 @@ pub fn gen_config(a: &TrainArgs, max_new: usize, stops: Vec<u32>) -> GenerateCon
         }),
         eos_token_ids: stops,
         use_cache: true,
+        // The run's BOS scaling: predictions and samples see the model its loss saw.
+        bos_scale: a.use_bos_zero_training.then_some(a.bos_scaling_factor),
     }
 }
 

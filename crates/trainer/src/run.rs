@@ -134,25 +134,39 @@ pub fn evaluate(
     Some(sum / count.max(1) as f64)
 }
 
-fn check_output_dir(a: &TrainArgs) -> Result<PathBuf, TrainError> {
+/// The output folder, locked for this run: a second run on the same folder is refused
+/// before it touches anything (two runs would delete each other's checkpoints and mix their
+/// logs). The lock lives as long as the returned file.
+fn check_output_dir(a: &TrainArgs) -> Result<(PathBuf, std::fs::File), TrainError> {
     let out = a
         .output_dir
         .clone()
         .ok_or_else(|| TrainError::arg("output_dir", "(none)", "a folder for the run's outputs"))?;
+    let lock = checkpoint::lock(&out)?;
     let non_empty = std::fs::read_dir(&out)
-        .map(|mut d| d.next().is_some())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| e.file_name() != checkpoint::LOCK_FILE)
+        })
         .unwrap_or(false);
     if non_empty && !a.overwrite_output_dir && a.resume_from_checkpoint.is_none() {
+        // Resuming is only offered where there is something to resume from (a run killed
+        // before its first checkpoint leaves none).
+        let how = if checkpoint::list(&out).is_empty() {
+            "holds no checkpoint to resume from; pass --overwrite_output_dir true or choose another output_dir"
+        } else {
+            "pass --overwrite_output_dir true, or --resume_from_checkpoint latest to continue"
+        };
         return Err(TrainError::file(
             &out,
-            "exists and is not empty; pass --overwrite_output_dir true, or --resume_from_checkpoint latest to continue",
+            format!("exists and is not empty; {how}"),
         ));
     }
+    checkpoint::clear_temps(&out)?;
     if non_empty && a.resume_from_checkpoint.is_none() {
         clear_previous_run(&out)?;
     }
-    std::fs::create_dir_all(&out).map_err(|e| TrainError::file(&out, e))?;
-    Ok(out)
+    Ok((out, lock))
 }
 
 /// An overwritten run starts clean: an old run's checkpoints would otherwise outlive
@@ -165,7 +179,7 @@ fn clear_previous_run(out: &Path) -> Result<(), TrainError> {
             "training_loss.png",
             "training_eval_loss.png",
             "rmsnorm_reg_config.json",
-            "bos_zero_config.json",
+            phi_regularizers::bos::CONFIG_FILE,
             crate::samples::FILE,
         ]
         .iter()
@@ -198,13 +212,7 @@ fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
             return Err(TrainError::arg(k, 0, "a positive integer"));
         }
     }
-    if !(a.learning_rate.is_finite() && a.learning_rate >= 0.0) {
-        return Err(TrainError::arg(
-            "learning_rate",
-            a.learning_rate,
-            "a non-negative number",
-        ));
-    }
+    a.check_numbers()?;
     if a.bf16 && a.fp16 {
         return Err(TrainError::arg(
             "fp16",
@@ -227,7 +235,21 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     check_args(a)?;
     let method = Method::parse(&a.finetuning_type)?;
     let spec = a.model_spec()?;
-    let out = check_output_dir(a)?;
+    let (out, _lock) = check_output_dir(a)?;
+    let result = train_in(a, method, spec, &out);
+    // A failed save leaves its temp folder behind; a later run would find it too, but the
+    // disk it fills is needed now.
+    let _ = checkpoint::clear_temps(&out);
+    result
+}
+
+fn train_in(
+    a: &TrainArgs,
+    method: Method,
+    spec: String,
+    out: &Path,
+) -> Result<Outcome, TrainError> {
+    let out = out.to_path_buf();
     let mut device: Device = phi_model::device_from_name(&a.device)?.autodiff();
     if a.checkpointing() {
         device = device.gradient_checkpointing();
@@ -243,10 +265,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     let loaded = phi_model::load(&spec, &device)?;
     let eos = loaded.eos_token_ids();
     let cfg = loaded.config.clone();
-    let model_dir = loaded
-        .dir
-        .clone()
-        .or_else(|| loaded.gguf.as_ref()?.parent().map(Path::to_path_buf));
+    let model_dir = loaded.files_dir();
     let (norm, bos) = setup::regularizers(a, &cfg)?;
     let regs = Regs { norm, bos };
 
@@ -255,11 +274,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         .pad_token_id
         .or(cfg.eos_token_ids.first().copied())
         .unwrap_or(0);
-    let ex = data::load(a, tok_path.as_deref(), fallback_pad)?;
-    for e in ex.train.iter().chain(&ex.val) {
-        let ids: Vec<i64> = e.input_ids.iter().map(|&x| x as i64).collect();
-        loaded.check_ids("dataset", &ids)?;
-    }
+    let ex = data::load(a, tok_path.as_deref(), fallback_pad, cfg.vocab_size)?;
 
     let adapter_dir: Option<PathBuf> = match (&resume, method) {
         (Some(ck), Method::Lora) => Some(ck.clone()),
@@ -276,6 +291,9 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         method,
         adapter_dir.as_deref(),
     )?;
+    if let Some(ck) = &resume {
+        setup::check_resume(a, ck, &model, lora.as_ref(), &trainable)?;
+    }
     if let (Some(ck), None) = (&resume, &lora) {
         // Loading replaces the tensors, so gradients are switched on again afterwards.
         let m = checkpoint::load_trainable(model, &ck.join(checkpoint::TRAINABLE_FILE))?;
@@ -374,18 +392,22 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
         }
         if !loss.is_finite() || !(grad_norm.is_finite() || skip) {
             log.finish();
-            let kept = checkpoint::list(&out)
-                .pop()
-                .map_or("no checkpoint was written yet".to_string(), |(_, p)| {
-                    format!("the last good checkpoint is {}", p.display())
-                });
             return Err(TrainError::Msg(format!(
-                "step {}: loss is {loss} (base {base}, regularizer {reg}), gradient norm {grad_norm}; stopped, nothing written for this step; {kept}",
-                step + 1
+                "step {}: loss is {loss} (base {base}, regularizer {reg}), gradient norm {grad_norm}; stopped, nothing written for this step; {}",
+                step + 1,
+                last_good(&out, step)
             )));
         }
         if !skip {
             model = opt.step(model, grads, lr);
+            if let Some(name) = opt.non_finite.take() {
+                log.finish();
+                return Err(TrainError::Msg(format!(
+                    "step {}: the update (learning rate {lr:e}) left NaN or infinite values in {name}; stopped, nothing written for this step; {}",
+                    step + 1,
+                    last_good(&out, step + 1)
+                )));
+            }
         }
         let done = step + 1;
         first_loss.get_or_insert(loss);
@@ -497,6 +519,23 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     })
 }
 
+/// Which checkpoint to go back to when the weights after `bad` optimizer steps are unusable
+/// (they gave a non-finite loss, or hold non-finite values): the newest one saved before
+/// that step, never the one holding those weights.
+fn last_good(out: &Path, bad: usize) -> String {
+    let all = checkpoint::list(out);
+    let holds_bad = all
+        .iter()
+        .find(|(s, _)| *s == bad)
+        .map_or(String::new(), |(_, p)| {
+            format!(" ({} holds the weights that gave it)", p.display())
+        });
+    match all.into_iter().rev().find(|(s, _)| *s < bad) {
+        Some((_, p)) => format!("the last good checkpoint is {}{holds_bad}", p.display()),
+        None => format!("no good checkpoint was written{holds_bad}"),
+    }
+}
+
 /// The process's peak resident memory (Linux VmHWM), for the run summary.
 pub fn peak_rss_mb() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -591,12 +630,8 @@ fn write_run_files(a: &TrainArgs, out: &Path, regs: &Regs) -> Result<(), TrainEr
     }
     if let Some(b) = &regs.bos {
         write_json(
-            &out.join("bos_zero_config.json"),
-            &json!({
-                "use_bos_zero_training": true,
-                "bos_scaling_factor": b.factor,
-                "applies_to": "embedding output at position 0 of every sequence",
-            }),
+            &out.join(phi_regularizers::bos::CONFIG_FILE),
+            &b.config_json(),
         )?;
     }
     Ok(())

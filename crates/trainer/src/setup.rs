@@ -167,3 +167,87 @@ pub fn regularizers(
     };
     Ok((reg, bos))
 }
+
+/// On resume the checkpoint decides the adapter (or the trainable set); settings that would
+/// build a different one contradict it and are refused, rather than silently ignored.
+pub fn check_resume(
+    a: &TrainArgs,
+    ck: &Path,
+    model: &CausalLm,
+    lora: Option<&LoraConfig>,
+    trainable: &[String],
+) -> Result<(), TrainError> {
+    let refuse = |key: &str, ours: String, theirs: String| {
+        TrainError::Msg(format!(
+            "resume_from_checkpoint {}: {key} is {ours} here but {theirs} in the checkpoint; resume with the checkpoint's settings",
+            ck.display()
+        ))
+    };
+    match lora {
+        // An adapter continued from adapter_name_or_path keeps its own shape in both runs.
+        Some(_) if a.adapter_name_or_path.is_some() => Ok(()),
+        Some(cfg) => {
+            let want = lora_config(a);
+            if want.r != cfg.r {
+                return Err(refuse("lora_rank", want.r.to_string(), cfg.r.to_string()));
+            }
+            if want.alpha != cfg.alpha {
+                return Err(refuse(
+                    "lora_alpha",
+                    want.alpha.to_string(),
+                    cfg.alpha.to_string(),
+                ));
+            }
+            if want.use_rslora != cfg.use_rslora {
+                return Err(refuse(
+                    "use_rslora",
+                    want.use_rslora.to_string(),
+                    cfg.use_rslora.to_string(),
+                ));
+            }
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            let (mine, theirs) = (
+                sorted(phi_adapters::targets::resolve(model, &want)?),
+                sorted(lora::adapted(model)),
+            );
+            if mine != theirs {
+                return Err(refuse(
+                    "lora_target",
+                    format!("{:?}", phi_adapters::targets::leaf_names(&mine)),
+                    format!("{:?}", phi_adapters::targets::leaf_names(&theirs)),
+                ));
+            }
+            let (m1, m2) = (
+                sorted(want.modules_to_save.clone()),
+                sorted(cfg.modules_to_save.clone()),
+            );
+            if m1 != m2 {
+                return Err(refuse(
+                    "additional_target",
+                    format!("{m1:?}"),
+                    format!("{m2:?}"),
+                ));
+            }
+            Ok(())
+        }
+        None => {
+            let file = ck.join(crate::checkpoint::TRAINABLE_FILE);
+            let src = phi_model::weights::SafetensorsSource::open_files(&[file])?;
+            let mut saved = phi_model::weights::TensorSource::names(&src);
+            saved.sort();
+            let mut mine = trainable.to_vec();
+            mine.sort();
+            if saved != mine {
+                return Err(refuse(
+                    "the trainable set (finetuning_type / freeze settings)",
+                    format!("{} tensors", mine.len()),
+                    format!("{} different ones", saved.len()),
+                ));
+            }
+            Ok(())
+        }
+    }
+}

@@ -56,10 +56,18 @@ pub fn logits(dir: &Path, case: &Case) -> Vec<f32> {
     l.try_into_vec_as::<f32>().unwrap()
 }
 
+/// Every case: the oracle's layout gives each one a lora/ adapter, so a case without one
+/// is a broken fixture, not one to pass over.
 pub fn lora_cases() -> Vec<Case> {
     cases()
         .into_iter()
-        .filter(|d| d.join("lora/adapter_config.json").exists())
+        .inspect(|d| {
+            assert!(
+                d.join("lora/adapter_config.json").exists(),
+                "{}: no lora/adapter_config.json",
+                d.display()
+            )
+        })
         .map(|d| Case::open(&d))
         .collect()
 }

@@ -56,6 +56,7 @@ pub fn jsonl(case: &Case, dir: &Path) -> PathBuf {
 pub fn base_args(case: &Case, data: &Path, out: &Path) -> Vec<String> {
     let c = case.dir.display().to_string();
     [
+        "--do_train",
         "--model_name_or_path",
         &c,
         "--dataset",

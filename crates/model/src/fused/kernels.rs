@@ -469,6 +469,12 @@ simd! {
     }
 }
 
+/// No NaN and no infinity in `x` (squares would overflow for finite values above 1.8e19, so
+/// a sum of squares cannot tell).
+pub fn all_finite(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,6 +293,21 @@ pub fn adamw(
 }
 
 /// Σ x² of a flat tensor in f64 on Flex (gradient clipping's norm), else composed.
+/// No NaN and no infinity in `x`.
+pub fn all_finite(x: &Tensor<1>) -> bool {
+    if fusable(x) && !x.is_autodiff() {
+        let t = contiguous(
+            x.clone()
+                .try_into_primitive::<Flex>()
+                .expect("a Flex tensor"),
+        );
+        return kernels::all_finite(f32s(&t));
+    }
+    let bad = x.clone().is_nan().any().into_scalar::<bool>()
+        || x.clone().is_inf().any().into_scalar::<bool>();
+    !bad
+}
+
 pub fn sum_squares(x: &Tensor<1>) -> f64 {
     if fusable(x) && !x.is_autodiff() {
         let t = contiguous(
