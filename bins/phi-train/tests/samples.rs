@@ -21,10 +21,10 @@ fn samples_every_step_equal_greedy_generation_at_lr_zero() {
     let case = some_case();
     let tmp = scratch("samples");
     let data = jsonl(&case, &tmp);
-    let out = tmp.join("out");
-    let (ok, err) = run(&with(
-        base_args(&case, &data, &out),
-        &[
+    // With BOS scaling the samples see the model the loss saw: generation scales it too.
+    for bos in [None, Some(0.0)] {
+        let out = tmp.join(format!("out-{bos:?}"));
+        let mut flags = vec![
             "--learning_rate",
             "0",
             "--max_steps",
@@ -33,45 +33,46 @@ fn samples_every_step_equal_greedy_generation_at_lr_zero() {
             "1",
             "--sample_max_new_tokens",
             "4",
-        ],
-    ));
-    assert!(ok, "{err}");
-    let got = lines(&out);
-    // Two examples in the data: both are sample prompts, at steps 1 and 2.
-    let steps: Vec<u64> = got.iter().map(|v| v["step"].as_u64().unwrap()).collect();
-    assert_eq!(steps, [1, 1, 2, 2]);
-    let loaded =
-        phi_model::load(&case.dir.display().to_string(), &phi_model::cpu_device()).unwrap();
-    let cfg = GenerateConfig {
-        max_new_tokens: 4,
-        sampling: None,
-        eos_token_ids: loaded.eos_token_ids(),
-        use_cache: true,
-        bos_scale: None,
-    };
-    for v in &got {
-        let prompt: Vec<i64> = v["prompt"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect();
-        assert!(!prompt.is_empty());
-        let mut want = generate(&loaded.model, &prompt, &cfg, |_| {});
-        if want
-            .last()
-            .is_some_and(|l| cfg.eos_token_ids.contains(&(*l as u32)))
-        {
-            want.pop();
+        ];
+        if bos.is_some() {
+            flags.extend(["--use_bos_zero_training", "--bos_scaling_factor", "0"]);
         }
-        let output: Vec<i64> = v["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect();
-        assert_eq!(output, want);
+        let (ok, err) = run(&with(base_args(&case, &data, &out), &flags));
+        assert!(ok, "{err}");
+        let got = lines(&out);
+        // Two examples in the data: both are sample prompts, at steps 1 and 2.
+        let steps: Vec<u64> = got.iter().map(|v| v["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [1, 1, 2, 2]);
+        let loaded =
+            phi_model::load(&case.dir.display().to_string(), &phi_model::cpu_device()).unwrap();
+        let cfg = GenerateConfig {
+            max_new_tokens: 4,
+            sampling: None,
+            eos_token_ids: loaded.eos_token_ids(),
+            use_cache: true,
+            bos_scale: bos,
+        };
+        for v in &got {
+            let ids = |k: &str| -> Vec<i64> {
+                v[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap())
+                    .collect()
+            };
+            let prompt = ids("prompt");
+            assert!(!prompt.is_empty());
+            let mut want = generate(&loaded.model, &prompt, &cfg, |_| {});
+            if want
+                .last()
+                .is_some_and(|l| cfg.eos_token_ids.contains(&(*l as u32)))
+            {
+                want.pop();
+            }
+            assert_eq!(ids("output"), want, "bos {bos:?}");
+        }
     }
+    let out = tmp.join("out-None");
     // generate_every 2 over 3 steps: only step 2; an overwritten run starts the file anew.
     let (ok, err) = run(&with(
         base_args(&case, &data, &out),

@@ -90,3 +90,29 @@ fn tokenizers_pass_llama_cpp_vectors() {
         );
     }
 }
+
+/// The one tokenizer lookup every binary uses: tokenizer.json, else tokenizer.json.gz.
+#[test]
+fn a_model_folder_tokenizer_is_found_plain_or_gzipped() {
+    use phi_data::tokenizer::find;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tokenizers");
+    let gz_only = root.join("llama3_1");
+    assert_eq!(
+        find(Some(&gz_only)),
+        Some(gz_only.join("tokenizer.json.gz"))
+    );
+    let plain = root.join("smollm2");
+    assert_eq!(find(Some(&plain)), Some(plain.join("tokenizer.json")));
+    let empty = std::env::temp_dir().join(format!("phi-tok-none-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_eq!(find(Some(&empty)), None);
+    assert_eq!(find(None), None);
+    // What it finds loads, and the gzipped one encodes as the folder's own loader does.
+    let t = phi_data::Tok::load(&find(Some(&gz_only)).unwrap()).unwrap();
+    let u = phi_data::Tok::load(&gz_only).unwrap();
+    assert_eq!(
+        t.encode("Hello world", true).unwrap(),
+        u.encode("Hello world", true).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&empty);
+}

@@ -36,12 +36,16 @@ fn check<const D: usize>(
     tol: f32,
 ) {
     let mut outs = Vec::new();
+    // One upstream gradient for both, drawn once: tests run in parallel threads and share the
+    // device's generator, so reseeding before each draw did not guarantee equal draws.
+    let mut upstream: Option<TensorData> = None;
     for f in [&fused as &dyn Fn(Tensor<D>) -> Tensor<D>, &reference] {
         let x = x.clone().detach().require_grad();
         let y = f(x.clone());
-        dev().seed(42); // the same upstream gradient for both
-        let w = Tensor::<D>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
-        let w = Tensor::from_data(w.into_data(), &y.device());
+        let data = upstream.get_or_insert_with(|| {
+            Tensor::<D>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev()).into_data()
+        });
+        let w = Tensor::from_data(data.clone(), &y.device());
         let g = (y.clone() * w).sum().backward();
         outs.push((vals(y), vals(x.grad(&g).unwrap())));
     }

@@ -195,15 +195,7 @@ impl Optimizer {
                     None => (g.zeros_like(), g.zeros_like()),
                 };
                 let t = self.step as i32;
-                let h = AdamW {
-                    lr: lr as f32,
-                    decay: wd as f32,
-                    beta1: beta1 as f32,
-                    beta2: beta2 as f32,
-                    eps: eps as f32,
-                    bc1: (1.0 - beta1.powi(t)) as f32,
-                    bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
-                };
+                let h = AdamW::new(lr, wd, beta1, beta2, eps, t);
                 if fused::adamw_fusable([&p, &g, &m, &v]) {
                     let (p, m, v) = fused::adamw(p, g, m, v, h);
                     self.state.insert(name.to_string(), (m, v));

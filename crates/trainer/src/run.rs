@@ -417,7 +417,9 @@ fn train_in(
 
         if done % a.logging_steps == 0 || done == total {
             let mut v = window.take(regs.norm.is_some());
-            v.insert("lr".into(), json!(a.learning_rate * sched.factor(done)));
+            // HF logs the rate this step's update used (read before the scheduler steps):
+            // 0 at step 1 with one warm-up step.
+            v.insert("lr".into(), json!(lr));
             log.log(done, plan.epoch_after(step), v)?;
         }
         if eval_every.is_some_and(|n| done % n == 0) || (eval_every.is_some() && done == total) {

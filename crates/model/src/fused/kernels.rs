@@ -425,28 +425,49 @@ pub fn add_low_rank(y: &mut [f32], g: &[f32], m: &[f32], r: usize, cols: usize) 
 }
 
 /// One `torch.optim.AdamW` update (decoupled decay, bias correction) in the order torch's
-/// for-each implementation applies it, in place on p, m and v.
+/// for-each implementation applies it, in place on p, m and v. The scalars are torch's Python
+/// floats: computed in f64 (`AdamW::new`) and rounded to f32 once, as torch passes them to its
+/// f32 kernels. `1 - β2` formed in f32 from a rounded β2 is 1.3e-5 off and made every update
+/// 6.4e-6 too large (found by tests/fixtures/optim).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamW {
-    pub lr: f32,
-    pub decay: f32,
-    pub beta1: f32,
+    /// 1 - lr·weight_decay.
+    pub keep: f32,
+    /// lr / (1 - β1^t).
+    pub step: f32,
+    /// 1 - β1.
+    pub c1: f32,
     pub beta2: f32,
+    /// 1 - β2.
+    pub c2: f32,
     pub eps: f32,
-    pub bc1: f32,
+    /// sqrt(1 - β2^t).
     pub bc2_sqrt: f32,
+}
+
+impl AdamW {
+    /// The update's scalars for step `t` (1-based).
+    pub fn new(lr: f64, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, t: i32) -> AdamW {
+        AdamW {
+            keep: (1.0 - lr * weight_decay) as f32,
+            step: (lr / (1.0 - beta1.powi(t))) as f32,
+            c1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            c2: (1.0 - beta2) as f32,
+            eps: eps as f32,
+            bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+        }
+    }
 }
 
 simd! {
     fn adamw_block(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) {
-        let keep = 1.0 - h.lr * h.decay;
-        let step = h.lr / h.bc1;
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-            *p *= keep;
-            *m += (g - *m) * (1.0 - h.beta1);
-            *v = *v * h.beta2 + g * g * (1.0 - h.beta2);
+            *p *= h.keep;
+            *m += (g - *m) * h.c1;
+            *v = *v * h.beta2 + g * g * h.c2;
             let denom = v.sqrt() / h.bc2_sqrt + h.eps;
-            *p -= *m / denom * step;
+            *p -= *m / denom * h.step;
         }
     }
 }
