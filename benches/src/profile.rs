@@ -8,7 +8,7 @@ use crate::Args;
 use anyhow::Result;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Distribution, Tensor};
-use phi_model::fused::{causal_softmax, swiglu, swiglu_packed};
+use phi_kernels::{causal_softmax, swiglu, swiglu_packed};
 use phi_model::loss::causal_lm_loss_sum;
 use phi_model::lowrank::LowRank;
 use phi_model::nn::{apply_rotary, attend, split_heads, LayerCtx, Linear, RmsNorm};

@@ -5,8 +5,8 @@ mod common;
 
 use common::{capture, check_summary, read_summary, tmp};
 use phi_model::io::write_safetensors;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::weights::{SafetensorsSource, TensorSource};
+use phi_testkit::oracle::{cases, Case, Report};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -208,7 +208,7 @@ fn non_empty_output_folder_is_kept() {
 
 /// A GGUF whose only matrix is `ty` with `bytes` of data, plus the llama metadata.
 fn gguf_with(name: &str, ty: u32, bytes: Vec<u8>) -> PathBuf {
-    use phi_model::gguf::write::{gguf_bytes, Meta};
+    use phi_testkit::gguf_write::{gguf_bytes, Meta};
     let meta = vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("llama.embedding_length", Meta::U32(256)),

@@ -6,10 +6,10 @@ mod common;
 use burn::tensor::Tensor;
 use common::{capture, check_summary, read_summary, s, tmp};
 use phi_data::Tok;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::{SafetensorsSource, TensorSource};
 use phi_model::{cpu_device, CausalLm, Inputs, TapRequest};
+use phi_testkit::oracle::{cases, Case, Report};
 use std::path::{Path, PathBuf};
 
 fn tokenizers() -> Vec<PathBuf> {

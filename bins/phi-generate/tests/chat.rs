@@ -4,7 +4,7 @@
 
 use phi_data::{ChatFormat, Conversation, Message, Role, Tok};
 use phi_model::generate::{generate, GenerateConfig};
-use phi_model::oracle::{cases, Case};
+use phi_testkit::oracle::{cases, Case};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -2,7 +2,7 @@
 //! padded rows continue from their last real token, `--adapter` applies PEFT's LoRA, and bad
 //! input fails with one line naming the file and the key.
 
-use phi_model::oracle::{cases, Case, Report};
+use phi_testkit::oracle::{cases, Case, Report};
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -458,4 +458,20 @@ fn an_adapters_bos_scaling_is_applied_and_said() {
     let off_ids: Vec<i64> = off.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert_eq!(off_ids, merged[0]);
     let _ = std::fs::remove_dir_all(&adapter);
+}
+
+#[test]
+fn a_gguf_error_prints_once() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/gguf-reference/smollm2-135m-instruct-q4_1.slice.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    let d = tmp("gguf-once");
+    let cut = d.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let (ok, _, err) = generate(&["--model", s(&cut), "--prompt", "hi"]);
+    assert!(!ok);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Once: the wrapped GGUF error used to print two and three times over.
+    assert_eq!(err.matches("cut.gguf").count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use common::{logits, lora_cases, merge_into, tmp};
-use phi_model::oracle::Report;
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::{SafetensorsSource, TensorSource};
+use phi_testkit::oracle::Report;
 
 #[test]
 fn merged_folder_equals_peft_merge_and_unload() {

@@ -6,9 +6,9 @@ mod common;
 
 use burn::tensor::Tensor;
 use common::{logits, merge_into, s, tmp};
-use phi_model::oracle::{cases_where, Case, Report};
 use phi_model::weights::{HostTensor, SafetensorsSource, TensorSource};
 use phi_model::{Arch, ModelConfig, RopeScaling, TapRequest};
+use phi_testkit::oracle::{cases_where, Case, Report};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{jsonl, run, scratch};
-use phi_model::oracle::{cases, Case};
+use phi_testkit::oracle::{cases, Case};
 use serde_json::Value;
 use std::path::Path;
 

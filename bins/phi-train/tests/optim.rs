@@ -14,7 +14,7 @@
 mod common;
 
 use common::*;
-use phi_model::oracle::{Case, Report};
+use phi_testkit::oracle::{Case, Report};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use phi_model::oracle::{cases, Case, Report};
+use phi_testkit::oracle::{cases, Case, Report};
 use serde_json::Value;
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{run, scratch};
-use phi_model::oracle::{cases, Case};
+use phi_testkit::oracle::{cases, Case};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -36,29 +36,26 @@ fn greedy_predictions_match_the_oracle_and_are_scored() {
         let case = Case::open(&dir);
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let tmp = scratch(&format!("predict-{name}"));
-        let Some((data, new_ids)) = example(&case, &tmp) else {
-            continue;
-        };
+        let (data, new_ids) =
+            example(&case, &tmp).unwrap_or_else(|| panic!("{name}: no generate.ids"));
         let out = tmp.join("out");
-        let args: Vec<String> = [
-            "--model_name_or_path",
-            &dir.display().to_string(),
-            "--tokenizer",
-            &tokenizer().display().to_string(),
-            "--do_train",
-            "false",
-            "--do_predict",
-            "--predict_with_generate",
-            "--eval_dataset",
-            &data.display().to_string(),
-            "--max_new_tokens",
-            &new_ids.len().to_string(),
-            "--output_dir",
-            &out.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        // LF's predict config (examples/extras/.../predict.yaml): do_predict without do_train,
+        // which defaults to false, so it predicts and trains nothing.
+        let yaml = format!(
+            "### model\nmodel_name_or_path: {}\ntokenizer: {}\n\n### method\nstage: sft\n\
+             do_predict: true\nfinetuning_type: lora\n\n### dataset\neval_dataset: {}\n\
+             cutoff_len: 2048\noverwrite_cache: true\n\n### output\noutput_dir: {}\n\
+             overwrite_output_dir: true\nreport_to: none\n\n### eval\n\
+             per_device_eval_batch_size: 1\npredict_with_generate: true\nmax_new_tokens: {}\n",
+            dir.display(),
+            tokenizer().display(),
+            data.display(),
+            out.display(),
+            new_ids.len()
+        );
+        let cfg = tmp.join("predict.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let args = vec![cfg.display().to_string()];
         let (ok, err) = run(&args);
         assert!(ok, "{name}: {err}");
         let text = std::fs::read_to_string(out.join("generated_predictions.jsonl")).unwrap();
@@ -95,6 +92,10 @@ fn greedy_predictions_match_the_oracle_and_are_scored() {
             assert_eq!(r[*k].as_f64().unwrap(), s[i], "{name}: {k}");
         }
         assert_eq!(r["predict_samples"], 1);
+        assert!(
+            !out.join("trainer_log.jsonl").exists(),
+            "{name}: nothing trained"
+        );
         checked += 1;
         let _ = std::fs::remove_dir_all(&tmp);
     }

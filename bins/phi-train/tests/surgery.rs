@@ -5,8 +5,8 @@
 mod common;
 
 use common::{base_args, jsonl, run, scratch, tensors, with};
-use phi_model::oracle::{cases_where, Case};
 use phi_model::{Arch, ModelConfig};
+use phi_testkit::oracle::{cases_where, Case};
 use serde_json::Value;
 
 fn layernorm_cases() -> Vec<Case> {

@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::weights::{SafetensorsSource, TensorSource};
+use phi_testkit::oracle::{cases, Case, Report};
 use serde_json::Value;
 
 #[test]
@@ -206,7 +206,7 @@ fn accumulation_normalises_over_the_whole_batch() {
     }
     let mut worst = 0f32;
     for ((k, a), (_, b)) in adapters[0].iter().zip(&adapters[1]) {
-        let d = phi_model::oracle::max_abs_diff(k, a, b);
+        let d = phi_testkit::oracle::max_abs_diff(k, a, b);
         worst = worst.max(d);
     }
     assert!(worst < 1e-6, "accumulated update differs by {worst}");

@@ -6,11 +6,11 @@ use phi_adapters::freeze::{self, Selection};
 use phi_adapters::merge;
 use phi_adapters::peft::{self, peft_param_name};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::params::ParamKind;
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::{SafetensorsSource, TensorSource};
 use phi_model::{cpu_device, CausalLm, TapRequest};
+use phi_testkit::oracle::{cases, Case, Report};
 use std::collections::BTreeMap;
 
 const TOL: f32 = 1e-4;
@@ -175,7 +175,7 @@ fn check_autocast(case: &Case, dtype: DType, loss_tol: f32, cos_min: f64, r: &mu
     // Half matmuls must show in the numbers: compared with the same model's f32 logits over
     // the whole tensor, not one loss against PEFT's (an f16 loss can land within 1e-5 of
     // the f32 one by chance: measured 3.7e-6 relative on a random GQA Llama).
-    let moved = phi_model::oracle::max_abs_diff("logits", &vals(logits.clone()), &f32_logits);
+    let moved = phi_testkit::oracle::max_abs_diff("logits", &vals(logits.clone()), &f32_logits);
     r.equal(&name, "logits moved off f32", &[moved > 0.0], &[true]);
     let loss = causal_lm_loss(logits, &labels);
     let want = case.f32("lora.loss").1;

@@ -1,8 +1,8 @@
 //! HF's `ForCausalLMLoss`: cross-entropy of logits[:, :-1] against labels[:, 1:], ignoring
 //! -100, averaged over every counted token of the batch (not per sequence).
 
-use crate::fused::cross_entropy_sum;
 use burn::tensor::Tensor;
+use phi_kernels::cross_entropy_sum;
 
 pub const IGNORE_INDEX: i64 = -100;
 

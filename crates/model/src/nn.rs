@@ -2,7 +2,6 @@
 //! GQA and a KV cache, and the host-side helpers that turn checkpoint tensors into params.
 
 use crate::error::ModelError;
-use crate::fused;
 use crate::lowrank::LowRank;
 use crate::precision::{self, to_compute, to_f32};
 use crate::weights::{HostTensor, TensorSource};
@@ -10,6 +9,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
+use phi_kernels as fused;
 
 pub fn param1(t: HostTensor, device: &Device) -> Param<Tensor<1>> {
     let n = t.data.len();

@@ -32,7 +32,7 @@ fn logits(m: &CausalLm, ids: &[i64]) -> Vec<Vec<f32>> {
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    phi_model::oracle::max_abs_diff("logits", a, b)
+    phi_testkit::oracle::max_abs_diff("logits", a, b)
 }
 
 /// With one layer and a window of w, position q sees exactly tokens q-w+1..=q; RoPE is

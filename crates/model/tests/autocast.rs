@@ -3,9 +3,9 @@
 
 use burn::tensor::{DType, Tensor};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::max_abs_diff;
 use phi_model::precision::autocast;
 use phi_model::{cpu_device, Inputs, TapRequest};
+use phi_testkit::oracle::max_abs_diff;
 
 fn config(arch: &str, heads: usize, kv: usize, hidden: usize) -> serde_json::Value {
     let (architecture, model_type) = match arch {

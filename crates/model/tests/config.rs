@@ -1,7 +1,7 @@
 //! config.json parsing: both transformers styles agree, and bad values name their key.
 
-use phi_model::oracle::cases;
 use phi_model::ModelConfig;
+use phi_testkit::oracle::cases;
 use serde_json::json;
 
 #[test]

@@ -1,10 +1,10 @@
 //! GGUF: metadata → config, name mapping, dequantization, q/k un-permutation, and errors.
 
 use burn::tensor::Tensor;
-use phi_model::gguf::write::{gguf_bytes, quantize, Meta};
 use phi_model::gguf::{GgufFile, GgufValue, F16, F32, Q4_0, Q4_1, Q8_0};
 use phi_model::weights::{GgufSource, RandomSource, TensorSource};
 use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
+use phi_testkit::gguf_write::{gguf_bytes, quantize, Meta};
 use std::path::PathBuf;
 
 const HIDDEN: usize = 32;
@@ -171,7 +171,7 @@ fn quantized_tensors_dequantize_within_their_step() {
                 Q8_0 => amax / 127.0,
                 _ => 2.0 * amax / 15.0,
             };
-            let worst = phi_model::oracle::max_abs_diff(n, &got, want);
+            let worst = phi_testkit::oracle::max_abs_diff(n, &got, want);
             assert!(worst <= tol, "{name} {n}: error {worst} > {tol}");
             if shape.len() == 1 {
                 assert_eq!(&got, want, "{name} {n}: F32 norms are exact");

@@ -1,10 +1,10 @@
 //! Checkpoint layouts: sharded safetensors, f16/bf16 on disk, and the hub cache.
 
 use burn::tensor::Tensor;
-use phi_model::oracle::cases;
 use phi_model::resolve::{resolve, resolve_dir};
 use phi_model::weights::{SafetensorsSource, TensorSource};
 use phi_model::{cpu_device, CausalLm, Inputs, TapRequest};
+use phi_testkit::oracle::cases;
 use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 
@@ -110,7 +110,7 @@ fn half_precision_checkpoints_load_as_their_exact_values() {
         }
         // Rounded weights move the logits a little, never wildly.
         let got = logits(&dir);
-        let worst = phi_model::oracle::max_abs_diff("logits", &got, &base);
+        let worst = phi_testkit::oracle::max_abs_diff("logits", &got, &base);
         let bound = if dtype == Dtype::F16 { 0.05 } else { 0.5 };
         assert!(
             worst > 0.0 && worst < bound,

@@ -4,10 +4,10 @@
 use burn::tensor::Tensor;
 use phi_model::generate::{generate, GenerateConfig};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::SafetensorsSource;
 use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
+use phi_testkit::oracle::{cases, Case, Report};
 
 const TOL: f32 = 1e-4;
 const LOSS_TOL: f32 = 1e-5;

@@ -6,11 +6,11 @@ use burn::tensor::Tensor;
 use phi_model::capture::capture;
 use phi_model::export::{source_config, write_model_folder, OutDtype};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::{cases_where, Case};
 use phi_model::resolve::resolve_dir;
 use phi_model::surgery::{layernorm_to_rmsnorm, record_in_config, DEFAULT_EPS};
 use phi_model::weights::{SafetensorsSource, TensorSource};
 use phi_model::{cpu_device, Arch, CausalLm, TapRequest};
+use phi_testkit::oracle::{cases_where, Case};
 
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.try_into_vec_as::<f32>().expect("readback")
@@ -93,7 +93,7 @@ fn first_forward_moves_and_saved_model_reloads_identically() {
         let after = m.forward(&inp, &TapRequest::none()).logits;
         let loss1 = vals(causal_lm_loss(after.clone(), &labels))[0];
         let (a, b) = (vals(before), vals(after));
-        let diff = phi_model::oracle::max_abs_diff("logits", &a, &b);
+        let diff = phi_testkit::oracle::max_abs_diff("logits", &a, &b);
         let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
         println!(
             "{}: rmsnorm surgery (eps {DEFAULT_EPS}): max |Δlogits| {diff:.4} (max |logit| {scale:.3}), loss {loss0:.5} -> {loss1:.5} ({:+.5})",

@@ -5,10 +5,10 @@
 use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, Selection};
 use phi_model::loss::causal_lm_loss;
-use phi_model::oracle::{cases, Case, Report};
 use phi_model::resolve::resolve_dir;
 use phi_model::{cpu_device, Arch, CausalLm, ModelConfig, TapRequest};
 use phi_regularizers::{BosScale, NormTarget};
+use phi_testkit::oracle::{cases, Case, Report};
 
 fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.try_into_vec_as::<f32>().expect("readback")

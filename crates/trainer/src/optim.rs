@@ -8,7 +8,7 @@
 use crate::error::TrainError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor, TensorData};
-use phi_model::fused::{self, kernels::AdamW};
+use phi_kernels::{self as fused, kernels::AdamW};
 use phi_model::CausalLm;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -5,9 +5,9 @@ use burn::tensor::Tensor;
 use phi_data::batch::pack;
 use phi_data::{Collator, Encoded, IGNORE};
 use phi_model::loss::causal_lm_loss_sum;
-use phi_model::oracle::{cases, Report};
 use phi_model::resolve::resolve_dir;
 use phi_model::{cpu_device, CausalLm, TapRequest};
+use phi_testkit::oracle::{cases, Report};
 use phi_trainer::inputs;
 
 fn loss_sum(model: &CausalLm, rows: &[&Encoded], labels: &[i64]) -> f32 {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use phi_model::oracle::Report;
+use phi_testkit::oracle::Report;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,9 +3,9 @@
 #![allow(dead_code)]
 
 use burn::tensor::Tensor;
-use phi_model::oracle::{cases, Case};
 use phi_model::resolve::resolve_dir;
 use phi_model::{cpu_device, CausalLm, Inputs, TapRequest};
+use phi_testkit::oracle::{cases, Case};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -2,8 +2,8 @@
 //! the oracle batch as pre-tokenized JSONL, and reading outputs back.
 #![allow(dead_code)]
 
-use phi_model::oracle::{cases, Case};
 use phi_model::weights::{SafetensorsSource, TensorSource};
+use phi_testkit::oracle::{cases, Case};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -3,12 +3,12 @@
 
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::fused::swiglu_packed;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
+use phi_kernels::swiglu_packed;
 
 #[derive(Module, Debug)]
 pub struct Phi3Attention {

@@ -3,7 +3,7 @@
 //! ignored cross-entropy rows.
 
 use burn::tensor::{Distribution, Tensor, TensorData};
-use phi_model::fused::{self, reference};
+use phi_kernels::{self as fused, reference};
 
 fn dev() -> burn::tensor::Device {
     burn::tensor::Device::flex()
@@ -22,7 +22,7 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let worst = phi_model::oracle::max_scaled_diff(what, a, b);
+    let worst = phi_testkit::oracle::max_scaled_diff(what, a, b);
     assert!(worst <= tol, "{what}: worst error {worst} > {tol}");
 }
 

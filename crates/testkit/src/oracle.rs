@@ -1,7 +1,7 @@
 //! Access to reference-tensor folders (the transformers oracle) for tests in every crate:
 //! case discovery, tensor reading and tolerance checks. Case folders are found, never named.
 
-use crate::weights::{read_i64, SafetensorsSource, TensorSource};
+use phi_model::weights::{read_i64, SafetensorsSource, TensorSource};
 use std::path::{Path, PathBuf};
 
 /// The committed copy of the public oracle.
@@ -126,9 +126,9 @@ impl Case {
         read_i64(&self.dir.join("inputs.safetensors"), key).unwrap_or_else(|e| panic!("{e}"))
     }
     /// The case's batch (ids with its attention mask) and its labels.
-    pub fn batch(&self) -> (crate::Inputs, Vec<i64>) {
+    pub fn batch(&self) -> (phi_model::Inputs, Vec<i64>) {
         let (shape, ids) = self.input("input_ids").expect("input_ids");
-        let mut inp = crate::Inputs::new(shape[0], shape[1], ids);
+        let mut inp = phi_model::Inputs::new(shape[0], shape[1], ids);
         if let Some((_, m)) = self.input("attention_mask") {
             inp = inp.with_mask(m);
         }
