@@ -82,18 +82,6 @@ pub fn step_flops(
     }
 }
 
-/// Peak resident set size of this process (VmHWM), in MB.
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// Median of the timings (sorted in place).
 pub fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);

@@ -1,7 +1,7 @@
 //! Timed steps: a forward pass with the loss, or a full training step done as phi-train does
 //! it (forward, the trainer's loss, backward, gradient clipping, the trainer's AdamW update).
 
-use crate::shapes::{median, peak_rss_mb, shape_config, step_flops};
+use crate::shapes::{median, shape_config, step_flops};
 use crate::Args;
 use anyhow::{bail, Result};
 use burn::tensor::{Device, Tensor};
@@ -122,7 +122,7 @@ pub fn run(a: &Args) -> Result<()> {
     let line = json!({
         "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
         "step_s_median": med, "tokens_per_s": n as f64 / med,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": phi_model::alloc::peak_rss_mb().unwrap_or(0.0),
         "gflops_per_s": flops.per_step / med / 1e9,
         "gflop_per_step": flops.per_step / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },

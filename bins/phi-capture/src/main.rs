@@ -127,11 +127,7 @@ fn run(a: Args) -> Result<()> {
             .context("--tokenizer: no tokenizer.json beside the model; pass --tokenizer")?;
         Ok(Tok::load(&p)?)
     };
-    let pad = loaded
-        .config
-        .pad_token_id
-        .or(loaded.config.eos_token_ids.first().copied())
-        .unwrap_or(0) as i64;
+    let pad = loaded.config.pad_id() as i64;
     let mut inp = if let Some(p) = &a.input_ids {
         let (shape, ids) = read_i64(p, "input_ids")?.with_context(|| {
             format!(

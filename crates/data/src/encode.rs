@@ -7,7 +7,8 @@ use crate::template::{Conversation, Template, Turn};
 use crate::tokenizer::Tok;
 use crate::DataError;
 
-pub const IGNORE: i64 = -100;
+/// The label that marks a position as not trained: the loss's own ignore index.
+pub use phi_model::loss::IGNORE_INDEX as IGNORE;
 
 /// How records become ids: LF slot templates, or the tokenizer's jinja template.
 pub enum ChatFormat {

@@ -17,3 +17,16 @@ pub fn tune() {
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
 }
+
+/// The process's peak resident memory (Linux VmHWM) in MB; None where /proc has no such line.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}

@@ -381,6 +381,14 @@ impl ModelConfig {
     }
 
     /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
+    /// The id padding uses: pad_token_id, else the first EOS (as LLaMA-Factory sets the
+    /// pad token), else 0.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id
+            .or(self.eos_token_ids.first().copied())
+            .unwrap_or(0)
+    }
+
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }

@@ -7,15 +7,18 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod generation;
 pub mod log;
 pub mod metrics;
 pub mod optim;
+pub mod outputs;
 pub mod plot;
 pub mod predict;
 pub mod run;
 pub mod samples;
 pub mod schedule;
 pub mod setup;
+pub mod step;
 
 pub use args::TrainArgs;
 pub use error::TrainError;

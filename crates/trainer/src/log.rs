@@ -181,6 +181,39 @@ fn write_line(f: &mut impl Write, line: &Value) -> std::io::Result<()> {
     f.write_all(format!("{line}\n").as_bytes())
 }
 
+/// Losses since the last logging step (HF logs their mean).
+#[derive(Default)]
+pub struct Window {
+    n: usize,
+    loss: f64,
+    base: f64,
+    reg: f64,
+    grad_norm: f64,
+}
+
+impl Window {
+    pub fn add(&mut self, loss: f64, base: f64, reg: f64, grad_norm: f64) {
+        self.n += 1;
+        self.loss += loss;
+        self.base += base;
+        self.reg += reg;
+        self.grad_norm = grad_norm;
+    }
+    pub fn take(&mut self, with_reg: bool) -> Map<String, Value> {
+        let n = self.n.max(1) as f64;
+        let mut m = Map::new();
+        m.insert("loss".into(), json!(self.loss / n));
+        if with_reg {
+            m.insert("base_loss".into(), json!(self.base / n));
+            m.insert("rmsnorm_reg_loss".into(), json!(self.reg / n));
+            m.insert("total_loss".into(), json!(self.loss / n));
+        }
+        m.insert("grad_norm".into(), json!(self.grad_norm));
+        *self = Window::default();
+        m
+    }
+}
+
 fn fmt_num(v: &Value) -> Option<String> {
     let x = v.as_f64()?;
     Some(if x != 0.0 && x.abs() < 1e-3 {

@@ -1,76 +1,16 @@
 //! `--do_predict --predict_with_generate`: an answer generated for each eval example, written
 //! as LLaMA-Factory writes them (`generated_predictions.jsonl`: prompt with its special
 //! tokens, predict and label without), scored with LF's BLEU-4 / ROUGE (`predict_results.json`).
-//! Also the generation shared with periodic samples during training.
 
 use crate::args::TrainArgs;
 use crate::data::Examples;
 use crate::error::TrainError;
-use crate::eval::{print_table, save_metrics, EvalModel};
+use crate::eval::EvalModel;
+use crate::generation::{answer, gen_config, split_prompt, stop_ids};
 use crate::metrics;
-use phi_data::encode::{ChatFormat, Encoded};
-use phi_data::Tok;
-use phi_model::generate::{generate, GenerateConfig, Sampling};
-use phi_model::CausalLm;
+use crate::outputs::{output_dir, print_table, save_metrics};
 use serde_json::{json, Map, Value};
 use std::time::Instant;
-
-/// The prompt of an encoded example: everything before its first label (LF's eval encoding
-/// feeds exactly this), and the label ids after it.
-pub fn split_prompt(e: &Encoded) -> (Vec<u32>, Vec<u32>) {
-    let first = e
-        .labels
-        .iter()
-        .position(|&l| l != phi_model::loss::IGNORE_INDEX)
-        .unwrap_or(e.labels.len());
-    let label = e.input_ids[first..]
-        .iter()
-        .zip(&e.labels[first..])
-        .filter(|(_, &l)| l != phi_model::loss::IGNORE_INDEX)
-        .map(|(&i, _)| i)
-        .collect();
-    (e.input_ids[..first].to_vec(), label)
-}
-
-/// LF's generation settings: greedy unless do_sample; stops at EOS and the template's stops.
-pub fn gen_config(a: &TrainArgs, max_new: usize, stops: Vec<u32>) -> GenerateConfig {
-    GenerateConfig {
-        max_new_tokens: max_new,
-        sampling: a.do_sample.then_some(Sampling {
-            temperature: a.temperature as f32,
-            top_p: a.top_p as f32,
-            seed: a.seed,
-        }),
-        eos_token_ids: stops,
-        use_cache: true,
-        // The run's BOS scaling: predictions and samples see the model its loss saw.
-        bos_scale: a.use_bos_zero_training.then_some(a.bos_scaling_factor),
-    }
-}
-
-/// EOS ids of the model plus the template's stop ids.
-pub fn stop_ids(eos: &[u32], chat: Option<(&Tok, &ChatFormat)>) -> Vec<u32> {
-    let mut s = eos.to_vec();
-    if let Some((t, f)) = chat {
-        s.extend(f.stop_ids(t));
-    }
-    s.sort_unstable();
-    s.dedup();
-    s
-}
-
-/// New ids for `prompt`, without a final stop token.
-pub fn answer(model: &CausalLm, prompt: &[u32], cfg: &GenerateConfig) -> Vec<u32> {
-    let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
-    let mut out: Vec<u32> = generate(model, &ids, cfg, |_| {})
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    if out.last().is_some_and(|l| cfg.eos_token_ids.contains(l)) {
-        out.pop();
-    }
-    out
-}
 
 pub fn run_predict(a: &TrainArgs, m: &EvalModel, ex: &Examples) -> Result<Value, TrainError> {
     if !a.predict_with_generate {
@@ -87,8 +27,9 @@ pub fn run_predict(a: &TrainArgs, m: &EvalModel, ex: &Examples) -> Result<Value,
             "a tokenizer.json (beside the model or --tokenizer) to decode predictions",
         ));
     };
-    let out = crate::eval::output_dir(a)?;
-    let cfg = gen_config(a, a.max_new_tokens, stop_ids(&m.eos, Some((tok, fmt))));
+    let out = output_dir(a)?;
+    let stops = stop_ids(&m.eos, Some((tok, fmt)));
+    let cfg = gen_config(a, a.max_new_tokens, stops, m.regs.bos_factor());
     let t0 = Instant::now();
     let (mut lines, mut scores) = (String::new(), Vec::new());
     for (i, e) in ex.train.iter().enumerate() {

@@ -5,7 +5,7 @@
 use crate::args::TrainArgs;
 use crate::data::Examples;
 use crate::error::TrainError;
-use crate::predict::{answer, gen_config, split_prompt, stop_ids};
+use crate::generation::{answer, gen_config, split_prompt, stop_ids};
 use burn::module::Module;
 use phi_data::template::{Conversation, Message, Role};
 use phi_model::generate::GenerateConfig;
@@ -32,6 +32,7 @@ impl Sampler {
         ex: &Examples,
         eos: &[u32],
         vocab: usize,
+        bos_scale: Option<f64>,
         out: &Path,
         start: usize,
     ) -> Result<Option<Sampler>, TrainError> {
@@ -104,7 +105,7 @@ impl Sampler {
         Ok(Some(Sampler {
             every: a.generate_every,
             prompts,
-            cfg: gen_config(a, a.sample_max_new_tokens, stop_ids(eos, chat)),
+            cfg: gen_config(a, a.sample_max_new_tokens, stop_ids(eos, chat), bos_scale),
             path,
         }))
     }

@@ -251,3 +251,66 @@ pub fn check_resume(
         }
     }
 }
+
+/// `norm_surgery` applied to a freshly loaded model (see phi_model::surgery).
+pub fn apply_surgery(model: CausalLm, a: &TrainArgs) -> Result<CausalLm, TrainError> {
+    match a.norm_surgery.as_str() {
+        "none" => Ok(model),
+        "rmsnorm" => {
+            if !(a.norm_surgery_eps.is_finite() && a.norm_surgery_eps >= 0.0) {
+                return Err(TrainError::arg(
+                    "norm_surgery_eps",
+                    a.norm_surgery_eps,
+                    "a non-negative number",
+                ));
+            }
+            let (m, n) = phi_model::surgery::layernorm_to_rmsnorm(model, a.norm_surgery_eps);
+            if n == 0 {
+                return Err(TrainError::arg(
+                    "norm_surgery",
+                    "rmsnorm",
+                    "a model with LayerNorms (Phi-2); this one has RMSNorms only",
+                ));
+            }
+            eprintln!(
+                "norm surgery: {n} LayerNorms replaced by RMSNorms (weights kept, biases dropped, eps {})",
+                a.norm_surgery_eps
+            );
+            Ok(m)
+        }
+        other => Err(TrainError::arg("norm_surgery", other, "none or rmsnorm")),
+    }
+}
+
+/// Settings checked before anything is loaded or written.
+pub fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
+    if !matches!(a.stage.as_str(), "sft" | "pt") {
+        return Err(TrainError::arg("stage", &a.stage, "sft or pt"));
+    }
+    for (k, v) in [
+        ("per_device_train_batch_size", a.per_device_train_batch_size),
+        ("gradient_accumulation_steps", a.gradient_accumulation_steps),
+        ("logging_steps", a.logging_steps),
+        ("save_steps", a.save_steps),
+    ] {
+        if v == 0 {
+            return Err(TrainError::arg(k, 0, "a positive integer"));
+        }
+    }
+    a.check_numbers()?;
+    if a.bf16 && a.fp16 {
+        return Err(TrainError::arg(
+            "fp16",
+            true,
+            "at most one of bf16 and fp16",
+        ));
+    }
+    if !matches!(a.eval_strategy.as_str(), "no" | "steps" | "epoch") {
+        return Err(TrainError::arg(
+            "eval_strategy",
+            &a.eval_strategy,
+            "no, steps or epoch",
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! The step: one forward with the run's regularizer inputs (BOS scaling of the embeddings,
+//! the norm taps the norm-target term reads), used alike by training, evaluation, prediction
+//! and samples, so every metric of a run sees the same model; the micro-batch's loss and
+//! gradients; the held-out loss.
+
+use crate::args::TrainArgs;
+use crate::data::{self, Examples};
+use crate::optim::{self, Grads};
+use burn::module::Module;
+use burn::tensor::{DType, Device, Tensor};
+use phi_data::encode::Encoded;
+use phi_data::Batch;
+use phi_model::loss::{causal_lm_loss_sum, IGNORE_INDEX};
+use phi_model::{CausalLm, Inputs, Output, TapRequest};
+use phi_regularizers::{BosScale, NormTarget};
+
+/// The recipe's terms: what they add to the loss and how they edit the input.
+#[derive(Default)]
+pub struct Regs {
+    pub norm: Option<NormTarget>,
+    pub bos: Option<BosScale>,
+}
+
+impl Regs {
+    /// The factor generation applies to position 0, as the forward does.
+    pub fn bos_factor(&self) -> Option<f64> {
+        self.bos.map(|b| b.factor)
+    }
+}
+
+/// The model's forward on `inp` with the BOS scaling applied to its embeddings.
+pub fn forward(model: &CausalLm, inp: &Inputs, regs: &Regs, req: &TapRequest) -> Output {
+    let mut emb = model.embed(inp);
+    if let Some(bos) = &regs.bos {
+        emb = bos.apply(emb, inp.position_ids.as_deref());
+    }
+    model.forward_embeds(emb, inp, req, None)
+}
+
+/// One micro-batch's forward and backward. Returns its gradients, its summed token loss
+/// and its regularizer value. `denom` is the label-token count of the whole accumulated
+/// batch (HF's `num_items_in_batch`), `parts` its number of micro-batches.
+pub fn micro_step(
+    model: &CausalLm,
+    b: &Batch,
+    regs: &Regs,
+    denom: f64,
+    parts: f64,
+    loss_scale: f64,
+) -> (Grads, f64, f64) {
+    let inp = crate::inputs(b);
+    let req = regs.norm.as_ref().map(NormTarget::taps).unwrap_or_default();
+    let out = forward(model, &inp, regs, &req);
+    let (sum, _) = causal_lm_loss_sum(out.logits, &b.labels);
+    let sum_val = scalar(&sum);
+    let mut loss = sum / denom;
+    let mut reg_val = 0.0;
+    if let Some(norm) = &regs.norm {
+        let r = norm.loss(&out.taps, Some(&b.attention_mask)) / parts;
+        reg_val = scalar(&r);
+        loss = loss + r;
+    }
+    if loss_scale != 1.0 {
+        loss = loss * loss_scale;
+    }
+    let grads = loss.backward();
+    (optim::collect(model, &grads), sum_val, reg_val)
+}
+
+/// Mean token loss over `examples` with dropout off and no graph.
+pub fn evaluate(
+    model: &CausalLm,
+    examples: &[Encoded],
+    batch: usize,
+    ex: &Examples,
+    regs: &Regs,
+) -> Option<f64> {
+    if examples.is_empty() {
+        return None;
+    }
+    let m = model.valid();
+    let (mut sum, mut count) = (0.0, 0usize);
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let b = data::collate(examples, chunk, &ex.collator);
+        let inp = crate::inputs(&b);
+        let logits = forward(&m, &inp, regs, &TapRequest::none()).logits;
+        let (s, c) = causal_lm_loss_sum(logits, &b.labels);
+        sum += scalar(&s);
+        count += c;
+    }
+    Some(sum / count.max(1) as f64)
+}
+
+/// Label tokens of a micro-batch the loss counts (labels are shifted inside the loss:
+/// position 0 of each row never counts).
+pub fn label_count(b: &Batch) -> usize {
+    (0..b.batch)
+        .map(|r| {
+            b.labels[r * b.seq + 1..(r + 1) * b.seq]
+                .iter()
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count()
+        })
+        .sum()
+}
+
+/// The autocast dtype for `--bf16` / `--fp16`, or None (f32) where the device has no
+/// kernels for it (with a warning).
+pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
+    let (dtype, name) = match (a.bf16, a.fp16) {
+        (true, _) => (DType::BF16, "bf16"),
+        (_, true) => (DType::F16, "fp16"),
+        _ => return None,
+    };
+    if !device.supports_dtype(dtype) {
+        eprintln!(
+            "warning: {name}: device {} has no {name} kernels; training in f32",
+            a.device
+        );
+        return None;
+    }
+    // Flex has half kernels, but its bf16/f16 GEMMs are slower than its f32 one and the
+    // casts cost memory (docs/benchmarks.md), so a CPU run stays in f32 unless asked.
+    if a.device == "cpu" && std::env::var("PHI_CPU_HALF").map_or(true, |v| v != "1") {
+        eprintln!(
+            "warning: {name} on the CPU backend is slower than f32 (Flex's {name} GEMM runs at \
+             0.4-0.8x its f32 rate here); training in f32. PHI_CPU_HALF=1 runs {name} anyway"
+        );
+        return None;
+    }
+    Some(dtype)
+}
+
+fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone().inner().into_scalar::<f32>() as f64
+}
