@@ -71,20 +71,21 @@ pub fn resolve(name: &str, dir: &Path) -> Result<Vec<(DatasetAttr, PathBuf)>, Da
     }
     let info = dir.join("dataset_info.json");
     let shown = info.display().to_string();
-    let registered = std::fs::read_to_string(&info)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|r| r.get(name).is_some());
-    if looks_like_file(name) && !registered {
-        return Err(DataError::file(
+    // A name that looks like a file and is not registered is a missing file, not a registry
+    // problem.
+    let missing_file = || {
+        DataError::file(
             name,
             format!(
                 "no such file (looked here and in dataset_dir {}), and {shown} has no dataset of that name",
                 dir.display()
             ),
-        ));
-    }
+        )
+    };
     let text = std::fs::read_to_string(&info).map_err(|_| {
+        if looks_like_file(name) {
+            return missing_file();
+        }
         DataError::file(
             &shown,
             format!(
@@ -94,6 +95,9 @@ pub fn resolve(name: &str, dir: &Path) -> Result<Vec<(DatasetAttr, PathBuf)>, Da
     })?;
     let reg: Value = serde_json::from_str(&text)
         .map_err(|e| DataError::file(&shown, format!("not valid JSON: {e}")))?;
+    if looks_like_file(name) && reg.get(name).is_none() {
+        return Err(missing_file());
+    }
     let entry = reg.get(name).ok_or_else(|| {
         DataError::file(
             &shown,

@@ -109,7 +109,8 @@ pub fn generate(
         }
         let inp = Inputs::new(1, pending.len(), pending.clone());
         let mut embeds = model.embed(&inp);
-        if let Some(f) = cfg.bos_scale.filter(|_| !cfg.use_cache || cache.len == 0) {
+        // Position 0 is in this forward when nothing is cached (always so without a cache).
+        if let Some(f) = cfg.bos_scale.filter(|_| cache.len == 0) {
             embeds = CausalLm::scale_sequence_starts(embeds, f, None);
         }
         let cache_arg = if cfg.use_cache {
