@@ -292,32 +292,31 @@ pub fn adamw(
     (back(p), back(m), back(v))
 }
 
-/// Σ x² of a flat tensor in f64 on Flex (gradient clipping's norm), else composed.
-/// No NaN and no infinity in `x`.
-pub fn all_finite(x: &Tensor<1>) -> bool {
-    if fusable(x) && !x.is_autodiff() {
-        let t = contiguous(
-            x.clone()
-                .try_into_primitive::<Flex>()
-                .expect("a Flex tensor"),
-        );
-        return kernels::all_finite(f32s(&t));
+/// `f` over the values of a flat f32 Flex tensor outside autodiff; None elsewhere.
+fn on_flex_values<R>(x: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !(fusable(x) && !x.is_autodiff()) {
+        return None;
     }
-    let bad = x.clone().is_nan().any().into_scalar::<bool>()
-        || x.clone().is_inf().any().into_scalar::<bool>();
-    !bad
+    let t = contiguous(
+        x.clone()
+            .try_into_primitive::<Flex>()
+            .expect("a Flex tensor"),
+    );
+    Some(f(f32s(&t)))
 }
 
+/// No NaN and no infinity in `x`.
+pub fn all_finite(x: &Tensor<1>) -> bool {
+    on_flex_values(x, kernels::all_finite).unwrap_or_else(|| {
+        !(x.clone().is_nan().any().into_scalar::<bool>()
+            || x.clone().is_inf().any().into_scalar::<bool>())
+    })
+}
+
+/// Σ x² of a flat tensor in f64 on Flex (gradient clipping's norm), else composed.
 pub fn sum_squares(x: &Tensor<1>) -> f64 {
-    if fusable(x) && !x.is_autodiff() {
-        let t = contiguous(
-            x.clone()
-                .try_into_primitive::<Flex>()
-                .expect("a Flex tensor"),
-        );
-        return kernels::sum_squares(f32s(&t));
-    }
-    x.clone().square().sum().into_scalar::<f32>() as f64
+    on_flex_values(x, kernels::sum_squares)
+        .unwrap_or_else(|| x.clone().square().sum().into_scalar::<f32>() as f64)
 }
 
 /// The same ops composed from Burn's: the path of other backends and dtypes, and what the
