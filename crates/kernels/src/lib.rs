@@ -294,7 +294,7 @@ pub fn adamw(
 
 /// `f` over the values of a flat f32 Flex tensor outside autodiff; None elsewhere.
 fn on_flex_values<R>(x: &Tensor<1>, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !(fusable(x) && !x.is_autodiff()) {
+    if !fusable(x) || x.is_autodiff() {
         return None;
     }
     let t = contiguous(
