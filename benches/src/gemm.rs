@@ -7,7 +7,6 @@ use crate::shapes::shape_config;
 use crate::Args;
 use anyhow::Result;
 use burn::tensor::{Device, Distribution, Tensor};
-use phi_model::config::Arch;
 use serde_json::json;
 use std::time::Instant;
 
@@ -75,21 +74,20 @@ pub fn run(a: &Args) -> Result<()> {
         cfg.vocab_size,
         a.batch * a.seq,
     );
-    let kv = cfg.num_key_value_heads * cfg.head_dim;
     let mut list = vec![
         g("square 1024", 1024, 1024, 1024),
         g("square 2048", 2048, 2048, 2048),
     ];
-    if cfg.arch == Arch::Phi3 {
-        list.push(g("qkv_proj fwd", t, h, h + 2 * kv));
-        list.push(g("gate_up_proj fwd", t, h, 2 * i));
-    } else {
-        list.push(g("q_proj fwd", t, h, h));
-        list.push(g("k_proj fwd", t, h, kv));
-        list.push(g("gate_proj fwd", t, h, i));
+    // Each distinct projection shape of a layer once.
+    for spec in cfg.arch.layer_linears(&cfg) {
+        let leaf = spec.name.rsplit('.').next().unwrap_or(spec.name);
+        if !list
+            .iter()
+            .any(|x| x.k == spec.d_in && x.n == spec.d_out && x.m == t)
+        {
+            list.push(g(&format!("{leaf} fwd"), t, spec.d_in, spec.d_out));
+        }
     }
-    list.push(g("o_proj fwd", t, h, h));
-    list.push(g("down_proj fwd", t, i, h));
     // Backward of down_proj: dX = dY·Wᵀ (W stored [i, h]), dW = Xᵀ·dY (X stored [t, i]).
     let mut dx = g("down_proj dX", t, h, i);
     dx.rhs_t = true;

@@ -7,13 +7,15 @@ use crate::shapes::{median, shape_config};
 use crate::Args;
 use anyhow::Result;
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Distribution, Tensor};
 use phi_kernels::{causal_softmax, swiglu, swiglu_packed};
+use phi_model::arch::Mlp;
 use phi_model::loss::causal_lm_loss_sum;
 use phi_model::lowrank::LowRank;
 use phi_model::nn::{apply_rotary, attend, split_heads, LayerCtx, Linear, RmsNorm};
 use phi_model::weights::RandomSource;
-use phi_model::{Arch, CausalLm};
+use phi_model::CausalLm;
 use phi_trainer::optim::{Grads, Kind, Optimizer};
 use serde_json::json;
 use std::time::Instant;
@@ -105,18 +107,12 @@ pub fn run(a: &Args) -> Result<()> {
     );
     let reps = a.steps.max(1);
     let mut rows: Vec<(String, usize, (f64, f64))> = Vec::new();
-    let shapes: Vec<(usize, usize)> = match cfg.arch {
-        Arch::Phi3 => vec![(h, h + 2 * kvh * hd), (h, h), (h, 2 * i), (i, h)],
-        _ => vec![
-            (h, h),
-            (h, kvh * hd),
-            (h, kvh * hd),
-            (h, h),
-            (h, i),
-            (h, i),
-            (i, h),
-        ],
-    };
+    let shapes: Vec<(usize, usize)> = cfg
+        .arch
+        .layer_linears(&cfg)
+        .iter()
+        .map(|s| (s.d_in, s.d_out))
+        .collect();
     for (label, trainable, rank) in [
         ("linears, frozen W + LoRA r16 (one layer)", false, a.rank),
         ("linears, trainable W (one layer)", true, 0),
@@ -207,12 +203,13 @@ pub fn run(a: &Args) -> Result<()> {
         2 * layers + 1,
         op_times(&inner, &ad, [b, t, h], reps, norm),
     ));
-    let act = |x: Tensor<3>| match cfg.arch {
-        Arch::Phi3 => swiglu_packed(x),
-        _ => swiglu(
+    let act = |x: Tensor<3>| match cfg.arch.mlp() {
+        Mlp::PackedSwiGlu => swiglu_packed(x),
+        Mlp::SwiGlu => swiglu(
             x.clone().slice([0..b, 0..t, 0..i]),
             x.slice([0..b, 0..t, i..2 * i]),
         ),
+        Mlp::Gelu => gelu_approximate(x.slice([0..b, 0..t, 0..i])),
     };
     rows.push((
         "silu(gate)·up".into(),

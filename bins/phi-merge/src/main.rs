@@ -8,7 +8,7 @@ use phi_adapters::peft::{self, PREFIX};
 use phi_adapters::targets::leaf_names;
 use phi_model::export::{config_dtype, parse_size, source_config, write_model_folder, OutDtype};
 use phi_model::io::prepare_out_dir;
-use phi_model::{Arch, Loaded, ModelConfig, RopeScaling};
+use phi_model::Loaded;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ struct Args {
     /// Largest shard, e.g. 2GB or 500MB (LLaMA-Factory's export_size, in GB when bare).
     #[arg(long, default_value = "5GB")]
     shard_size: String,
-    /// Write Phi-3's fused qkv_proj / gate_up_proj as q/k/v and gate/up.
+    /// Write fused projections (Phi-3's qkv_proj / gate_up_proj) as q/k/v and gate/up.
     #[arg(long)]
     split_fused: bool,
     /// Write the (possibly split) adapter instead of a merged model.
@@ -45,35 +45,6 @@ struct Args {
 fn main() {
     phi_model::alloc::tune();
     phi_cli::exit_on_error(run(phi_cli::parse()));
-}
-
-/// Phi-3 with split projections is a Llama checkpoint, exact only where LlamaForCausalLM
-/// computes what Phi3ForCausalLM does.
-fn as_llama(mut cfg: Value, model: &ModelConfig) -> Result<Value> {
-    if let RopeScaling::LongRope { .. } = model.rope_scaling {
-        // Even where Llama's forward applies longrope alike, Phi3ForCausalLM's generate drops
-        // the KV cache and re-encodes when a sequence crosses the original context, and
-        // Llama's does not: its keys cached with the short factors would go stale.
-        bail!("--split-fused: a longrope Phi-3 cannot become a LlamaForCausalLM checkpoint: Llama's generate keeps the short-factor KV cache when a sequence crosses original_max_position_embeddings, where Phi-3 re-encodes, so generations would differ; export the model fused, or only the adapter split (--split-fused --adapter-only)");
-    }
-    if model.partial_rotary_factor != 1.0 {
-        bail!("--split-fused: a partial-rotary Phi-3 (partial_rotary_factor {}) cannot become a LlamaForCausalLM checkpoint: Llama rotates the whole head; export the model fused, or only the adapter split (--split-fused --adapter-only)", model.partial_rotary_factor);
-    }
-    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-    cfg["model_type"] = serde_json::json!("llama");
-    cfg["head_dim"] = serde_json::json!(model.head_dim);
-    for k in [
-        "auto_map",
-        "sliding_window",
-        "embd_pdrop",
-        "resid_pdrop",
-        "original_max_position_embeddings",
-    ] {
-        if let Some(o) = cfg.as_object_mut() {
-            o.remove(k);
-        }
-    }
-    Ok(cfg)
 }
 
 fn run(a: Args) -> Result<()> {
@@ -94,9 +65,9 @@ fn run(a: Args) -> Result<()> {
         dir,
         gguf,
     } = phi_model::load(&a.model, &device)?;
-    if a.split_fused && mcfg.arch != Arch::Phi3 {
+    if a.split_fused && mcfg.arch.fused(&mcfg).is_empty() {
         bail!(
-            "--split-fused: only Phi-3 has fused projections (this model is {})",
+            "--split-fused: {} has no fused projections (Phi-3 has)",
             mcfg.arch.hf_class()
         );
     }
@@ -105,7 +76,9 @@ fn run(a: Args) -> Result<()> {
         false => source_config(dir.as_deref(), gguf.as_deref())?,
     };
     if a.split_fused && !a.adapter_only {
-        config = as_llama(config, &mcfg)?;
+        let arch = mcfg.arch;
+        arch.unfused_config(&mut config, &mcfg)
+            .map_err(|e| anyhow::anyhow!("--split-fused: {e}"))?;
     }
     let (model, mut cfg, paths) = peft::load(model, &a.adapter)?;
     eprintln!(
@@ -118,7 +91,7 @@ fn run(a: Args) -> Result<()> {
         let mut targets = leaf_names(&paths);
         if a.split_fused {
             tensors = split_fused(&mcfg, tensors);
-            targets = split_target_names(&targets);
+            targets = split_target_names(&mcfg, &targets);
             if let phi_adapters::Targets::Regex(_) = cfg.targets {
                 cfg.targets = phi_adapters::Targets::Names(targets.clone());
             }

@@ -189,24 +189,15 @@ pub fn trainable_names(model: &CausalLm, sel: &Selection) -> Result<Vec<String>,
     Ok(names)
 }
 
-/// `embed_tokens`, `norm` (Phi-2: `final_layernorm`) and `lm_head` as name prefixes.
+/// `embed_tokens`, `norm` (whatever the architecture calls its final norm) and `lm_head` as
+/// name prefixes.
 fn extra_prefixes(model: &CausalLm, extra: &[String]) -> Result<Vec<String>, AdapterError> {
     let tied = model.lm_head.is_none();
     extra
         .iter()
         .map(|e| match e.as_str() {
             "embed_tokens" => Ok("model.embed_tokens.".to_string()),
-            "norm" | "final_layernorm" => Ok(
-                if model
-                    .params()
-                    .iter()
-                    .any(|p| p.name.starts_with("model.norm."))
-                {
-                    "model.norm.".into()
-                } else {
-                    "model.final_layernorm.".into()
-                },
-            ),
+            "norm" | "final_layernorm" => Ok(format!("model.{}.", model.arch.final_norm())),
             "lm_head" if tied => Err(AdapterError::config(
                 "freeze_extra_modules",
                 e,

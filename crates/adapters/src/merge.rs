@@ -1,5 +1,5 @@
 //! Folding adapters into the base (PEFT's `merge_and_unload`: W += s·B·A) and splitting
-//! Phi-3's fused projections for tools that want q/k/v and gate/up apart.
+//! fused projections (the architecture's `fused`) for tools that want them apart.
 
 use burn::module::Param;
 use phi_model::weights::HostTensor;
@@ -19,25 +19,6 @@ pub fn merge(mut model: CausalLm) -> CausalLm {
     model
 }
 
-/// Row blocks of a fused projection: (suffix of the fused module, [(part, rows)]).
-pub fn fused_parts(cfg: &ModelConfig) -> Vec<(&'static str, Vec<(&'static str, usize)>)> {
-    let d = cfg.head_dim;
-    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-    vec![
-        (
-            "self_attn.qkv_proj",
-            vec![("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
-        ),
-        (
-            "mlp.gate_up_proj",
-            vec![
-                ("gate_proj", cfg.intermediate_size),
-                ("up_proj", cfg.intermediate_size),
-            ],
-        ),
-    ]
-}
-
 /// Rows [start, start+n) of a row-major matrix (or a vector).
 fn rows(t: &HostTensor, start: usize, n: usize) -> HostTensor {
     let cols: usize = t.shape[1..].iter().product();
@@ -55,12 +36,12 @@ pub fn split_fused(
     cfg: &ModelConfig,
     tensors: Vec<(String, HostTensor)>,
 ) -> Vec<(String, HostTensor)> {
-    let parts = fused_parts(cfg);
+    let fused = cfg.arch.fused(cfg);
     let mut out = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let hit = parts.iter().find_map(|(fused, ps)| {
-            let i = name.find(&format!(".{fused}."))?;
-            Some((i, *fused, ps))
+        let hit = fused.iter().find_map(|f| {
+            let i = name.find(&format!(".{}.", f.module))?;
+            Some((i, f.module, &f.parts))
         });
         let Some((i, fused, ps)) = hit else {
             out.push((name, t));
@@ -84,14 +65,16 @@ pub fn split_fused(
     out
 }
 
-/// Target names after splitting: `qkv_proj` → q/k/v, `gate_up_proj` → gate/up.
-pub fn split_target_names(names: &[String]) -> Vec<String> {
+/// Target names after splitting: a fused projection's leaf name (`qkv_proj`) becomes its
+/// parts' (`q_proj`, `k_proj`, `v_proj`).
+pub fn split_target_names(cfg: &ModelConfig, names: &[String]) -> Vec<String> {
+    let fused = cfg.arch.fused(cfg);
+    let leaf = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
     let mut out: Vec<String> = names
         .iter()
-        .flat_map(|n| match n.as_str() {
-            "qkv_proj" => vec!["q_proj".into(), "k_proj".into(), "v_proj".into()],
-            "gate_up_proj" => vec!["gate_proj".into(), "up_proj".into()],
-            _ => vec![n.clone()],
+        .flat_map(|n| match fused.iter().find(|f| leaf(f.module) == *n) {
+            Some(f) => f.parts.iter().map(|(p, _)| p.to_string()).collect(),
+            None => vec![n.clone()],
         })
         .collect();
     out.sort();

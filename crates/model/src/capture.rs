@@ -9,7 +9,7 @@
 //! `tokens` (how many real tokens). Each layer entry and `final_norm_type` name the norm the
 //! slot holds (`rmsnorm` / `layernorm`), which shows norm surgery.
 
-use crate::model::{CausalLm, FinalNorm, Inputs};
+use crate::model::{CausalLm, Inputs};
 use crate::nn::Norm;
 use crate::taps::TapRequest;
 use burn::tensor::Tensor;
@@ -57,68 +57,41 @@ fn norm_stats(shape: &[usize], data: &[f32], mask: &[i64]) -> Value {
 }
 
 impl CausalLm {
-    /// Every normalisation weight (and bias) under its HF name.
-    pub fn norm_params(&self) -> Vec<(String, Tensor<1>)> {
-        use crate::model::DecoderLayer as L;
+    /// Every norm slot under its HF module path, layers first, then the final norm.
+    pub fn norms(&self) -> Vec<(String, &Norm)> {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            match layer {
-                L::Llama(crate::arch::llama::LlamaLayer {
-                    input_layernorm: a,
-                    post_attention_layernorm: b,
-                    ..
-                })
-                | L::Phi3(crate::arch::phi3::Phi3Layer {
-                    input_layernorm: a,
-                    post_attention_layernorm: b,
-                    ..
-                }) => {
-                    out.push((format!("{p}.input_layernorm.weight"), a.weight.val()));
-                    out.push((
-                        format!("{p}.post_attention_layernorm.weight"),
-                        b.weight.val(),
-                    ));
-                }
-                L::Phi2(l) => push_norm(
-                    &mut out,
-                    &format!("{p}.input_layernorm"),
-                    &l.input_layernorm,
-                ),
+            for (name, n) in layer.block().norms() {
+                out.push((format!("model.layers.{i}.{name}"), n));
             }
         }
-        match &self.model.norm {
-            FinalNorm::Rms(n) => out.push(("model.norm.weight".into(), n.weight.val())),
-            FinalNorm::Layer(n) => push_norm(&mut out, "model.final_layernorm", n),
+        let last = format!("model.{}", self.arch.final_norm());
+        out.push((last, &self.model.norm));
+        out
+    }
+
+    /// Every normalisation weight (and bias) under its HF name.
+    pub fn norm_params(&self) -> Vec<(String, Tensor<1>)> {
+        let mut out = Vec::new();
+        for (prefix, n) in self.norms() {
+            out.push((format!("{prefix}.weight"), n.weight().val()));
+            if let Some(b) = n.bias() {
+                out.push((format!("{prefix}.bias"), b.val()));
+            }
         }
         out
     }
 
-    /// Which norm each slot holds (`rmsnorm` / `layernorm`), per layer then the final one:
+    /// Which norm each layer's slots hold (`rmsnorm` / `layernorm`), then the final one's:
     /// after norm surgery a Phi-2 reports `rmsnorm` where the checkpoint had LayerNorms.
     pub fn norm_kinds(&self) -> (Vec<&'static str>, &'static str) {
-        use crate::model::DecoderLayer as L;
         let layers = self
             .model
             .layers
             .iter()
-            .map(|l| match l {
-                L::Phi2(l) => l.input_layernorm.kind(),
-                _ => "rmsnorm",
-            })
+            .map(|l| l.block().norms().first().map_or("none", |(_, n)| n.kind()))
             .collect();
-        let last = match &self.model.norm {
-            FinalNorm::Rms(_) => "rmsnorm",
-            FinalNorm::Layer(n) => n.kind(),
-        };
-        (layers, last)
-    }
-}
-
-fn push_norm(out: &mut Vec<(String, Tensor<1>)>, prefix: &str, n: &Norm) {
-    out.push((format!("{prefix}.weight"), n.weight().val()));
-    if let Some(b) = n.bias() {
-        out.push((format!("{prefix}.bias"), b.val()));
+        (layers, self.model.norm.kind())
     }
 }
 

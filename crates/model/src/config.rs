@@ -5,23 +5,7 @@ use crate::error::ModelError;
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// Llama and Mistral share one block (Mistral only adds a sliding window).
-    Llama,
-    Phi3,
-    Phi2,
-}
-
-impl Arch {
-    pub fn hf_class(self) -> &'static str {
-        match self {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Phi3 => "Phi3ForCausalLM",
-            Arch::Phi2 => "PhiForCausalLM",
-        }
-    }
-}
+pub use crate::arch::Arch;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -70,27 +54,28 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-struct Reader<'a> {
+/// Typed access to config.json's keys, with one-line errors naming the file and key.
+pub struct ConfigReader<'a> {
     file: &'a str,
     v: &'a Value,
 }
 
-impl<'a> Reader<'a> {
-    fn err(&self, key: &str, expected: &str) -> ModelError {
+impl<'a> ConfigReader<'a> {
+    pub fn err(&self, key: &str, expected: &str) -> ModelError {
         ModelError::Config {
             file: self.file.to_string(),
             key: key.to_string(),
             expected: expected.to_string(),
         }
     }
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.v.get(key).filter(|x| !x.is_null())
     }
-    fn usize(&self, key: &str) -> Result<usize, ModelError> {
+    pub fn usize(&self, key: &str) -> Result<usize, ModelError> {
         self.opt_usize(key)?
             .ok_or_else(|| self.err(key, "a positive integer (key missing)"))
     }
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x
@@ -99,7 +84,7 @@ impl<'a> Reader<'a> {
                 .ok_or_else(|| self.err(key, "a non-negative integer")),
         }
     }
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x
@@ -108,7 +93,7 @@ impl<'a> Reader<'a> {
                 .ok_or_else(|| self.err(key, "a number")),
         }
     }
-    fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x
@@ -117,7 +102,7 @@ impl<'a> Reader<'a> {
                 .ok_or_else(|| self.err(key, "true or false")),
         }
     }
-    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
+    pub fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ModelError> {
         match self.get(key) {
             None => Ok(None),
             Some(x) => x
@@ -126,7 +111,7 @@ impl<'a> Reader<'a> {
                 .ok_or_else(|| self.err(key, "a string")),
         }
     }
-    fn f64_list(&self, key: &str) -> Result<Vec<f64>, ModelError> {
+    pub fn f64_list(&self, key: &str) -> Result<Vec<f64>, ModelError> {
         let arr = self
             .get(key)
             .and_then(Value::as_array)
@@ -135,8 +120,17 @@ impl<'a> Reader<'a> {
             .map(|x| x.as_f64().ok_or_else(|| self.err(key, "a list of numbers")))
             .collect()
     }
+    pub fn opt_str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>, ModelError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        v.as_array()
+            .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<_>>>())
+            .map(Some)
+            .ok_or_else(|| self.err(key, "a list of strings"))
+    }
     /// Token ids may be an int or a list of ints (Llama-3 has several EOS ids).
-    fn ids(&self, key: &str) -> Result<Vec<u32>, ModelError> {
+    pub fn ids(&self, key: &str) -> Result<Vec<u32>, ModelError> {
         match self.get(key) {
             None => Ok(vec![]),
             Some(Value::Array(a)) => a
@@ -173,34 +167,25 @@ impl ModelConfig {
     }
 
     pub fn from_value(v: Value, file: &str) -> Result<Self, ModelError> {
-        let r = Reader { file, v: &v };
+        let r = ConfigReader { file, v: &v };
         let class = r
             .get("architectures")
             .and_then(Value::as_array)
             .and_then(|a| a.first())
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .or_else(|| {
-                // Some configs only carry model_type; map the ones we know.
-                match r.get("model_type").and_then(Value::as_str)? {
-                    "llama" => Some("LlamaForCausalLM".into()),
-                    "mistral" => Some("MistralForCausalLM".into()),
-                    "phi3" => Some("Phi3ForCausalLM".into()),
-                    "phi" => Some("PhiForCausalLM".into()),
-                    _ => None,
+            .and_then(Value::as_str);
+        let model_type = r.get("model_type").and_then(Value::as_str);
+        let arch = match Arch::find(class, model_type) {
+            Some(a) => a,
+            None => match class.or(model_type) {
+                Some(other) => {
+                    return Err(ModelError::UnsupportedArch {
+                        file: file.to_string(),
+                        arch: other.to_string(),
+                        supported: Arch::supported(),
+                    })
                 }
-            })
-            .ok_or_else(|| r.err("architectures", "a list naming the model class"))?;
-        let arch = match class.as_str() {
-            "LlamaForCausalLM" | "MistralForCausalLM" => Arch::Llama,
-            "Phi3ForCausalLM" => Arch::Phi3,
-            "PhiForCausalLM" => Arch::Phi2,
-            other => {
-                return Err(ModelError::UnsupportedArch {
-                    file: file.to_string(),
-                    arch: other.to_string(),
-                })
-            }
+                None => return Err(r.err("architectures", "a list naming the model class")),
+            },
         };
         let hidden_size = r.usize("hidden_size")?;
         let num_attention_heads = r.usize("num_attention_heads")?;
@@ -222,7 +207,7 @@ impl ModelConfig {
 
         // transformers 5 nests rope settings in rope_parameters; 4 keeps them top level.
         let rope_params = r.get("rope_parameters");
-        let rp = rope_params.map(|v| Reader { file, v });
+        let rp = rope_params.map(|v| ConfigReader { file, v });
         let rope_theta = match &rp {
             Some(p) => p.opt_f64("rope_theta")?,
             None => None,
@@ -245,7 +230,7 @@ impl ModelConfig {
                 } else {
                     "rope_scaling"
                 };
-                let s = Reader { file, v: sv };
+                let s = ConfigReader { file, v: sv };
                 let kind = s
                     .opt_str("rope_type")?
                     .or(s.opt_str("type")?)
@@ -316,38 +301,31 @@ impl ModelConfig {
                 }
             }
         };
-        let norm_eps = match arch {
-            Arch::Phi2 => r.opt_f64("layer_norm_eps")?.unwrap_or(1e-5),
-            _ => r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+        let norm_eps = match arch.layer_norms() {
+            true => r.opt_f64("layer_norm_eps")?.unwrap_or(1e-5),
+            false => r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
         };
-        let default_act = if arch == Arch::Phi2 {
-            "gelu_new"
-        } else {
-            "silu"
-        };
-        let hidden_act = r.opt_str("hidden_act")?.unwrap_or(default_act).to_string();
-        let supported_act = match arch {
-            Arch::Phi2 => ["gelu_new", "gelu_pytorch_tanh", "gelu"].contains(&hidden_act.as_str()),
-            _ => hidden_act == "silu",
-        };
-        if !supported_act {
+        let acts = arch.activations();
+        let hidden_act = r.opt_str("hidden_act")?.unwrap_or(acts[0]).to_string();
+        if !acts.contains(&hidden_act.as_str()) {
             return Err(r.err(
                 "hidden_act",
-                &format!("an activation this architecture supports (got {hidden_act:?})"),
+                &format!(
+                    "one of {} for {} (got {hidden_act:?})",
+                    acts.join(", "),
+                    arch.hf_class()
+                ),
             ));
         }
         match r.opt_str("norm_surgery")? {
             None | Some("none") => {}
-            Some("rmsnorm") if arch == Arch::Phi2 => {}
+            Some("rmsnorm") if arch.layer_norms() => {}
             Some(other) => {
                 return Err(r.err(
                     "norm_surgery",
-                    &format!("\"rmsnorm\" on a Phi-2 (LayerNorm) model, or none (got {other:?})"),
+                    &format!("\"rmsnorm\" on a LayerNorm model (Phi-2), or none (got {other:?})"),
                 ))
             }
-        }
-        if arch == Arch::Phi2 && r.opt_bool("qk_layernorm")? == Some(true) {
-            return Err(r.err("qk_layernorm", "false (q/k LayerNorms are not implemented)"));
         }
         let cfg = ModelConfig {
             arch,
@@ -364,8 +342,8 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings,
             tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: r.opt_bool("attention_bias")?.unwrap_or(arch == Arch::Phi2),
-            mlp_bias: r.opt_bool("mlp_bias")?.unwrap_or(arch == Arch::Phi2),
+            attention_bias: r.opt_bool("attention_bias")?.unwrap_or(false),
+            mlp_bias: r.opt_bool("mlp_bias")?.unwrap_or(false),
             hidden_act,
             bos_token_id: r.ids("bos_token_id")?.first().copied(),
             eos_token_ids: r.ids("eos_token_id")?,
@@ -377,10 +355,14 @@ impl ModelConfig {
             sliding_window: r.opt_usize("sliding_window")?,
             raw: Value::Null,
         };
-        Ok(ModelConfig { raw: v, ..cfg })
+        let mut cfg = ModelConfig {
+            raw: v.clone(),
+            ..cfg
+        };
+        arch.configure(&r, &mut cfg)?;
+        Ok(cfg)
     }
 
-    /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
     /// The id padding uses: pad_token_id, else the first EOS (as LLaMA-Factory sets the
     /// pad token), else 0.
     pub fn pad_id(&self) -> u32 {
@@ -389,6 +371,7 @@ impl ModelConfig {
             .unwrap_or(0)
     }
 
+    /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
@@ -396,12 +379,12 @@ impl ModelConfig {
     /// The RMSNorm eps when config.json records phi-tune's norm surgery (`"norm_surgery":
     /// "rmsnorm"`, eps in `rms_norm_eps`): the LayerNorm slots then hold RMSNorms.
     pub fn rms_surgery_eps(&self) -> Option<f64> {
-        (self.arch == Arch::Phi2 && self.raw["norm_surgery"].as_str() == Some("rmsnorm"))
+        (self.arch.layer_norms() && self.raw["norm_surgery"].as_str() == Some("rmsnorm"))
             .then(|| self.raw["rms_norm_eps"].as_f64().unwrap_or(1e-8))
     }
 
     /// Whether the architecture has a post-attention RMSNorm (the regularizer's tap).
     pub fn has_post_attention_layernorm(&self) -> bool {
-        self.arch != Arch::Phi2
+        self.arch.post_attention_norm()
     }
 }

@@ -11,8 +11,12 @@ pub enum ModelError {
         key: String,
         expected: String,
     },
-    #[error("{file}: unsupported architecture {arch:?} (supported: LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, PhiForCausalLM)")]
-    UnsupportedArch { file: String, arch: String },
+    #[error("{file}: unsupported architecture {arch:?} (supported: {supported})")]
+    UnsupportedArch {
+        file: String,
+        arch: String,
+        supported: String,
+    },
     #[error("{file}: tensor {tensor}: {expected}")]
     Tensor {
         file: String,

@@ -1,6 +1,7 @@
 //! GGUF reader for Llama-architecture files: metadata, an HF-style config, and tensors under
 //! their HF names dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
 
+use crate::arch::{Arch, GgufLayout};
 use memmap2::Mmap;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -199,7 +200,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
+/// HF name of a llama.cpp tensor name (as any architecture read from GGUF names it); None for
+/// tensors HF has no counterpart for.
 pub fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -213,18 +215,12 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let module = match tail {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
+    let module = Arch::ALL
+        .iter()
+        .filter_map(|a| a.gguf())
+        .flat_map(|g| g.layer_tensors.iter())
+        .find(|(g, _)| *g == tail)?
+        .1;
     Some(format!("model.layers.{layer}.{module}"))
 }
 
@@ -406,16 +402,25 @@ impl GgufFile {
             .and_then(GgufValue::as_str)
     }
 
-    /// An HF-style (transformers-4) config.json for a llama-architecture file.
+    /// The architecture the file names, and how llama.cpp lays it out.
+    fn layout(&self) -> Result<(Arch, GgufLayout), GgufError> {
+        let name = self.architecture();
+        name.and_then(Arch::find_gguf).ok_or_else(|| {
+            let known: Vec<String> = Arch::ALL
+                .iter()
+                .filter_map(|a| a.gguf().map(|g| format!("{:?}", g.name)))
+                .collect();
+            self.err(format!(
+                "key general.architecture: expected {}, found {name:?}",
+                known.join(" or ")
+            ))
+        })
+    }
+
+    /// An HF-style (transformers-4) config.json for the file's architecture.
     pub fn hf_config(&self) -> Result<Value, GgufError> {
-        match self.architecture() {
-            Some("llama") => {}
-            other => {
-                return Err(self.err(format!(
-                    "key general.architecture: expected \"llama\", found {other:?}"
-                )))
-            }
-        }
+        let (arch, layout) = self.layout()?;
+        let p = layout.name;
         let num = |k: &str| -> Result<u64, GgufError> {
             self.metadata
                 .get(k)
@@ -424,22 +429,22 @@ impl GgufFile {
         };
         let opt_f = |k: &str| self.metadata.get(k).and_then(GgufValue::as_f64);
         let opt_u = |k: &str| self.metadata.get(k).and_then(GgufValue::as_u64);
-        let heads = num("llama.attention.head_count")?;
+        let heads = num(&format!("{p}.attention.head_count"))?;
         let vocab = match self.metadata.get("tokenizer.ggml.tokens") {
             Some(GgufValue::Array(a)) => a.len() as u64,
-            _ => num("llama.vocab_size")?,
+            _ => num(&format!("{p}.vocab_size"))?,
         };
         let mut cfg = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": num("llama.embedding_length")?,
-            "intermediate_size": num("llama.feed_forward_length")?,
-            "num_hidden_layers": num("llama.block_count")?,
+            "architectures": [arch.hf_class()],
+            "model_type": p,
+            "hidden_size": num(&format!("{p}.embedding_length"))?,
+            "intermediate_size": num(&format!("{p}.feed_forward_length"))?,
+            "num_hidden_layers": num(&format!("{p}.block_count"))?,
             "num_attention_heads": heads,
-            "num_key_value_heads": opt_u("llama.attention.head_count_kv").unwrap_or(heads),
-            "rms_norm_eps": opt_f("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            "rope_theta": opt_f("llama.rope.freq_base").unwrap_or(10000.0),
-            "max_position_embeddings": opt_u("llama.context_length").unwrap_or(2048),
+            "num_key_value_heads": opt_u(&format!("{p}.attention.head_count_kv")).unwrap_or(heads),
+            "rms_norm_eps": opt_f(&format!("{p}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+            "rope_theta": opt_f(&format!("{p}.rope.freq_base")).unwrap_or(10000.0),
+            "max_position_embeddings": opt_u(&format!("{p}.context_length")).unwrap_or(2048),
             "vocab_size": vocab,
             "tie_word_embeddings": !self.tensors.contains_key("output.weight"),
             "torch_dtype": "float32",
@@ -477,19 +482,19 @@ impl GgufFile {
             ))
         })?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        let heads_key = if hf.ends_with("q_proj.weight") {
-            Some("llama.attention.head_count")
-        } else if hf.ends_with("k_proj.weight") {
-            Some("llama.attention.head_count_kv")
-        } else {
-            None
-        };
+        let (_, layout) = self.layout()?;
+        let heads_key = layout
+            .permuted
+            .iter()
+            .find(|(n, _)| hf.ends_with(&format!(".{n}")))
+            .map(|(_, k)| format!("{}.{k}", layout.name));
+        let all_heads = format!("{}.attention.head_count", layout.name);
         let data = match heads_key {
             Some(k) if shape.len() == 2 => {
                 let heads = self
                     .metadata
-                    .get(k)
-                    .or_else(|| self.metadata.get("llama.attention.head_count"))
+                    .get(&k)
+                    .or_else(|| self.metadata.get(&all_heads))
                     .and_then(GgufValue::as_u64)
                     .ok_or_else(|| self.err(format!("key {k}: expected an integer (missing)")))?
                     as usize;

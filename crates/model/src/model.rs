@@ -1,9 +1,10 @@
 //! The causal LM shared by every architecture: embedding, decoder layers, final norm, head.
 
-use crate::arch::{llama::LlamaLayer, phi2::Phi2Layer, phi3::Phi3Layer};
-use crate::config::{Arch, ModelConfig};
+use crate::arch::Arch;
+pub use crate::arch::DecoderLayer;
+use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{param2, LayerCache, LayerCtx, Linear, Norm, RmsNorm};
+use crate::nn::{param2, LayerCache, LayerCtx, Linear, Norm};
 use crate::precision::{to_compute, to_f32};
 use crate::rope::Rope;
 use crate::taps::{LayerTaps, TapRequest, Taps};
@@ -11,48 +12,6 @@ use crate::weights::TensorSource;
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-
-// Layers live once each in a Vec; the size gap costs a few KB per model, while a Box would
-// need Burn's Module impl for Box, which the derive does not route through.
-#[allow(clippy::large_enum_variant)]
-#[derive(Module, Debug)]
-pub enum DecoderLayer {
-    Llama(LlamaLayer),
-    Phi3(Phi3Layer),
-    Phi2(Phi2Layer),
-}
-
-impl DecoderLayer {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        ctx: &LayerCtx,
-        cache: Option<&mut LayerCache>,
-        taps: &mut LayerTaps,
-    ) -> Tensor<3> {
-        match self {
-            DecoderLayer::Llama(l) => l.forward(x, ctx, cache, taps),
-            DecoderLayer::Phi3(l) => l.forward(x, ctx, cache, taps),
-            DecoderLayer::Phi2(l) => l.forward(x, ctx, cache, taps),
-        }
-    }
-}
-
-#[derive(Module, Debug)]
-pub enum FinalNorm {
-    Rms(RmsNorm),
-    /// Phi-2's `final_layernorm` slot (a LayerNorm, or an RMSNorm after norm surgery).
-    Layer(Norm),
-}
-
-impl FinalNorm {
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        match self {
-            FinalNorm::Rms(n) => n.forward(x),
-            FinalNorm::Layer(n) => n.forward(x),
-        }
-    }
-}
 
 #[derive(Module, Debug)]
 pub struct Embedding {
@@ -65,7 +24,8 @@ pub struct Embedding {
 pub struct Backbone {
     pub embed_tokens: Embedding,
     pub layers: Vec<DecoderLayer>,
-    pub norm: FinalNorm,
+    /// The final norm, under the name its architecture gives it (Phi-2: `final_layernorm`).
+    pub norm: Norm,
 }
 
 #[derive(Module, Debug)]
@@ -73,6 +33,8 @@ pub struct CausalLm {
     pub model: Backbone,
     /// None when the head is tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
+    #[module(skip)]
+    pub arch: Arch,
     #[module(skip)]
     pub rope: Rope,
     /// Mistral / Phi-3 local attention: a query sees only the last `w` keys (itself included).
@@ -141,30 +103,16 @@ impl CausalLm {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            layers.push(match cfg.arch {
-                Arch::Llama => DecoderLayer::Llama(LlamaLayer::load(src, &p, cfg, device)?),
-                Arch::Phi3 => DecoderLayer::Phi3(Phi3Layer::load(src, &p, cfg, device)?),
-                Arch::Phi2 => DecoderLayer::Phi2(Phi2Layer::load(src, &p, cfg, device)?),
-            });
+            layers.push(cfg.arch.load_layer(src, &p, cfg, device)?);
         }
-        let norm = match cfg.arch {
-            Arch::Phi2 => {
-                FinalNorm::Layer(Norm::load(src, "model.final_layernorm", h, cfg, device)?)
-            }
-            _ => FinalNorm::Rms(RmsNorm::load(src, "model.norm", h, cfg.norm_eps, device)?),
-        };
+        let norm = format!("model.{}", cfg.arch.final_norm());
+        let norm = Norm::load(src, &norm, h, cfg, device)?;
         // Some tied checkpoints still ship lm_head.weight; tying wins, as in transformers.
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(Linear::load(
-                src,
-                "lm_head",
-                h,
-                v,
-                cfg.arch == Arch::Phi2,
-                device,
-            )?)
+            let bias = cfg.arch.lm_head_bias();
+            Some(Linear::load(src, "lm_head", h, v, bias, device)?)
         };
         Ok(CausalLm {
             model: Backbone {
@@ -175,8 +123,9 @@ impl CausalLm {
                 norm,
             },
             lm_head,
+            arch: cfg.arch,
             rope: Rope::new(cfg),
-            sliding_window: cfg.sliding_window.filter(|_| cfg.arch != Arch::Phi2),
+            sliding_window: cfg.sliding_window,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -297,7 +246,7 @@ impl CausalLm {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let mut lt = LayerTaps::for_layer(req, i);
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx, lc, &mut lt);
+            x = layer.block().forward(x, &ctx, lc, &mut lt);
             if let Some(t) = lt.input {
                 taps.input_layernorm.insert(i, t);
             }

@@ -178,8 +178,9 @@ impl LayerNorm {
     }
 }
 
-/// A LayerNorm slot (Phi-2) that norm surgery may have turned into an RMSNorm; both keep
-/// the HF name of the slot, so freeze masks, exports and taps see no difference.
+/// A norm slot: the architecture's RMSNorm, or its LayerNorm (Phi-2), which norm surgery may
+/// have turned into an RMSNorm; either keeps the HF name of the slot, so freeze masks, exports
+/// and taps see no difference.
 #[derive(Module, Debug)]
 pub enum Norm {
     Layer(LayerNorm),
@@ -187,7 +188,8 @@ pub enum Norm {
 }
 
 impl Norm {
-    /// The slot as the config describes it: an RMSNorm when the config records the surgery.
+    /// The slot as the config describes it: the architecture's norm, or an RMSNorm where the
+    /// config records norm surgery.
     pub fn load(
         src: &dyn TensorSource,
         prefix: &str,
@@ -195,9 +197,10 @@ impl Norm {
         c: &crate::config::ModelConfig,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Ok(match c.rms_surgery_eps() {
-            Some(eps) => Norm::Rms(RmsNorm::load(src, prefix, dim, eps, device)?),
-            None => Norm::Layer(LayerNorm::load(src, prefix, dim, c.norm_eps, device)?),
+        Ok(match (c.arch.layer_norms(), c.rms_surgery_eps()) {
+            (true, None) => Norm::Layer(LayerNorm::load(src, prefix, dim, c.norm_eps, device)?),
+            (true, Some(eps)) => Norm::Rms(RmsNorm::load(src, prefix, dim, eps, device)?),
+            (false, _) => Norm::Rms(RmsNorm::load(src, prefix, dim, c.norm_eps, device)?),
         })
     }
 
@@ -232,17 +235,15 @@ impl Norm {
 
     /// The RMSNorm surgery of one slot: the LayerNorm's weight (same parameter) with `eps`,
     /// its bias dropped. Returns whether anything changed.
-    pub fn to_rms(self, eps: f64) -> (Norm, bool) {
-        match self {
-            Norm::Layer(n) => (
-                Norm::Rms(RmsNorm {
-                    weight: n.weight,
-                    eps,
-                }),
-                true,
-            ),
-            rms => (rms, false),
-        }
+    pub fn make_rms(&mut self, eps: f64) -> bool {
+        let Norm::Layer(n) = self else {
+            return false;
+        };
+        *self = Norm::Rms(RmsNorm {
+            weight: n.weight.clone(),
+            eps,
+        });
+        true
     }
 }
 
@@ -359,21 +360,21 @@ pub fn rotary_attention(
     attend(q, k, split_heads(qkv.2, kv_heads), ctx, cache)
 }
 
-/// The two RMSNorms of a pre-norm block, under their HF names.
+/// The two norms of a pre-norm block, under their HF names.
 pub fn load_norm_pair(
     src: &dyn TensorSource,
     prefix: &str,
-    dim: usize,
-    eps: f64,
+    c: &crate::config::ModelConfig,
     device: &Device,
-) -> Result<(RmsNorm, RmsNorm), ModelError> {
+) -> Result<(Norm, Norm), ModelError> {
+    let h = c.hidden_size;
     Ok((
-        RmsNorm::load(src, &format!("{prefix}.input_layernorm"), dim, eps, device)?,
-        RmsNorm::load(
+        Norm::load(src, &format!("{prefix}.input_layernorm"), h, c, device)?,
+        Norm::load(
             src,
             &format!("{prefix}.post_attention_layernorm"),
-            dim,
-            eps,
+            h,
+            c,
             device,
         )?,
     ))

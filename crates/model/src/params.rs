@@ -3,7 +3,7 @@
 //! (field names mirror HF's), so no rename table has to be kept in step with the layers.
 
 use crate::error::ModelError;
-use crate::model::{CausalLm, DecoderLayer};
+use crate::model::CausalLm;
 use crate::nn::Linear;
 use crate::weights::HostTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
@@ -39,21 +39,28 @@ impl ParamInfo {
 }
 
 /// The HF path of the module being walked; enum variants add no path segment.
-#[derive(Default)]
 struct Tracker {
     path: Vec<String>,
     containers: Vec<String>,
+    /// The final norm's HF name (the one field whose name differs by architecture).
+    final_norm: &'static str,
 }
 
 impl Tracker {
-    fn enter(&mut self, name: &str, container_type: &str) {
-        if container_type == "Enum:FinalNorm" && name == "Layer" {
-            // Phi-2 calls its final LayerNorm `final_layernorm`.
-            if let Some(last) = self.path.last_mut() {
-                *last = "final_layernorm".into();
-            }
+    fn new(model: &CausalLm) -> Self {
+        Tracker {
+            path: Vec::new(),
+            containers: Vec::new(),
+            final_norm: model.arch.final_norm(),
         }
+    }
+
+    fn enter(&mut self, name: &str, container_type: &str) {
         if !container_type.starts_with("Enum:") {
+            let name = match (self.path.as_slice(), name) {
+                ([m], "norm") if m == "model" => self.final_norm,
+                _ => name,
+            };
             self.path.push(name.to_string());
         }
         self.containers.push(container_type.to_string());
@@ -194,7 +201,7 @@ impl ModuleMapper for Setter {
 
 fn walk(model: &CausalLm, f: impl FnMut(Seen)) {
     let mut namer = Namer {
-        at: Tracker::default(),
+        at: Tracker::new(model),
         f,
     };
     model.visit(&mut namer);
@@ -252,7 +259,7 @@ impl CausalLm {
         values: BTreeMap<String, HostTensor>,
     ) -> Result<Self, ModelError> {
         let mut setter = Setter {
-            at: Tracker::default(),
+            at: Tracker::new(&self),
             values,
             errors: Vec::new(),
         };
@@ -276,31 +283,7 @@ impl CausalLm {
         let mut out = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let named: Vec<(&str, &Linear)> = match layer {
-                DecoderLayer::Llama(l) => vec![
-                    ("self_attn.q_proj", &l.self_attn.q_proj),
-                    ("self_attn.k_proj", &l.self_attn.k_proj),
-                    ("self_attn.v_proj", &l.self_attn.v_proj),
-                    ("self_attn.o_proj", &l.self_attn.o_proj),
-                    ("mlp.gate_proj", &l.mlp.gate_proj),
-                    ("mlp.up_proj", &l.mlp.up_proj),
-                    ("mlp.down_proj", &l.mlp.down_proj),
-                ],
-                DecoderLayer::Phi3(l) => vec![
-                    ("self_attn.qkv_proj", &l.self_attn.qkv_proj),
-                    ("self_attn.o_proj", &l.self_attn.o_proj),
-                    ("mlp.gate_up_proj", &l.mlp.gate_up_proj),
-                    ("mlp.down_proj", &l.mlp.down_proj),
-                ],
-                DecoderLayer::Phi2(l) => vec![
-                    ("self_attn.q_proj", &l.self_attn.q_proj),
-                    ("self_attn.k_proj", &l.self_attn.k_proj),
-                    ("self_attn.v_proj", &l.self_attn.v_proj),
-                    ("self_attn.dense", &l.self_attn.dense),
-                    ("mlp.fc1", &l.mlp.fc1),
-                    ("mlp.fc2", &l.mlp.fc2),
-                ],
-            };
+            let named = layer.block().linears();
             out.extend(named.into_iter().map(|(n, l)| (format!("{p}.{n}"), l)));
         }
         if let Some(h) = &self.lm_head {
@@ -317,25 +300,11 @@ impl CausalLm {
         let rest = path.strip_prefix("model.layers.")?;
         let (idx, name) = rest.split_once('.')?;
         let layer = self.model.layers.get_mut(idx.parse::<usize>().ok()?)?;
-        Some(match (layer, name) {
-            (DecoderLayer::Llama(l), "self_attn.q_proj") => &mut l.self_attn.q_proj,
-            (DecoderLayer::Llama(l), "self_attn.k_proj") => &mut l.self_attn.k_proj,
-            (DecoderLayer::Llama(l), "self_attn.v_proj") => &mut l.self_attn.v_proj,
-            (DecoderLayer::Llama(l), "self_attn.o_proj") => &mut l.self_attn.o_proj,
-            (DecoderLayer::Llama(l), "mlp.gate_proj") => &mut l.mlp.gate_proj,
-            (DecoderLayer::Llama(l), "mlp.up_proj") => &mut l.mlp.up_proj,
-            (DecoderLayer::Llama(l), "mlp.down_proj") => &mut l.mlp.down_proj,
-            (DecoderLayer::Phi3(l), "self_attn.qkv_proj") => &mut l.self_attn.qkv_proj,
-            (DecoderLayer::Phi3(l), "self_attn.o_proj") => &mut l.self_attn.o_proj,
-            (DecoderLayer::Phi3(l), "mlp.gate_up_proj") => &mut l.mlp.gate_up_proj,
-            (DecoderLayer::Phi3(l), "mlp.down_proj") => &mut l.mlp.down_proj,
-            (DecoderLayer::Phi2(l), "self_attn.q_proj") => &mut l.self_attn.q_proj,
-            (DecoderLayer::Phi2(l), "self_attn.k_proj") => &mut l.self_attn.k_proj,
-            (DecoderLayer::Phi2(l), "self_attn.v_proj") => &mut l.self_attn.v_proj,
-            (DecoderLayer::Phi2(l), "self_attn.dense") => &mut l.self_attn.dense,
-            (DecoderLayer::Phi2(l), "mlp.fc1") => &mut l.mlp.fc1,
-            (DecoderLayer::Phi2(l), "mlp.fc2") => &mut l.mlp.fc2,
-            _ => return None,
-        })
+        let found = layer
+            .block_mut()
+            .linears_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name);
+        found.map(|(_, l)| l)
     }
 }

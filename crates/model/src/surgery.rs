@@ -3,7 +3,7 @@
 //! The result is a different function (no mean subtraction, no bias), which training is
 //! expected to absorb; `config_keys` records the swap so a saved model reloads with RMSNorms.
 
-use crate::model::{CausalLm, DecoderLayer, FinalNorm};
+use crate::model::CausalLm;
 use serde_json::Value;
 
 /// Composer's default eps for the swapped norms.
@@ -11,44 +11,14 @@ pub const DEFAULT_EPS: f64 = 1e-8;
 
 /// Swaps every LayerNorm for an RMSNorm; returns the model and how many norms were swapped
 /// (0 for a model with RMSNorms only).
-pub fn layernorm_to_rmsnorm(model: CausalLm, eps: f64) -> (CausalLm, usize) {
-    let mut model = model;
+pub fn layernorm_to_rmsnorm(mut model: CausalLm, eps: f64) -> (CausalLm, usize) {
     let mut swapped = 0;
-    let layers = std::mem::take(&mut model.model.layers);
-    model.model.layers = layers
-        .into_iter()
-        .map(|l| match l {
-            DecoderLayer::Phi2(mut l) => {
-                let (n, changed) = l.input_layernorm.to_rms(eps);
-                l.input_layernorm = n;
-                swapped += usize::from(changed);
-                DecoderLayer::Phi2(l)
-            }
-            other => other,
-        })
-        .collect();
-    let CausalLm {
-        model: mut backbone,
-        lm_head,
-        rope,
-        sliding_window,
-        max_positions,
-    } = model;
-    backbone.norm = match backbone.norm {
-        FinalNorm::Layer(n) => {
-            let (n, changed) = n.to_rms(eps);
-            swapped += usize::from(changed);
-            FinalNorm::Layer(n)
+    for layer in &mut model.model.layers {
+        for (_, n) in layer.block_mut().norms_mut() {
+            swapped += usize::from(n.make_rms(eps));
         }
-        rms => rms,
-    };
-    let model = CausalLm {
-        model: backbone,
-        lm_head,
-        rope,
-        sliding_window,
-        max_positions,
-    };
+    }
+    swapped += usize::from(model.model.norm.make_rms(eps));
     (model, swapped)
 }
 

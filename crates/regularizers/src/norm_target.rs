@@ -4,7 +4,7 @@
 
 use crate::RegError;
 use burn::tensor::{Tensor, TensorData};
-use phi_model::{Arch, ModelConfig, TapRequest, Taps};
+use phi_model::{ModelConfig, TapRequest, Taps};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NormTarget {
@@ -43,11 +43,14 @@ impl NormTarget {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        if cfg.arch == Arch::Phi2 {
+        if !cfg.has_post_attention_layernorm() {
             return Err(RegError::new(
                 "use_rmsnorm_regularization",
                 "true",
-                "a model with post-attention RMSNorm (Phi-3, Llama); Phi-2 has one LayerNorm per layer",
+                format!(
+                    "a model with post-attention RMSNorm; {} has no post_attention_layernorm",
+                    cfg.arch.hf_class()
+                ),
             ));
         }
         let n = cfg.num_hidden_layers;

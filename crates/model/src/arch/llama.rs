@@ -1,13 +1,94 @@
 //! Llama (and Mistral): separate q/k/v projections with GQA, SwiGLU MLP, pre-norm RMSNorm.
+//! Qwen2 reuses this block with its own biases.
 
+use super::{
+    block_listing, Architecture, Block, DecoderLayer, GgufLayout, LinearSpec, Linears, Mlp,
+};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, RmsNorm};
+use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use phi_kernels::swiglu;
+
+#[derive(Debug)]
+pub struct Llama;
+
+impl Architecture for Llama {
+    fn classes(&self) -> &'static [&'static str] {
+        // Mistral is this block with a sliding window, which the config carries.
+        &["LlamaForCausalLM", "MistralForCausalLM"]
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["llama", "mistral"]
+    }
+
+    fn layer_linears(&self, c: &ModelConfig) -> Vec<LinearSpec> {
+        let ab = c.attention_bias;
+        linears(c, [ab, ab, ab, ab], c.mlp_bias)
+    }
+
+    fn load_layer(
+        &self,
+        src: &dyn TensorSource,
+        prefix: &str,
+        c: &ModelConfig,
+        device: &Device,
+    ) -> Result<DecoderLayer, ModelError> {
+        let specs = self.layer_linears(c);
+        LlamaLayer::load(src, prefix, c, &specs, device).map(DecoderLayer::Llama)
+    }
+
+    fn mlp(&self) -> Mlp {
+        Mlp::SwiGlu
+    }
+
+    fn gguf(&self) -> Option<GgufLayout> {
+        Some(GgufLayout {
+            name: "llama",
+            layer_tensors: &[
+                ("attn_norm.weight", "input_layernorm.weight"),
+                ("ffn_norm.weight", "post_attention_layernorm.weight"),
+                ("attn_q.weight", "self_attn.q_proj.weight"),
+                ("attn_k.weight", "self_attn.k_proj.weight"),
+                ("attn_v.weight", "self_attn.v_proj.weight"),
+                ("attn_output.weight", "self_attn.o_proj.weight"),
+                ("ffn_gate.weight", "mlp.gate_proj.weight"),
+                ("ffn_up.weight", "mlp.up_proj.weight"),
+                ("ffn_down.weight", "mlp.down_proj.weight"),
+            ],
+            permuted: &[
+                ("self_attn.q_proj.weight", "attention.head_count"),
+                ("self_attn.k_proj.weight", "attention.head_count_kv"),
+            ],
+        })
+    }
+}
+
+/// The block's linears with biases on q, k, v, o (in that order) and on the MLP as given.
+pub fn linears(c: &ModelConfig, qkvo_bias: [bool; 4], mlp_bias: bool) -> Vec<LinearSpec> {
+    let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+    let spec = |name, d_in, d_out, bias| LinearSpec {
+        name,
+        d_in,
+        d_out,
+        bias,
+    };
+    let [qb, kb, vb, ob] = qkvo_bias;
+    vec![
+        spec("self_attn.q_proj", h, qd, qb),
+        spec("self_attn.k_proj", h, kvd, kb),
+        spec("self_attn.v_proj", h, kvd, vb),
+        spec("self_attn.o_proj", qd, h, ob),
+        spec("mlp.gate_proj", h, i, mlp_bias),
+        spec("mlp.up_proj", h, i, mlp_bias),
+        spec("mlp.down_proj", i, h, mlp_bias),
+    ]
+}
 
 #[derive(Module, Debug)]
 pub struct LlamaAttention {
@@ -32,43 +113,56 @@ pub struct LlamaMlp {
 pub struct LlamaLayer {
     pub self_attn: LlamaAttention,
     pub mlp: LlamaMlp,
-    pub input_layernorm: RmsNorm,
-    pub post_attention_layernorm: RmsNorm,
+    pub input_layernorm: Norm,
+    pub post_attention_layernorm: Norm,
 }
 
 impl LlamaLayer {
+    /// The layer at `p` with the linears `specs` lists (their biases differ by architecture).
     pub fn load(
         src: &dyn TensorSource,
         p: &str,
         c: &ModelConfig,
+        specs: &[LinearSpec],
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-        let ab = c.attention_bias;
-        let (input_layernorm, post_attention_layernorm) =
-            load_norm_pair(src, p, h, c.norm_eps, device)?;
-        let lin = |name: &str, i, o, b| Linear::load(src, &format!("{p}.{name}"), i, o, b, device);
+        let mut lin = Linears::load(src, p, specs, device)?;
+        let (input_layernorm, post_attention_layernorm) = load_norm_pair(src, p, c, device)?;
         Ok(LlamaLayer {
             self_attn: LlamaAttention {
-                q_proj: lin("self_attn.q_proj", h, qd, ab)?,
-                k_proj: lin("self_attn.k_proj", h, kvd, ab)?,
-                v_proj: lin("self_attn.v_proj", h, kvd, ab)?,
-                o_proj: lin("self_attn.o_proj", qd, h, ab)?,
+                q_proj: lin.take("self_attn.q_proj"),
+                k_proj: lin.take("self_attn.k_proj"),
+                v_proj: lin.take("self_attn.v_proj"),
+                o_proj: lin.take("self_attn.o_proj"),
                 heads: c.num_attention_heads,
                 kv_heads: c.num_key_value_heads,
             },
             mlp: LlamaMlp {
-                gate_proj: lin("mlp.gate_proj", h, c.intermediate_size, c.mlp_bias)?,
-                up_proj: lin("mlp.up_proj", h, c.intermediate_size, c.mlp_bias)?,
-                down_proj: lin("mlp.down_proj", c.intermediate_size, h, c.mlp_bias)?,
+                gate_proj: lin.take("mlp.gate_proj"),
+                up_proj: lin.take("mlp.up_proj"),
+                down_proj: lin.take("mlp.down_proj"),
             },
             input_layernorm,
             post_attention_layernorm,
         })
     }
+}
 
-    pub fn forward(
+impl Block for LlamaLayer {
+    block_listing!(
+        linears: [
+            self_attn.q_proj,
+            self_attn.k_proj,
+            self_attn.v_proj,
+            self_attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ],
+        norms: [input_layernorm, post_attention_layernorm]
+    );
+
+    fn forward(
         &self,
         x: Tensor<3>,
         ctx: &LayerCtx,

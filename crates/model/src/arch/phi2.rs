@@ -1,7 +1,8 @@
 //! Phi-2: one LayerNorm per block feeding attention and MLP in parallel, partial rotary,
 //! gelu_new, biases everywhere, and `dense` as the attention output projection.
 
-use crate::config::ModelConfig;
+use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linears, Mlp};
+use crate::config::{ConfigReader, ModelConfig};
 use crate::error::ModelError;
 use crate::nn::{rotary_attention, LayerCache, LayerCtx, Linear, Norm};
 use crate::taps::LayerTaps;
@@ -9,6 +10,98 @@ use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Tensor};
+
+#[derive(Debug)]
+pub struct Phi2;
+
+impl Architecture for Phi2 {
+    fn classes(&self) -> &'static [&'static str] {
+        &["PhiForCausalLM"]
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["phi"]
+    }
+
+    fn layer_linears(&self, c: &ModelConfig) -> Vec<LinearSpec> {
+        let (h, d, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let spec = |name, d_in, d_out| LinearSpec {
+            name,
+            d_in,
+            d_out,
+            bias: true,
+        };
+        vec![
+            spec("self_attn.q_proj", h, qd),
+            spec("self_attn.k_proj", h, kvd),
+            spec("self_attn.v_proj", h, kvd),
+            spec("self_attn.dense", qd, h),
+            spec("mlp.fc1", h, i),
+            spec("mlp.fc2", i, h),
+        ]
+    }
+
+    fn load_layer(
+        &self,
+        src: &dyn TensorSource,
+        p: &str,
+        c: &ModelConfig,
+        device: &Device,
+    ) -> Result<DecoderLayer, ModelError> {
+        let mut lin = Linears::load(src, p, &self.layer_linears(c), device)?;
+        let norm = format!("{p}.input_layernorm");
+        Ok(DecoderLayer::Phi2(Phi2Layer {
+            self_attn: Phi2Attention {
+                q_proj: lin.take("self_attn.q_proj"),
+                k_proj: lin.take("self_attn.k_proj"),
+                v_proj: lin.take("self_attn.v_proj"),
+                dense: lin.take("self_attn.dense"),
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+            },
+            mlp: Phi2Mlp {
+                fc1: lin.take("mlp.fc1"),
+                fc2: lin.take("mlp.fc2"),
+                tanh_gelu: c.hidden_act != "gelu",
+            },
+            input_layernorm: Norm::load(src, &norm, c.hidden_size, c, device)?,
+        }))
+    }
+
+    fn mlp(&self) -> Mlp {
+        Mlp::Gelu
+    }
+
+    fn activations(&self) -> &'static [&'static str] {
+        &["gelu_new", "gelu_pytorch_tanh", "gelu"]
+    }
+
+    fn configure(&self, r: &ConfigReader, c: &mut ModelConfig) -> Result<(), ModelError> {
+        if r.opt_bool("qk_layernorm")? == Some(true) {
+            return Err(r.err("qk_layernorm", "false (q/k LayerNorms are not implemented)"));
+        }
+        // transformers' PhiModel has no local attention, whatever the config says.
+        c.sliding_window = None;
+        Ok(())
+    }
+
+    fn final_norm(&self) -> &'static str {
+        "final_layernorm"
+    }
+
+    fn layer_norms(&self) -> bool {
+        true
+    }
+
+    fn post_attention_norm(&self) -> bool {
+        false
+    }
+
+    fn lm_head_bias(&self) -> bool {
+        true
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct Phi2Attention {
@@ -39,35 +132,20 @@ pub struct Phi2Layer {
     pub input_layernorm: Norm,
 }
 
-impl Phi2Layer {
-    pub fn load(
-        src: &dyn TensorSource,
-        p: &str,
-        c: &ModelConfig,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-        let lin = |name: &str, i, o| Linear::load(src, &format!("{p}.{name}"), i, o, true, device);
-        Ok(Phi2Layer {
-            self_attn: Phi2Attention {
-                q_proj: lin("self_attn.q_proj", h, qd)?,
-                k_proj: lin("self_attn.k_proj", h, kvd)?,
-                v_proj: lin("self_attn.v_proj", h, kvd)?,
-                dense: lin("self_attn.dense", qd, h)?,
-                heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-            },
-            mlp: Phi2Mlp {
-                fc1: lin("mlp.fc1", h, c.intermediate_size)?,
-                fc2: lin("mlp.fc2", c.intermediate_size, h)?,
-                tanh_gelu: c.hidden_act != "gelu",
-            },
-            input_layernorm: Norm::load(src, &format!("{p}.input_layernorm"), h, c, device)?,
-        })
-    }
+impl Block for Phi2Layer {
+    block_listing!(
+        linears: [
+            self_attn.q_proj,
+            self_attn.k_proj,
+            self_attn.v_proj,
+            self_attn.dense,
+            mlp.fc1,
+            mlp.fc2,
+        ],
+        norms: [input_layernorm]
+    );
 
-    pub fn forward(
+    fn forward(
         &self,
         x: Tensor<3>,
         ctx: &LayerCtx,
