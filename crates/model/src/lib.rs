@@ -1,4 +1,4 @@
-//! phi-model: HF causal LMs (Llama/Mistral, Phi-3, Phi-2) on Burn, loaded from HF checkpoints
+//! phi-model: HF causal LMs (Llama/Mistral, Phi-3, Phi-2, Qwen2) on Burn, loaded from HF checkpoints
 //! or GGUF, reproducing transformers' numbers.
 
 pub mod alloc;

@@ -4,28 +4,26 @@
 use phi_model::weights::{read_i64, SafetensorsSource, TensorSource};
 use std::path::{Path, PathBuf};
 
-/// The committed copy of the public oracle.
-pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/oracle")
+/// The committed case folders: the copy of the public oracle, and the cases our generator
+/// made for architectures it lacks (tests/fixtures/oracle-gen).
+pub fn fixture_dirs() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    vec![root.join("oracle"), root.join("oracle-gen/cases")]
 }
 
-/// `PHI_ORACLE_DIR`, else the copy under tests/fixtures/oracle.
-pub fn oracle_dir() -> PathBuf {
+/// `PHI_ORACLE_DIR` alone when set, else the committed folders.
+pub fn oracle_dirs() -> Vec<PathBuf> {
     match std::env::var("PHI_ORACLE_DIR") {
-        Ok(d) if !d.is_empty() => PathBuf::from(d),
-        _ => fixture_dir(),
+        Ok(d) if !d.is_empty() => vec![PathBuf::from(d)],
+        _ => fixture_dirs(),
     }
 }
 
-/// Every case folder of `oracle_dir()`, sorted.
+/// Every case folder of `oracle_dirs()`, sorted within each folder.
 pub fn cases() -> Vec<PathBuf> {
-    let dir = oracle_dir();
-    let out = cases_in(&dir);
-    assert!(
-        !out.is_empty(),
-        "{}: no oracle case folders found",
-        dir.display()
-    );
+    let dirs = oracle_dirs();
+    let out: Vec<PathBuf> = dirs.iter().flat_map(|d| cases_in(d)).collect();
+    assert!(!out.is_empty(), "{dirs:?}: no oracle case folders found");
     out
 }
 
@@ -52,7 +50,7 @@ fn cases_in(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The cases of `oracle_dir()` that `keep` accepts. A check that needs a kind of case the
+/// The cases of `oracle_dirs()` that `keep` accepts. A check that needs a kind of case the
 /// folder lacks (a PHI_ORACLE_DIR of other architectures) runs on the committed fixture
 /// cases of that kind instead, and says so; with none there either it panics: such a check
 /// never passes without having run.
@@ -61,19 +59,20 @@ pub fn cases_where(what: &str, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     if !found.is_empty() {
         return found;
     }
-    let fixtures: Vec<PathBuf> = cases_in(&fixture_dir())
-        .into_iter()
+    let fixtures: Vec<PathBuf> = fixture_dirs()
+        .iter()
+        .flat_map(|d| cases_in(d))
         .filter(|d| keep(d))
         .collect();
     assert!(
         !fixtures.is_empty(),
-        "no oracle case is {what}, neither in {} nor in {}",
-        oracle_dir().display(),
-        fixture_dir().display()
+        "no oracle case is {what}, neither in {:?} nor in {:?}",
+        oracle_dirs(),
+        fixture_dirs()
     );
     eprintln!(
-        "{}: no case is {what}; checking the committed fixture cases {:?} instead",
-        oracle_dir().display(),
+        "{:?}: no case is {what}; checking the committed fixture cases {:?} instead",
+        oracle_dirs(),
         fixtures
             .iter()
             .filter_map(|d| d.file_name())

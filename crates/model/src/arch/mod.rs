@@ -7,6 +7,7 @@
 pub mod llama;
 pub mod phi2;
 pub mod phi3;
+pub mod qwen2;
 
 use crate::config::{ConfigReader, ModelConfig};
 use crate::error::ModelError;
@@ -213,6 +214,7 @@ architectures! {
         Llama => llama::Llama,
         Phi3 => phi3::Phi3,
         Phi2 => phi2::Phi2,
+        Qwen2 => qwen2::Qwen2,
     ],
 }
 
