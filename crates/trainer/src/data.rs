@@ -1,7 +1,7 @@
 //! The run's examples: encoded, split into train / validation, packed if asked, and cut into
 //! the micro-batches of each optimizer step in a deterministic order.
 
-use crate::args::TrainArgs;
+use crate::args::{Stage, TrainArgs};
 use crate::error::TrainError;
 use phi_data::batch::{epoch_order, pack, split_val, Batch, Collator};
 use phi_data::encode::{ChatFormat, EncodeOptions, Encoded};
@@ -45,7 +45,7 @@ pub fn load_options(a: &TrainArgs) -> LoadOptions {
 pub fn encode_options(a: &TrainArgs, vocab_size: Option<usize>) -> EncodeOptions {
     EncodeOptions {
         cutoff_len: a.cutoff_len,
-        train_on_prompt: a.train_on_prompt || a.stage == "pt",
+        train_on_prompt: a.train_on_prompt || a.stage == Stage::Pt,
         mask_history: a.mask_history,
         add_bos: a.add_bos,
         vocab_size,

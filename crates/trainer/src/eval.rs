@@ -2,7 +2,7 @@
 //! trained) on `eval_dataset`, encoded exactly as training data is. Eval loss is HF's: the
 //! mean over every label token of the set; perplexity is its exponential.
 
-use crate::args::TrainArgs;
+use crate::args::{FinetuningType, TrainArgs};
 use crate::data::{self, Examples};
 use crate::error::TrainError;
 use crate::outputs::{output_dir, print_table, save_metrics};
@@ -29,7 +29,7 @@ pub struct EvalModel {
 pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError> {
     let spec = a.model_spec()?;
     let out = a.output_dir.clone();
-    let lora = a.finetuning_type == "lora";
+    let lora = a.finetuning_type == FinetuningType::Lora;
     // A full / freeze run saved its own config.json (surgery recorded there); otherwise the
     // base is loaded and the surgery applied again.
     let saved_full = trained && !lora;
