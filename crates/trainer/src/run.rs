@@ -110,7 +110,12 @@ impl<'a> Run<'a> {
         let (norm, bos) = setup::regularizers(a, &cfg)?;
         let regs = Regs { norm, bos };
         let tok_path = data::tokenizer_path(a, files_dir.as_deref());
-        let ex = data::load(a, tok_path.as_deref(), cfg.pad_id(), cfg.vocab_size)?;
+        let ex = data::load(
+            &data::DataArgs::of(a),
+            tok_path.as_deref(),
+            cfg.pad_id(),
+            cfg.vocab_size,
+        )?;
 
         // Adapter (new, continued or resumed) and the trainable set.
         let adapter_dir: Option<PathBuf> = match (&resume, a.finetuning_type) {
