@@ -362,3 +362,24 @@ fn mixed_precision_flags() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn a_value_phi_train_does_not_implement_is_refused_naming_those_it_does() {
+    let tmp = scratch("choices");
+    let (ok, err) = run(&["--stage".into(), "dpo".into()]);
+    assert!(
+        !ok && err == "error: stage = dpo: expected sft or pt",
+        "{err}"
+    );
+    // LF's YAML for a stage or optimizer phi-train lacks: refused before anything loads.
+    let cfg = tmp.join("llama3_lora_sft.yaml");
+    std::fs::write(&cfg, "stage: sft\noptim: adafactor\ndo_train: true\n").unwrap();
+    let (ok, err) = run(&[cfg.display().to_string()]);
+    assert!(
+        !ok && err
+            .ends_with("llama3_lora_sft.yaml: optim = adafactor: expected adamw_torch or sgd"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -31,9 +31,16 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    both_spellings(A::command())
-        .try_get_matches_from(argv)
-        .unwrap_or_else(|e| e.exit())
+    try_matches::<A, _, _>(argv).unwrap_or_else(|e| e.exit())
+}
+
+/// As `matches`, with clap's error returned, for a binary that words some errors its own way.
+pub fn try_matches<A: Parser, I, T>(argv: I) -> Result<ArgMatches, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    both_spellings(A::command()).try_get_matches_from(argv)
 }
 
 /// `A` from the process's arguments, either spelling.

@@ -53,20 +53,53 @@ pub fn write_safetensors(
     write_atomic(path, &out)
 }
 
+/// Whether output folder `dir` already holds something: an entry not named in `ignore`
+/// (a file of the tool's own, such as a lock). A folder not there yet holds nothing. Every
+/// binary's refusal of a used output folder rests on this one test.
+pub fn holds_other_than(dir: &Path, ignore: &[&str]) -> std::io::Result<bool> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        if !ignore.iter().any(|n| name == **n) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Creates `dir` for output, refusing a non-empty existing folder unless `overwrite`.
 pub fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<(), ModelError> {
-    if dir.exists() {
-        let non_empty = std::fs::read_dir(dir)
-            .map_err(|e| ModelError::io(dir.display(), format!("cannot list: {e}")))?
-            .next()
-            .is_some();
-        if non_empty && !overwrite {
-            return Err(ModelError::io(
-                dir.display(),
-                "output folder exists and is not empty (pass --overwrite to replace its files)",
-            ));
-        }
+    let used = holds_other_than(dir, &[])
+        .map_err(|e| ModelError::io(dir.display(), format!("cannot list: {e}")))?;
+    if used && !overwrite {
+        return Err(ModelError::io(
+            dir.display(),
+            "output folder exists and is not empty (pass --overwrite to replace its files)",
+        ));
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| ModelError::io(dir.display(), format!("cannot create: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_holding_only_ignored_names_is_unused() {
+        let dir = std::env::temp_dir().join(format!("phi-model-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!holds_other_than(&dir, &[]).unwrap());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(".lock"), "").unwrap();
+        assert!(!holds_other_than(&dir, &[".lock"]).unwrap());
+        assert!(holds_other_than(&dir, &[]).unwrap());
+        std::fs::create_dir(dir.join("checkpoint-1")).unwrap();
+        assert!(holds_other_than(&dir, &[".lock"]).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

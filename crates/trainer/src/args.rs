@@ -3,7 +3,7 @@
 //! can never disagree on a name or a default.
 
 use crate::error::TrainError;
-use clap::{FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -40,14 +40,13 @@ pub struct TrainArgs {
     // ---- method
     /// sft (supervised, prompt masked) or pt (plain language modelling).
     #[arg(long, default_value = "sft")]
-    pub stage: String,
+    pub stage: Stage,
     /// Train (HF's and LF's default is false: LF's train configs set it, its eval and
     /// predict configs do not).
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub do_train: bool,
-    /// lora, freeze or full.
     #[arg(long, default_value = "lora")]
-    pub finetuning_type: String,
+    pub finetuning_type: FinetuningType,
     /// Module names, `all` / `all-linear`, or `re:<regex>`.
     #[arg(long, default_value = "all")]
     pub lora_target: String,
@@ -156,7 +155,7 @@ pub struct TrainArgs {
     pub adam_epsilon: f64,
     /// adamw_torch (also adamw / adamw_hf) or sgd.
     #[arg(long, default_value = "adamw_torch")]
-    pub optim: String,
+    pub optim: Optim,
     /// Global gradient-norm clip; 0 disables it (HF).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
@@ -165,9 +164,8 @@ pub struct TrainArgs {
     /// Optimizer steps; overrides num_train_epochs when > 0.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub max_steps: i64,
-    /// constant, constant_with_warmup, linear or cosine.
     #[arg(long, default_value = "linear")]
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: LrSchedulerType,
     #[arg(long, default_value_t = 0.0)]
     pub warmup_ratio: f64,
     #[arg(long, default_value_t = 0)]
@@ -178,9 +176,10 @@ pub struct TrainArgs {
     pub save_steps: usize,
     #[arg(long)]
     pub save_total_limit: Option<usize>,
-    /// no, steps or epoch (HF's eval_strategy); steps when val_size > 0 and eval_steps is set.
+    /// When to evaluate the validation split (HF's); steps when val_size > 0 and eval_steps
+    /// is set.
     #[arg(long, default_value = "no")]
-    pub eval_strategy: String,
+    pub eval_strategy: EvalStrategy,
     #[arg(long)]
     pub eval_steps: Option<usize>,
     #[arg(long, default_value_t = 42)]
@@ -241,7 +240,7 @@ pub struct TrainArgs {
     // ---- norm surgery
     /// none, or rmsnorm: every LayerNorm becomes an RMSNorm with its weight (bias dropped).
     #[arg(long, default_value = "none")]
-    pub norm_surgery: String,
+    pub norm_surgery: NormSurgery,
     #[arg(long, default_value_t = 1e-8)]
     pub norm_surgery_eps: f64,
 
@@ -254,6 +253,66 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub json: bool,
+}
+
+// The settings with a fixed set of values. clap's names are the spellings: serde reads and
+// writes the same ones (a test checks), so a flag, a file key and the saved config agree.
+// Where LLaMA-Factory or HF accept more (other stages, optimizers, schedules), a value we do
+// not implement is refused at parsing with the list of those we do.
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Sft,
+    Pt,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuningType {
+    Lora,
+    Freeze,
+    Full,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Optim {
+    // HF's other names for the same update (PyTorch's AdamW).
+    #[value(aliases = ["adamw", "adamw_hf", "adamw_torch_fused"])]
+    #[serde(alias = "adamw", alias = "adamw_hf", alias = "adamw_torch_fused")]
+    AdamwTorch,
+    Sgd,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedulerType {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum EvalStrategy {
+    No,
+    Steps,
+    Epoch,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum NormSurgery {
+    None,
+    Rmsnorm,
 }
 
 impl Default for TrainArgs {
@@ -336,6 +395,39 @@ pub fn nearest(key: &str) -> Option<String> {
         .map(|(_, k)| k)
 }
 
+/// `value` outside the values a fixed-choice setting takes, as every bad setting reads:
+/// `key = value: expected a, b or c`. None when `key` takes any value or `value` is one of its.
+fn bad_choice(key: &str, value: &str) -> Option<TrainError> {
+    let cmd = TrainArgs::command();
+    let values = cmd
+        .get_arguments()
+        .find(|a| a.get_id() == key)?
+        .get_possible_values();
+    if values.is_empty() || values.iter().any(|v| v.matches(value, false)) {
+        return None;
+    }
+    let names: Vec<&str> = values.iter().map(|v| v.get_name()).collect();
+    let expected = match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.concat(),
+    };
+    Some(TrainError::arg(key, value, expected))
+}
+
+/// clap's refusal of a flag's value, in the one line a file value gets (clap's own message
+/// spans several lines); None for other clap errors.
+fn bad_flag(e: &clap::Error) -> Option<TrainError> {
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    // clap names the flag as `--stage <STAGE>`.
+    let flag = text(ContextKind::InvalidArg)?;
+    let key = flag.trim_start_matches('-').split(' ').next()?;
+    bad_choice(key, text(ContextKind::InvalidValue)?)
+}
+
 fn read_file(path: &Path) -> Result<(Map<String, Value>, bool), TrainError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| TrainError::file(path, format!("cannot read: {e}")))?;
@@ -372,7 +464,7 @@ impl TrainArgs {
 
     /// Whether the backward pass recomputes activations (LF's switch wins over HF's).
     pub fn checkpointing(&self) -> bool {
-        let default = self.finetuning_type == "lora";
+        let default = self.finetuning_type == FinetuningType::Lora;
         self.gradient_checkpointing.unwrap_or(default) && !self.disable_gradient_checkpointing
     }
 
@@ -382,7 +474,8 @@ impl TrainArgs {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = phi_cli::matches::<TrainArgs, _, _>(argv);
+        let matches = phi_cli::try_matches::<TrainArgs, _, _>(argv)
+            .map_err(|e| bad_flag(&e).unwrap_or_else(|| e.exit()))?;
         let cli = TrainArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let mut map = Map::new();
         if let Some(path) = &cli.config {
@@ -424,13 +517,15 @@ impl TrainArgs {
         for (k, v) in &map {
             let one = Map::from_iter([(k.clone(), v.clone())]);
             if let Err(e) = serde_json::from_value::<TrainArgs>(Value::Object(one)) {
-                // JSON has no inf or NaN: a non-finite number arrives here as null.
-                let e = if v.is_null() {
-                    "expected a finite number".to_string()
-                } else {
-                    e.to_string()
+                let e = match v {
+                    // JSON has no inf or NaN: a non-finite number arrives here as null.
+                    Value::Null => format!("{k}: expected a finite number"),
+                    Value::String(s) => {
+                        bad_choice(k, s).map_or_else(|| format!("{k}: {e}"), |b| b.to_string())
+                    }
+                    _ => format!("{k}: {e}"),
                 };
-                return Err(TrainError::Msg(format!("{what}: {k}: {e}")));
+                return Err(TrainError::Msg(format!("{what}: {e}")));
             }
         }
         let mut args: TrainArgs = serde_json::from_value(Value::Object(map))
@@ -503,5 +598,52 @@ impl TrainArgs {
         };
         let m: Map<String, Value> = m.into_iter().filter(|(_, v)| !v.is_null()).collect();
         toml::to_string(&m).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+
+    /// serde reads every clap spelling (aliases included) as the same value, writes clap's
+    /// name, and accepts nothing clap refuses.
+    fn spellings_agree<E>()
+    where
+        E: ValueEnum + Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let mut clap_names = Vec::new();
+        for v in E::value_variants() {
+            let pv = v.to_possible_value().expect("no variant is skipped");
+            assert_eq!(serde_json::to_value(v).unwrap(), pv.get_name());
+            for name in pv.get_name_and_aliases() {
+                assert_eq!(&serde_json::from_value::<E>(name.into()).unwrap(), v);
+                clap_names.push(name.to_string());
+            }
+        }
+        // serde's refusal lists every name it reads, aliases included.
+        let e = serde_json::from_value::<E>("?".into())
+            .unwrap_err()
+            .to_string();
+        let (_, listed) = e.split_once("expected").unwrap();
+        let mut serde_names: Vec<String> = listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect();
+        serde_names.sort();
+        clap_names.sort();
+        assert_eq!(serde_names, clap_names);
+    }
+
+    #[test]
+    fn serde_and_clap_spell_every_choice_alike() {
+        spellings_agree::<Stage>();
+        spellings_agree::<FinetuningType>();
+        spellings_agree::<Optim>();
+        spellings_agree::<LrSchedulerType>();
+        spellings_agree::<EvalStrategy>();
+        spellings_agree::<NormSurgery>();
     }
 }

@@ -1,7 +1,7 @@
 //! The run's examples: encoded, split into train / validation, packed if asked, and cut into
 //! the micro-batches of each optimizer step in a deterministic order.
 
-use crate::args::TrainArgs;
+use crate::args::{Stage, TrainArgs};
 use crate::error::TrainError;
 use phi_data::batch::{epoch_order, pack, split_val, Batch, Collator};
 use phi_data::encode::{ChatFormat, EncodeOptions, Encoded};
@@ -45,22 +45,49 @@ pub fn load_options(a: &TrainArgs) -> LoadOptions {
 pub fn encode_options(a: &TrainArgs, vocab_size: Option<usize>) -> EncodeOptions {
     EncodeOptions {
         cutoff_len: a.cutoff_len,
-        train_on_prompt: a.train_on_prompt || a.stage == "pt",
+        train_on_prompt: a.train_on_prompt || a.stage == Stage::Pt,
         mask_history: a.mask_history,
         add_bos: a.add_bos,
         vocab_size,
     }
 }
 
+/// What one load of examples reads from the settings (LF's DataArguments, with the split's
+/// seed): evaluation loads its datasets by changing these, not a copy of every setting.
+#[derive(Debug, Clone)]
+pub struct DataArgs {
+    pub dataset: Vec<String>,
+    pub template: Option<String>,
+    pub load: LoadOptions,
+    pub encode: EncodeOptions,
+    pub val_size: f64,
+    pub seed: u64,
+    pub packing: bool,
+}
+
+impl DataArgs {
+    pub fn of(a: &TrainArgs) -> DataArgs {
+        DataArgs {
+            dataset: a.dataset.clone(),
+            template: a.template.clone(),
+            load: load_options(a),
+            encode: encode_options(a, None),
+            val_size: a.val_size,
+            seed: a.seed,
+            packing: a.packing,
+        }
+    }
+}
+
 /// Every record encoded and checked against the model's `vocab_size` (ids and labels), so a
 /// bad record stops the run before its first step, named by file and line.
 pub fn load(
-    a: &TrainArgs,
+    d: &DataArgs,
     tokenizer: Option<&Path>,
     fallback_pad: u32,
     vocab_size: usize,
 ) -> Result<Examples, TrainError> {
-    if a.dataset.is_empty() {
+    if d.dataset.is_empty() {
         return Err(TrainError::arg(
             "dataset",
             "(none)",
@@ -70,28 +97,30 @@ pub fn load(
     let mut tok = match tokenizer {
         Some(p) => {
             let mut t = Tok::load(p)?;
-            let f = ChatFormat::new(a.template.as_deref(), &mut t)?;
+            let f = ChatFormat::new(d.template.as_deref(), &mut t)?;
             Some((t, f))
         }
         None => None,
     };
-    let load = load_options(a);
-    let enc = encode_options(a, Some(vocab_size));
+    let enc = EncodeOptions {
+        vocab_size: Some(vocab_size),
+        ..d.encode.clone()
+    };
     let chat = tok.as_mut().map(|(t, f)| (&*t, &*f));
-    let (examples, skipped) = prepare(&a.dataset, chat, &load, &enc)?;
+    let (examples, skipped) = prepare(&d.dataset, chat, &d.load, &enc)?;
     if let Some(s) = skipped.summary() {
         eprintln!("{s}");
     }
-    let (train_idx, val_idx) = if a.val_size > 0.0 {
-        split_val(examples.len(), a.val_size, a.seed)
-            .map_err(|e| TrainError::arg("val_size", a.val_size, e))?
+    let (train_idx, val_idx) = if d.val_size > 0.0 {
+        split_val(examples.len(), d.val_size, d.seed)
+            .map_err(|e| TrainError::arg("val_size", d.val_size, e))?
     } else {
         ((0..examples.len()).collect(), vec![])
     };
     let pick = |ix: &[usize]| -> Vec<Encoded> { ix.iter().map(|&i| examples[i].clone()).collect() };
     let (mut train, val) = (pick(&train_idx), pick(&val_idx));
-    if a.packing {
-        train = pack(&train, a.cutoff_len);
+    if d.packing {
+        train = pack(&train, d.encode.cutoff_len);
     }
     let pad_id = tok
         .as_ref()

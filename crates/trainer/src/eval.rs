@@ -2,8 +2,8 @@
 //! trained) on `eval_dataset`, encoded exactly as training data is. Eval loss is HF's: the
 //! mean over every label token of the set; perplexity is its exponential.
 
-use crate::args::TrainArgs;
-use crate::data::{self, Examples};
+use crate::args::{FinetuningType, TrainArgs};
+use crate::data::{self, DataArgs, Examples};
 use crate::error::TrainError;
 use crate::outputs::{output_dir, print_table, save_metrics};
 use crate::step::{evaluate, Regs};
@@ -29,7 +29,7 @@ pub struct EvalModel {
 pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError> {
     let spec = a.model_spec()?;
     let out = a.output_dir.clone();
-    let lora = a.finetuning_type == "lora";
+    let lora = a.finetuning_type == FinetuningType::Lora;
     // A full / freeze run saved its own config.json (surgery recorded there); otherwise the
     // base is loaded and the surgery applied again.
     let saved_full = trained && !lora;
@@ -71,23 +71,23 @@ pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError>
 pub fn load_examples(a: &TrainArgs, m: &EvalModel) -> Result<Examples, TrainError> {
     let tok = data::tokenizer_path(a, m.model_dir.as_deref());
     let pad = m.config.pad_id();
-    let mut ea = a.clone();
-    ea.packing = false;
+    let mut d = DataArgs::of(a);
+    d.packing = false;
     let use_val = a.eval_dataset.is_empty() && a.do_train;
     if !a.eval_dataset.is_empty() {
-        ea.dataset = a.eval_dataset.clone();
-        ea.val_size = 0.0;
+        d.dataset = a.eval_dataset.clone();
+        d.val_size = 0.0;
     } else if !use_val {
-        ea.val_size = 0.0;
+        d.val_size = 0.0;
     }
-    if ea.dataset.is_empty() {
+    if d.dataset.is_empty() {
         return Err(TrainError::arg(
             "eval_dataset",
             "(none)",
             "registry names or .json/.jsonl paths to evaluate on",
         ));
     }
-    let mut ex = data::load(&ea, tok.as_deref(), pad, m.config.vocab_size)?;
+    let mut ex = data::load(&d, tok.as_deref(), pad, m.config.vocab_size)?;
     if use_val {
         if ex.val.is_empty() {
             return Err(TrainError::arg(

@@ -5,6 +5,7 @@
 //! run-local parameter ids; this one keys state by HF parameter name, so checkpoints resume
 //! bit-identically and read like PyTorch's `optimizer.pt`.
 
+use crate::args::Optim;
 use crate::error::TrainError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor, TensorData};
@@ -96,13 +97,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn parse(name: &str, beta1: f64, beta2: f64, eps: f64) -> Result<Kind, TrainError> {
-        match name {
-            "adamw_torch" | "adamw" | "adamw_hf" | "adamw_torch_fused" => {
-                Ok(Kind::AdamW { beta1, beta2, eps })
-            }
-            "sgd" => Ok(Kind::Sgd),
-            _ => Err(TrainError::arg("optim", name, "adamw_torch or sgd")),
+    /// The `optim` setting with AdamW's hyperparameters (unused by SGD).
+    pub fn new(optim: Optim, beta1: f64, beta2: f64, eps: f64) -> Kind {
+        match optim {
+            Optim::AdamwTorch => Kind::AdamW { beta1, beta2, eps },
+            Optim::Sgd => Kind::Sgd,
         }
     }
 }

@@ -20,12 +20,8 @@ pub fn check_output_dir(a: &TrainArgs) -> Result<(PathBuf, std::fs::File), Train
         .clone()
         .ok_or_else(|| TrainError::arg("output_dir", "(none)", "a folder for the run's outputs"))?;
     let lock = checkpoint::lock(&out)?;
-    let non_empty = std::fs::read_dir(&out)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name() != checkpoint::LOCK_FILE)
-        })
-        .unwrap_or(false);
+    let non_empty =
+        phi_model::io::holds_other_than(&out, &[checkpoint::LOCK_FILE]).unwrap_or(false);
     if non_empty && !a.overwrite_output_dir && a.resume_from_checkpoint.is_none() {
         // Resuming is only offered where there is something to resume from (a run killed
         // before its first checkpoint leaves none).

@@ -5,7 +5,7 @@
 //! rate; then logs, evaluation, samples and checkpoints on their steps), and `finish`
 //! (the adapter or weights as PEFT / transformers read them, trainer state, results).
 
-use crate::args::TrainArgs;
+use crate::args::{EvalStrategy, FinetuningType, NormSurgery, TrainArgs};
 use crate::checkpoint::{self, write_json, Snapshot};
 use crate::data::{self, Examples, Plan};
 use crate::error::TrainError;
@@ -14,7 +14,7 @@ use crate::optim::{self, Grads, Kind, LossScaler, Optimizer};
 use crate::outputs::{check_output_dir, last_good, trainer_state, write_run_files};
 use crate::samples::Sampler;
 use crate::schedule::Schedule;
-use crate::setup::{self, Method, Prepared};
+use crate::setup::{self, Prepared};
 use crate::step::{self, Regs};
 use burn::tensor::{DType, Device};
 use phi_adapters::LoraConfig;
@@ -39,10 +39,9 @@ pub struct Outcome {
 /// Runs the whole job described by `a`.
 pub fn train(a: &TrainArgs) -> Result<Outcome, TrainError> {
     setup::check_args(a)?;
-    let method = Method::parse(&a.finetuning_type)?;
     let spec = a.model_spec()?;
     let (out, _lock) = check_output_dir(a)?;
-    let result = Run::setup(a, method, &spec, &out).and_then(|mut run| {
+    let result = Run::setup(a, &spec, &out).and_then(|mut run| {
         for step in run.start..run.total {
             run = run.train_step(step)?;
         }
@@ -89,7 +88,7 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn setup(a: &'a TrainArgs, method: Method, spec: &str, out: &Path) -> Result<Self, TrainError> {
+    fn setup(a: &'a TrainArgs, spec: &str, out: &Path) -> Result<Self, TrainError> {
         let out = out.to_path_buf();
         let mut device: Device = phi_model::device_from_name(&a.device)?.autodiff();
         if a.checkpointing() {
@@ -111,11 +110,16 @@ impl<'a> Run<'a> {
         let (norm, bos) = setup::regularizers(a, &cfg)?;
         let regs = Regs { norm, bos };
         let tok_path = data::tokenizer_path(a, files_dir.as_deref());
-        let ex = data::load(a, tok_path.as_deref(), cfg.pad_id(), cfg.vocab_size)?;
+        let ex = data::load(
+            &data::DataArgs::of(a),
+            tok_path.as_deref(),
+            cfg.pad_id(),
+            cfg.vocab_size,
+        )?;
 
         // Adapter (new, continued or resumed) and the trainable set.
-        let adapter_dir: Option<PathBuf> = match (&resume, method) {
-            (Some(ck), Method::Lora) => Some(ck.clone()),
+        let adapter_dir: Option<PathBuf> = match (&resume, a.finetuning_type) {
+            (Some(ck), FinetuningType::Lora) => Some(ck.clone()),
             _ => a.adapter_name_or_path.as_ref().map(PathBuf::from),
         };
         let (base_dir, base_gguf) = (loaded.dir.clone(), loaded.gguf.clone());
@@ -127,7 +131,6 @@ impl<'a> Run<'a> {
         } = setup::prepare(
             setup::apply_surgery(loaded.model, a)?,
             a,
-            method,
             adapter_dir.as_deref(),
         )?;
         if let Some(ck) = &resume {
@@ -154,8 +157,8 @@ impl<'a> Run<'a> {
             ((a.num_train_epochs * plan.steps_per_epoch as f64).ceil() as usize).max(1)
         };
         let warmup = Schedule::warmup_steps(a.warmup_steps, a.warmup_ratio, total);
-        let sched = Schedule::new(&a.lr_scheduler_type, warmup, total)?;
-        let kind = Kind::parse(&a.optim, a.adam_beta1, a.adam_beta2, a.adam_epsilon)?;
+        let sched = Schedule::new(a.lr_scheduler_type, warmup, total);
+        let kind = Kind::new(a.optim, a.adam_beta1, a.adam_beta2, a.adam_epsilon);
         let mut opt = Optimizer::new(&model, kind, a.weight_decay);
         let (mut start, mut history) = (0usize, Vec::new());
         if let Some(ck) = &resume {
@@ -170,10 +173,10 @@ impl<'a> Run<'a> {
         let log = Logger::new(&out, total, start, history)?;
         // HF: eval_steps defaults to logging_steps; a val split with eval_steps set turns
         // step evaluation on even when eval_strategy was left at "no" (LF's recipes rely on it).
-        let eval_every = match (a.eval_strategy.as_str(), a.eval_steps) {
+        let eval_every = match (a.eval_strategy, a.eval_steps) {
             (_, _) if ex.val.is_empty() => None,
-            ("epoch", _) => Some(plan.steps_per_epoch.max(1)),
-            ("no", None) => None,
+            (EvalStrategy::Epoch, _) => Some(plan.steps_per_epoch.max(1)),
+            (EvalStrategy::No, None) => None,
             (_, Some(n)) => Some(n.max(1)),
             (_, None) => Some(a.logging_steps),
         };
@@ -345,7 +348,7 @@ impl<'a> Run<'a> {
             None => {
                 let mut config =
                     source_config(self.base_dir.as_deref(), self.base_gguf.as_deref())?;
-                if a.norm_surgery == "rmsnorm" {
+                if a.norm_surgery == NormSurgery::Rmsnorm {
                     phi_model::surgery::record_in_config(&mut config, a.norm_surgery_eps);
                 }
                 write_model_folder(

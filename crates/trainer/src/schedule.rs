@@ -1,15 +1,7 @@
 //! HF's learning-rate schedules (`transformers.get_scheduler`): the factor on the base rate
 //! for optimizer step k (0-based), with linear warmup.
 
-use crate::error::TrainError;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
-    Constant,
-    ConstantWithWarmup,
-    Linear,
-    Cosine,
-}
+use crate::args::LrSchedulerType as Kind;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
@@ -19,25 +11,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(name: &str, warmup: usize, total: usize) -> Result<Self, TrainError> {
-        let kind = match name {
-            "constant" => Kind::Constant,
-            "constant_with_warmup" => Kind::ConstantWithWarmup,
-            "linear" => Kind::Linear,
-            "cosine" => Kind::Cosine,
-            _ => {
-                return Err(TrainError::arg(
-                    "lr_scheduler_type",
-                    name,
-                    "constant, constant_with_warmup, linear or cosine",
-                ))
-            }
-        };
-        Ok(Schedule {
+    pub fn new(kind: Kind, warmup: usize, total: usize) -> Self {
+        Schedule {
             kind,
             warmup,
             total,
-        })
+        }
     }
 
     /// warmup_steps when set, else ceil(warmup_ratio · total), as HF's `get_warmup_steps`.
@@ -71,22 +50,20 @@ mod tests {
 
     #[test]
     fn hf_formulas() {
-        let lin = Schedule::new("linear", 5, 25).unwrap();
+        let lin = Schedule::new(Kind::Linear, 5, 25);
         assert_eq!(lin.factor(0), 0.0);
         assert_eq!(lin.factor(1), 0.2);
         assert_eq!(lin.factor(5), 1.0);
         assert_eq!(lin.factor(15), 0.5);
         assert_eq!(lin.factor(25), 0.0);
-        let cos = Schedule::new("cosine", 0, 10).unwrap();
+        let cos = Schedule::new(Kind::Cosine, 0, 10);
         assert_eq!(cos.factor(0), 1.0);
         assert!((cos.factor(5) - 0.5).abs() < 1e-12);
         assert!(cos.factor(10).abs() < 1e-12);
-        let cw = Schedule::new("constant_with_warmup", 4, 10).unwrap();
+        let cw = Schedule::new(Kind::ConstantWithWarmup, 4, 10);
         assert_eq!((cw.factor(2), cw.factor(4), cw.factor(9)), (0.5, 1.0, 1.0));
-        assert_eq!(Schedule::new("constant", 4, 10).unwrap().factor(0), 1.0);
+        assert_eq!(Schedule::new(Kind::Constant, 4, 10).factor(0), 1.0);
         assert_eq!(Schedule::warmup_steps(0, 0.05, 30), 2);
         assert_eq!(Schedule::warmup_steps(3, 0.5, 30), 3);
-        let e = Schedule::new("cosin", 0, 1).unwrap_err().to_string();
-        assert!(e.starts_with("lr_scheduler_type = cosin: expected"), "{e}");
     }
 }

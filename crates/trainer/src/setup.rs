@@ -1,35 +1,13 @@
 //! From settings to a model ready to train: base weights, adapter (new, continued or resumed),
 //! which parameters train, and the regularizers checked against the architecture.
 
-use crate::args::TrainArgs;
+use crate::args::{FinetuningType, NormSurgery, TrainArgs};
 use crate::error::TrainError;
 use phi_adapters::freeze::{self, Counts, LayerSel, Selection};
 use phi_adapters::{lora, peft, LoraConfig, Targets};
 use phi_model::CausalLm;
 use phi_regularizers::{BosScale, NormTarget};
 use std::path::Path;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    Lora,
-    Freeze,
-    Full,
-}
-
-impl Method {
-    pub fn parse(s: &str) -> Result<Method, TrainError> {
-        match s {
-            "lora" => Ok(Method::Lora),
-            "freeze" => Ok(Method::Freeze),
-            "full" => Ok(Method::Full),
-            _ => Err(TrainError::arg(
-                "finetuning_type",
-                s,
-                "lora, freeze or full",
-            )),
-        }
-    }
-}
 
 fn list(s: &Option<String>) -> Vec<String> {
     s.as_deref()
@@ -55,9 +33,9 @@ pub fn lora_config(a: &TrainArgs) -> LoraConfig {
 }
 
 /// What decides which weights train.
-pub fn selection(a: &TrainArgs, method: Method) -> Result<Selection, TrainError> {
+pub fn selection(a: &TrainArgs) -> Result<Selection, TrainError> {
     if a.rmsnorm_only_training {
-        if method == Method::Lora {
+        if a.finetuning_type == FinetuningType::Lora {
             return Err(TrainError::arg(
                 "rmsnorm_only_training",
                 "true",
@@ -66,12 +44,12 @@ pub fn selection(a: &TrainArgs, method: Method) -> Result<Selection, TrainError>
         }
         return Ok(Selection::NormOnly);
     }
-    Ok(match method {
-        Method::Full => Selection::Full,
-        Method::Lora => Selection::Lora {
+    Ok(match a.finetuning_type {
+        FinetuningType::Full => Selection::Full,
+        FinetuningType::Lora => Selection::Lora {
             modules_to_save: list(&a.additional_target),
         },
-        Method::Freeze => Selection::Freeze {
+        FinetuningType::Freeze => Selection::Freeze {
             layers: LayerSel::parse(&a.freeze_trainable_layers)?,
             modules: list(&Some(a.freeze_trainable_modules.clone())),
             extra: list(&a.freeze_extra_modules),
@@ -91,17 +69,16 @@ pub struct Prepared {
 pub fn prepare(
     model: CausalLm,
     a: &TrainArgs,
-    method: Method,
     adapter_dir: Option<&Path>,
 ) -> Result<Prepared, TrainError> {
-    let (mut model, lora) = match (method, adapter_dir) {
-        (Method::Lora, Some(d)) => {
+    let (mut model, lora) = match (a.finetuning_type, adapter_dir) {
+        (FinetuningType::Lora, Some(d)) => {
             let (m, mut cfg, _) = peft::load(model, d)?;
             // The run's dropout applies to a continued adapter (PEFT keeps the file's).
             cfg.dropout = a.lora_dropout;
             (m, Some(cfg))
         }
-        (Method::Lora, None) => {
+        (FinetuningType::Lora, None) => {
             let cfg = lora_config(a);
             let mut m = model;
             lora::attach(&mut m, &cfg)?;
@@ -117,7 +94,7 @@ pub fn prepare(
     if let Some(cfg) = &lora {
         set_dropout(&mut model, cfg.dropout);
     }
-    let sel = selection(a, method)?;
+    let sel = selection(a)?;
     let trainable = freeze::trainable_names(&model, &sel)?;
     if trainable.is_empty() {
         return Err(TrainError::Msg(
@@ -254,9 +231,9 @@ pub fn check_resume(
 
 /// `norm_surgery` applied to a freshly loaded model (see phi_model::surgery).
 pub fn apply_surgery(model: CausalLm, a: &TrainArgs) -> Result<CausalLm, TrainError> {
-    match a.norm_surgery.as_str() {
-        "none" => Ok(model),
-        "rmsnorm" => {
+    match a.norm_surgery {
+        NormSurgery::None => Ok(model),
+        NormSurgery::Rmsnorm => {
             if !(a.norm_surgery_eps.is_finite() && a.norm_surgery_eps >= 0.0) {
                 return Err(TrainError::arg(
                     "norm_surgery_eps",
@@ -278,15 +255,11 @@ pub fn apply_surgery(model: CausalLm, a: &TrainArgs) -> Result<CausalLm, TrainEr
             );
             Ok(m)
         }
-        other => Err(TrainError::arg("norm_surgery", other, "none or rmsnorm")),
     }
 }
 
 /// Settings checked before anything is loaded or written.
 pub fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
-    if !matches!(a.stage.as_str(), "sft" | "pt") {
-        return Err(TrainError::arg("stage", &a.stage, "sft or pt"));
-    }
     for (k, v) in [
         ("per_device_train_batch_size", a.per_device_train_batch_size),
         ("gradient_accumulation_steps", a.gradient_accumulation_steps),
@@ -303,13 +276,6 @@ pub fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
             "fp16",
             true,
             "at most one of bf16 and fp16",
-        ));
-    }
-    if !matches!(a.eval_strategy.as_str(), "no" | "steps" | "epoch") {
-        return Err(TrainError::arg(
-            "eval_strategy",
-            &a.eval_strategy,
-            "no, steps or epoch",
         ));
     }
     Ok(())
