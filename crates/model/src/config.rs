@@ -5,7 +5,11 @@ use crate::error::ModelError;
 use serde_json::Value;
 use std::path::Path;
 
-pub use crate::arch::Arch;
+/// An architecture, by its place in the registry of `crate::arch`, where it derefs to that
+/// file's `Architecture` and has its name (`Arch::Llama`). It is only an id here: this module
+/// is below the architectures, which read their settings through it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Arch(pub(crate) u8);
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -61,6 +65,10 @@ pub struct ConfigReader<'a> {
 }
 
 impl<'a> ConfigReader<'a> {
+    pub fn new(file: &'a str, v: &'a Value) -> Self {
+        ConfigReader { file, v }
+    }
+
     pub fn err(&self, key: &str, expected: &str) -> ModelError {
         ModelError::Config {
             file: self.file.to_string(),
@@ -149,44 +157,44 @@ impl<'a> ConfigReader<'a> {
     }
 }
 
-impl ModelConfig {
-    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
-            file: path.display().to_string(),
-            what: format!("cannot read config: {e}"),
-        })?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::Io {
-            file: path.display().to_string(),
-            what: format!(
-                "invalid JSON at line {} column {}: {e}",
-                e.line(),
-                e.column()
-            ),
-        })?;
-        Self::from_value(v, &path.display().to_string())
-    }
+/// config.json as JSON, with one-line errors.
+pub fn read_json(path: &Path) -> Result<Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        file: path.display().to_string(),
+        what: format!("cannot read config: {e}"),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Io {
+        file: path.display().to_string(),
+        what: format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ),
+    })
+}
 
-    pub fn from_value(v: Value, file: &str) -> Result<Self, ModelError> {
-        let r = ConfigReader { file, v: &v };
-        let class = r
-            .get("architectures")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(Value::as_str);
-        let model_type = r.get("model_type").and_then(Value::as_str);
-        let arch = match Arch::find(class, model_type) {
-            Some(a) => a,
-            None => match class.or(model_type) {
-                Some(other) => {
-                    return Err(ModelError::UnsupportedArch {
-                        file: file.to_string(),
-                        arch: other.to_string(),
-                        supported: Arch::supported(),
-                    })
-                }
-                None => return Err(r.err("architectures", "a list naming the model class")),
-            },
-        };
+/// The class config.json names: `architectures[0]`, else `model_type`.
+pub fn named_class<'a>(r: &ConfigReader<'a>) -> (Option<&'a str>, Option<&'a str>) {
+    let class = r
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str);
+    (class, r.get("model_type").and_then(Value::as_str))
+}
+
+impl ModelConfig {
+    /// The keys every architecture shares, for `arch`; `ModelConfig::from_value` (in
+    /// `crate::arch`, which knows the architectures) then applies the architecture's own.
+    /// The norm eps is read from `eps_key` (default `eps_default`) and the activation
+    /// defaults to `act_default`.
+    pub(crate) fn read_common(
+        r: &ConfigReader,
+        arch: Arch,
+        (eps_key, eps_default): (&str, f64),
+        act_default: &str,
+    ) -> Result<Self, ModelError> {
+        let file = r.file;
         let hidden_size = r.usize("hidden_size")?;
         let num_attention_heads = r.usize("num_attention_heads")?;
         let num_key_value_heads = r
@@ -301,32 +309,8 @@ impl ModelConfig {
                 }
             }
         };
-        let norm_eps = match arch.layer_norms() {
-            true => r.opt_f64("layer_norm_eps")?.unwrap_or(1e-5),
-            false => r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
-        };
-        let acts = arch.activations();
-        let hidden_act = r.opt_str("hidden_act")?.unwrap_or(acts[0]).to_string();
-        if !acts.contains(&hidden_act.as_str()) {
-            return Err(r.err(
-                "hidden_act",
-                &format!(
-                    "one of {} for {} (got {hidden_act:?})",
-                    acts.join(", "),
-                    arch.hf_class()
-                ),
-            ));
-        }
-        match r.opt_str("norm_surgery")? {
-            None | Some("none") => {}
-            Some("rmsnorm") if arch.layer_norms() => {}
-            Some(other) => {
-                return Err(r.err(
-                    "norm_surgery",
-                    &format!("\"rmsnorm\" on a LayerNorm model (Phi-2), or none (got {other:?})"),
-                ))
-            }
-        }
+        let norm_eps = r.opt_f64(eps_key)?.unwrap_or(eps_default);
+        let hidden_act = r.opt_str("hidden_act")?.unwrap_or(act_default).to_string();
         let cfg = ModelConfig {
             arch,
             vocab_size: r.usize("vocab_size")?,
@@ -353,13 +337,8 @@ impl ModelConfig {
                 .or(r.opt_str("torch_dtype")?)
                 .map(str::to_string),
             sliding_window: r.opt_usize("sliding_window")?,
-            raw: Value::Null,
+            raw: r.v.clone(),
         };
-        let mut cfg = ModelConfig {
-            raw: v.clone(),
-            ..cfg
-        };
-        arch.configure(&r, &mut cfg)?;
         Ok(cfg)
     }
 
@@ -374,17 +353,5 @@ impl ModelConfig {
     /// Dimensions of each head that RoPE rotates (Phi-2 rotates only a prefix).
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
-    }
-
-    /// The RMSNorm eps when config.json records phi-tune's norm surgery (`"norm_surgery":
-    /// "rmsnorm"`, eps in `rms_norm_eps`): the LayerNorm slots then hold RMSNorms.
-    pub fn rms_surgery_eps(&self) -> Option<f64> {
-        (self.arch.layer_norms() && self.raw["norm_surgery"].as_str() == Some("rmsnorm"))
-            .then(|| self.raw["rms_norm_eps"].as_f64().unwrap_or(1e-8))
-    }
-
-    /// Whether the architecture has a post-attention RMSNorm (the regularizer's tap).
-    pub fn has_post_attention_layernorm(&self) -> bool {
-        self.arch.post_attention_norm()
     }
 }

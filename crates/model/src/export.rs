@@ -197,8 +197,10 @@ pub fn source_config(
             .map_err(|e| ModelError::io(p.display(), format!("invalid JSON: {e}")));
     }
     if let Some(g) = gguf {
-        return crate::gguf::GgufFile::open(g)?
-            .hf_config()
+        let file = crate::gguf::GgufFile::open(g)?;
+        let layout = crate::Arch::gguf_layout(&file)?;
+        return file
+            .hf_config(&layout)
             .map_err(|e| ModelError::Other(format!("{}: {e}", g.display())));
     }
     Err(ModelError::Other(

@@ -1,7 +1,6 @@
 //! GGUF reader for Llama-architecture files: metadata, an HF-style config, and tensors under
 //! their HF names dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
 
-use crate::arch::{Arch, GgufLayout};
 use memmap2::Mmap;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -200,9 +199,23 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// HF name of a llama.cpp tensor name (as any architecture read from GGUF names it); None for
-/// tensors HF has no counterpart for.
-pub fn hf_name(gguf: &str) -> Option<String> {
+/// How an architecture's tensors and metadata are named in llama.cpp's files; the
+/// architecture's file gives it (`Architecture::gguf`), so this reader knows none by name.
+#[derive(Debug, Clone, Copy)]
+pub struct GgufLayout {
+    /// `general.architecture`, also the prefix of the model's metadata keys.
+    pub name: &'static str,
+    /// The HF class config.json names.
+    pub class: &'static str,
+    /// A layer's tensors: (llama.cpp name under `blk.N.`, HF name under `model.layers.N.`).
+    pub layer_tensors: &'static [(&'static str, &'static str)],
+    /// HF names under a layer whose rows llama.cpp interleaves for its rotary, with the
+    /// metadata key (after the prefix) holding their head count.
+    pub permuted: &'static [(&'static str, &'static str)],
+}
+
+/// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
+pub fn hf_name(gguf: &str, layout: &GgufLayout) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -215,12 +228,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let module = Arch::ALL
-        .iter()
-        .filter_map(|a| a.gguf())
-        .flat_map(|g| g.layer_tensors.iter())
-        .find(|(g, _)| *g == tail)?
-        .1;
+    let module = layout.layer_tensors.iter().find(|(g, _)| *g == tail)?.1;
     Some(format!("model.layers.{layer}.{module}"))
 }
 
@@ -381,7 +389,7 @@ impl GgufFile {
         })
     }
 
-    fn err(&self, what: impl Into<String>) -> GgufError {
+    pub fn err(&self, what: impl Into<String>) -> GgufError {
         GgufError {
             file: self.path.display().to_string(),
             what: what.into(),
@@ -402,24 +410,9 @@ impl GgufFile {
             .and_then(GgufValue::as_str)
     }
 
-    /// The architecture the file names, and how llama.cpp lays it out.
-    fn layout(&self) -> Result<(Arch, GgufLayout), GgufError> {
-        let name = self.architecture();
-        name.and_then(Arch::find_gguf).ok_or_else(|| {
-            let known: Vec<String> = Arch::ALL
-                .iter()
-                .filter_map(|a| a.gguf().map(|g| format!("{:?}", g.name)))
-                .collect();
-            self.err(format!(
-                "key general.architecture: expected {}, found {name:?}",
-                known.join(" or ")
-            ))
-        })
-    }
-
-    /// An HF-style (transformers-4) config.json for the file's architecture.
-    pub fn hf_config(&self) -> Result<Value, GgufError> {
-        let (arch, layout) = self.layout()?;
+    /// An HF-style (transformers-4) config.json for a file of `layout`'s architecture.
+    pub fn hf_config(&self, layout: &GgufLayout) -> Result<Value, GgufError> {
+        self.expect_architecture(layout)?;
         let p = layout.name;
         let num = |k: &str| -> Result<u64, GgufError> {
             self.metadata
@@ -435,7 +428,7 @@ impl GgufFile {
             _ => num(&format!("{p}.vocab_size"))?,
         };
         let mut cfg = json!({
-            "architectures": [arch.hf_class()],
+            "architectures": [layout.class],
             "model_type": p,
             "hidden_size": num(&format!("{p}.embedding_length"))?,
             "intermediate_size": num(&format!("{p}.feed_forward_length"))?,
@@ -461,16 +454,33 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    pub fn hf_tensor_names(&self) -> Vec<String> {
-        self.tensors.keys().filter_map(|k| hf_name(k)).collect()
+    pub fn hf_tensor_names(&self, layout: &GgufLayout) -> Vec<String> {
+        self.tensors
+            .keys()
+            .filter_map(|k| hf_name(k, layout))
+            .collect()
+    }
+
+    fn expect_architecture(&self, layout: &GgufLayout) -> Result<(), GgufError> {
+        match self.architecture() {
+            Some(a) if a == layout.name => Ok(()),
+            other => Err(self.err(format!(
+                "key general.architecture: expected {:?}, found {other:?}",
+                layout.name
+            ))),
+        }
     }
 
     /// The tensor under its HF name as (HF shape, row-major f32).
-    pub fn tensor_f32(&self, hf: &str) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
+    pub fn tensor_f32(
+        &self,
+        hf: &str,
+        layout: &GgufLayout,
+    ) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
         let (name, info) = self
             .tensors
             .iter()
-            .find(|(k, _)| hf_name(k).as_deref() == Some(hf))
+            .find(|(k, _)| hf_name(k, layout).as_deref() == Some(hf))
             .ok_or_else(|| self.err(format!("tensor {hf}: missing")))?;
         let n: usize = info.dims.iter().product();
         let (per, bytes) = block_layout(info.ggml_type).unwrap_or((1, 0));
@@ -482,7 +492,6 @@ impl GgufFile {
             ))
         })?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        let (_, layout) = self.layout()?;
         let heads_key = layout
             .permuted
             .iter()

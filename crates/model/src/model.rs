@@ -106,7 +106,7 @@ impl CausalLm {
             layers.push(cfg.arch.load_layer(src, &p, cfg, device)?);
         }
         let norm = format!("model.{}", cfg.arch.final_norm());
-        let norm = Norm::load(src, &norm, h, cfg, device)?;
+        let norm = Norm::load(src, &norm, h, cfg.norm_kind(), device)?;
         // Some tied checkpoints still ship lm_head.weight; tying wins, as in transformers.
         let lm_head = if cfg.tie_word_embeddings {
             None

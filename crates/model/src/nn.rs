@@ -181,6 +181,13 @@ impl LayerNorm {
 /// A norm slot: the architecture's RMSNorm, or its LayerNorm (Phi-2), which norm surgery may
 /// have turned into an RMSNorm; either keeps the HF name of the slot, so freeze masks, exports
 /// and taps see no difference.
+/// Which norm a slot holds, with its eps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    Layer(f64),
+    Rms(f64),
+}
+
 #[derive(Module, Debug)]
 pub enum Norm {
     Layer(LayerNorm),
@@ -188,19 +195,16 @@ pub enum Norm {
 }
 
 impl Norm {
-    /// The slot as the config describes it: the architecture's norm, or an RMSNorm where the
-    /// config records norm surgery.
     pub fn load(
         src: &dyn TensorSource,
         prefix: &str,
         dim: usize,
-        c: &crate::config::ModelConfig,
+        kind: NormKind,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Ok(match (c.arch.layer_norms(), c.rms_surgery_eps()) {
-            (true, None) => Norm::Layer(LayerNorm::load(src, prefix, dim, c.norm_eps, device)?),
-            (true, Some(eps)) => Norm::Rms(RmsNorm::load(src, prefix, dim, eps, device)?),
-            (false, _) => Norm::Rms(RmsNorm::load(src, prefix, dim, c.norm_eps, device)?),
+        Ok(match kind {
+            NormKind::Layer(eps) => Norm::Layer(LayerNorm::load(src, prefix, dim, eps, device)?),
+            NormKind::Rms(eps) => Norm::Rms(RmsNorm::load(src, prefix, dim, eps, device)?),
         })
     }
 
@@ -364,20 +368,12 @@ pub fn rotary_attention(
 pub fn load_norm_pair(
     src: &dyn TensorSource,
     prefix: &str,
-    c: &crate::config::ModelConfig,
+    dim: usize,
+    kind: NormKind,
     device: &Device,
 ) -> Result<(Norm, Norm), ModelError> {
-    let h = c.hidden_size;
-    Ok((
-        Norm::load(src, &format!("{prefix}.input_layernorm"), h, c, device)?,
-        Norm::load(
-            src,
-            &format!("{prefix}.post_attention_layernorm"),
-            h,
-            c,
-            device,
-        )?,
-    ))
+    let load = |name: &str| Norm::load(src, &format!("{prefix}.{name}"), dim, kind, device);
+    Ok((load("input_layernorm")?, load("post_attention_layernorm")?))
 }
 
 /// [B, T, heads·d] → [B, heads, T, d].

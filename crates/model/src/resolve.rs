@@ -1,8 +1,9 @@
 //! Turning `--model` into a config and a tensor source: a local folder, a `.gguf` file, or a
 //! hub id looked up in the Hugging Face cache (downloaded when a network allows).
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::error::ModelError;
+use crate::gguf::GgufFile;
 use crate::weights::{GgufSource, SafetensorsSource, TensorSource};
 use std::path::{Path, PathBuf};
 
@@ -113,8 +114,10 @@ pub fn resolve(spec: &str) -> Result<Resolved, ModelError> {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        let src = GgufSource::open(path)?;
-        let cfg_json = src.gguf().hf_config()?;
+        let file = GgufFile::open(path)?;
+        let layout = Arch::gguf_layout(&file)?;
+        let src = GgufSource::new(path, file, layout);
+        let cfg_json = src.hf_config()?;
         let config = ModelConfig::from_value(cfg_json, spec)?;
         return Ok(Resolved {
             config,

@@ -3,7 +3,7 @@
 //! weights, and one dtype keeps the forward identical across checkpoints.
 
 use crate::error::ModelError;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, GgufLayout};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
@@ -252,24 +252,29 @@ pub fn read_i64(path: &Path, name: &str) -> Result<Option<IntTensor>, ModelError
     Ok(Some((v.shape().to_vec(), data)))
 }
 
+/// A GGUF file's tensors under their HF names, as `layout` (its architecture's) maps them.
 pub struct GgufSource {
     path: PathBuf,
     file: GgufFile,
+    layout: GgufLayout,
     names: Vec<String>,
 }
 
 impl GgufSource {
-    pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let file = GgufFile::open(path)?;
-        let names = file.hf_tensor_names();
-        Ok(GgufSource {
+    pub fn new(path: &Path, file: GgufFile, layout: GgufLayout) -> Self {
+        let names = file.hf_tensor_names(&layout);
+        GgufSource {
             path: path.to_path_buf(),
             file,
+            layout,
             names,
-        })
+        }
     }
     pub fn gguf(&self) -> &GgufFile {
         &self.file
+    }
+    pub fn hf_config(&self) -> Result<serde_json::Value, ModelError> {
+        Ok(self.file.hf_config(&self.layout)?)
     }
 }
 
@@ -284,7 +289,7 @@ impl TensorSource for GgufSource {
         self.names.clone()
     }
     fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
-        let (shape, data) = self.file.tensor_f32(name)?;
+        let (shape, data) = self.file.tensor_f32(name, &self.layout)?;
         Ok(HostTensor { shape, data })
     }
 }

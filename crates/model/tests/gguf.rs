@@ -3,7 +3,7 @@
 use burn::tensor::Tensor;
 use phi_model::gguf::{GgufFile, GgufValue, F16, F32, Q4_0, Q4_1, Q8_0};
 use phi_model::weights::{GgufSource, RandomSource, TensorSource};
-use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
+use phi_model::{cpu_device, Arch, CausalLm, Inputs, ModelConfig, TapRequest};
 use phi_testkit::gguf_write::{gguf_bytes, quantize, Meta};
 use std::path::PathBuf;
 
@@ -137,8 +137,10 @@ fn logits(m: &CausalLm) -> Vec<f32> {
 fn f32_gguf_loads_the_same_model_as_its_hf_weights() {
     let (bytes, _) = model_gguf(|_| F32);
     let path = tmp_file("f32", &bytes);
-    let src = GgufSource::open(&path).unwrap();
-    let cfg = ModelConfig::from_value(src.gguf().hf_config().unwrap(), "gguf").unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let layout = Arch::gguf_layout(&file).unwrap();
+    let src = GgufSource::new(&path, file, layout);
+    let cfg = ModelConfig::from_value(src.hf_config().unwrap(), "gguf").unwrap();
     assert_eq!(
         (cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size),
         (HIDDEN, KV, VOCAB)
@@ -162,7 +164,7 @@ fn quantized_tensors_dequantize_within_their_step() {
         let path = tmp_file(name, &bytes);
         let g = GgufFile::open(&path).unwrap();
         for (n, shape, want) in &hf {
-            let (s, got) = g.tensor_f32(n).unwrap();
+            let (s, got) = g.tensor_f32(n, &Arch::gguf_layout(&g).unwrap()).unwrap();
             assert_eq!(&s, shape, "{name} {n}");
             let amax = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             // One quantization step: amax/127 (q8), 2·amax/15 (q4), f16 rounding.
@@ -211,7 +213,10 @@ fn bad_files_name_the_file_and_the_tensor() {
     let k = tmp_file("q4k", &gguf_bytes(&m, &t));
     let g = GgufFile::open(&k).unwrap();
     let err = g
-        .tensor_f32("model.layers.0.self_attn.q_proj.weight")
+        .tensor_f32(
+            "model.layers.0.self_attn.q_proj.weight",
+            &Arch::gguf_layout(&g).unwrap(),
+        )
         .expect_err("q4k")
         .to_string();
     assert!(
@@ -281,5 +286,22 @@ fn real_vocab_gguf_metadata_parses() {
         "{} {}",
         scores[300],
         scores[31000]
+    );
+}
+
+/// A GGUF of an architecture no arch file reads is refused by key, naming the ones we read.
+#[test]
+fn unknown_gguf_architecture_is_named() {
+    let mut m = meta();
+    m[0].1 = Meta::Str("gpt2".into());
+    let path = tmp_file("gpt2", &gguf_bytes(&m, &[]));
+    let err = match phi_model::load(path.to_str().unwrap(), &cpu_device()) {
+        Ok(_) => panic!("a gpt2 GGUF loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("gpt2.gguf")
+            && err.contains("key general.architecture: expected \"llama\", found Some(\"gpt2\")"),
+        "{err}"
     );
 }

@@ -15,7 +15,8 @@
 //! layout, so the test re-applies llama.cpp's convert permutation (`LlamaModel.permute` in
 //! convert_hf_to_gguf.py) to the reader's output before comparing.
 
-use phi_model::gguf::{GgufFile, GgufValue};
+use phi_model::gguf::{GgufFile, GgufLayout, GgufValue};
+use phi_model::Arch;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -70,8 +71,13 @@ fn fixture_files(m: &Value) -> Vec<(String, Value)> {
 }
 
 /// The HF name our reader serves a GGUF tensor under.
+/// The fixtures are llama.cpp `llama` files.
+fn layout() -> GgufLayout {
+    Arch::Llama.gguf().expect("Llama reads GGUF")
+}
+
 fn hf_name(gguf: &str) -> String {
-    phi_model::gguf::hf_name(gguf).unwrap_or_else(|| panic!("{gguf}: unexpected name"))
+    phi_model::gguf::hf_name(gguf, &layout()).unwrap_or_else(|| panic!("{gguf}: unexpected name"))
 }
 
 /// llama.cpp's convert permutation (HF rotate-half rows → GGUF interleaved pairs), exactly
@@ -165,7 +171,7 @@ fn tensors_match_gguf_py() {
             "{name}: tensor count, ours vs manifest.json"
         );
         assert_eq!(
-            g.hf_tensor_names().len(),
+            g.hf_tensor_names(&layout()).len(),
             tensors.len(),
             "{name}: every fixture tensor has an HF name"
         );
@@ -201,7 +207,7 @@ fn tensors_match_gguf_py() {
             n_expected_used += 1;
 
             let (shape, got) = g
-                .tensor_f32(&hf_name(tname))
+                .tensor_f32(&hf_name(tname), &layout())
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             assert_eq!(
                 shape,
@@ -303,7 +309,7 @@ fn smollm2_slice_hf_config() {
         .find(|(n, _)| n.starts_with("smollm2-"))
         .expect("the SmolLM2 slice fixture");
     let g = GgufFile::open(&dir().join(&name)).unwrap_or_else(|e| panic!("{e}"));
-    let c = g.hf_config().unwrap_or_else(|e| panic!("{e}"));
+    let c = g.hf_config(&layout()).unwrap_or_else(|e| panic!("{e}"));
     let u = |k: &str| meta_u64(&f, k).unwrap_or_else(|| panic!("{name}: {k}"));
     assert_eq!(c["hidden_size"], u("llama.embedding_length"));
     assert_eq!(c["intermediate_size"], u("llama.feed_forward_length"));

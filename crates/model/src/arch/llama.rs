@@ -1,11 +1,10 @@
 //! Llama (and Mistral): separate q/k/v projections with GQA, SwiGLU MLP, pre-norm RMSNorm.
 //! Qwen2 reuses this block with its own biases.
 
-use super::{
-    block_listing, Architecture, Block, DecoderLayer, GgufLayout, LinearSpec, Linears, Mlp,
-};
+use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linears, Mlp};
 use crate::config::ModelConfig;
 use crate::error::ModelError;
+use crate::gguf::GgufLayout;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
@@ -49,6 +48,7 @@ impl Architecture for Llama {
     fn gguf(&self) -> Option<GgufLayout> {
         Some(GgufLayout {
             name: "llama",
+            class: self.classes()[0],
             layer_tensors: &[
                 ("attn_norm.weight", "input_layernorm.weight"),
                 ("ffn_norm.weight", "post_attention_layernorm.weight"),
@@ -127,7 +127,8 @@ impl LlamaLayer {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let mut lin = Linears::load(src, p, specs, device)?;
-        let (input_layernorm, post_attention_layernorm) = load_norm_pair(src, p, c, device)?;
+        let (input_layernorm, post_attention_layernorm) =
+            load_norm_pair(src, p, c.hidden_size, c.norm_kind(), device)?;
         Ok(LlamaLayer {
             self_attn: LlamaAttention {
                 q_proj: lin.take("self_attn.q_proj"),

@@ -9,14 +9,17 @@ pub mod phi2;
 pub mod phi3;
 pub mod qwen2;
 
-use crate::config::{ConfigReader, ModelConfig};
+pub use crate::config::Arch;
+use crate::config::{self, ConfigReader, ModelConfig};
 use crate::error::ModelError;
-use crate::nn::{LayerCache, LayerCtx, Linear, Norm};
+use crate::gguf::{GgufError, GgufFile, GgufLayout};
+use crate::nn::{LayerCache, LayerCtx, Linear, Norm, NormKind};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde_json::Value;
+use std::path::Path;
 
 /// What an architecture answers; every method but the first five has the answer most
 /// architectures give.
@@ -106,18 +109,6 @@ pub struct Fused {
     pub parts: Vec<(&'static str, usize)>,
 }
 
-/// llama.cpp's names for an architecture's tensors and metadata.
-#[derive(Debug, Clone, Copy)]
-pub struct GgufLayout {
-    /// `general.architecture`, also the prefix of the model's metadata keys.
-    pub name: &'static str,
-    /// A layer's tensors: (llama.cpp name under `blk.N.`, HF name under `model.layers.N.`).
-    pub layer_tensors: &'static [(&'static str, &'static str)],
-    /// HF names under a layer whose rows llama.cpp interleaves for its rotary, with the
-    /// metadata key (after the prefix) holding their head count.
-    pub permuted: &'static [(&'static str, &'static str)],
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mlp {
     /// silu(gate)·up from two projections.
@@ -190,21 +181,18 @@ macro_rules! architectures {
             }
         }
 
-        /// A supported architecture; its behaviour is the [`Architecture`] it derefs to.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum Arch {
+        enum Id {
             $($av),*
         }
 
+        // Named like the variants they stand for, so `Arch::Llama` reads as an enum's.
+        #[allow(non_upper_case_globals)]
         impl Arch {
+            $(pub const $av: Arch = Arch(Id::$av as u8);)*
             pub const ALL: &'static [Arch] = &[$(Arch::$av),*];
-
-            fn get(self) -> &'static dyn Architecture {
-                match self {
-                    $(Arch::$av => &$ai),*
-                }
-            }
         }
+
+        static REGISTRY: &[(&str, &dyn Architecture)] = &[$((stringify!($av), &$ai)),*];
     };
 }
 
@@ -221,7 +209,13 @@ architectures! {
 impl std::ops::Deref for Arch {
     type Target = dyn Architecture;
     fn deref(&self) -> &Self::Target {
-        self.get()
+        REGISTRY[self.0 as usize].1
+    }
+}
+
+impl std::fmt::Debug for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REGISTRY[self.0 as usize].0)
     }
 }
 
@@ -242,11 +236,18 @@ impl Arch {
         }
     }
 
-    /// The architecture a GGUF file's `general.architecture` names.
-    pub fn find_gguf(name: &str) -> Option<(Arch, GgufLayout)> {
-        Arch::ALL
-            .iter()
-            .find_map(|a| a.gguf().filter(|g| g.name == name).map(|g| (*a, g)))
+    /// How llama.cpp lays out the architecture a GGUF file names.
+    pub fn gguf_layout(file: &GgufFile) -> Result<GgufLayout, GgufError> {
+        let name = file.architecture();
+        let layouts = Arch::ALL.iter().filter_map(|a| a.gguf());
+        if let Some(l) = layouts.clone().find(|g| Some(g.name) == name) {
+            return Ok(l);
+        }
+        let known: Vec<String> = layouts.map(|g| format!("{:?}", g.name)).collect();
+        Err(file.err(format!(
+            "key general.architecture: expected {}, found {name:?}",
+            known.join(" or ")
+        )))
     }
 
     /// Every class name we load, for messages.
@@ -256,6 +257,79 @@ impl Arch {
             .flat_map(|a| a.classes().iter().copied())
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// Reading a config.json needs the architectures (which class, which defaults), so it lives
+/// here, above them; `crate::config` reads the keys they share.
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        Self::from_value(config::read_json(path)?, &path.display().to_string())
+    }
+
+    pub fn from_value(v: Value, file: &str) -> Result<Self, ModelError> {
+        let r = ConfigReader::new(file, &v);
+        let (class, model_type) = config::named_class(&r);
+        let Some(arch) = Arch::find(class, model_type) else {
+            return Err(match class.or(model_type) {
+                Some(other) => ModelError::UnsupportedArch {
+                    file: file.to_string(),
+                    arch: other.to_string(),
+                    supported: Arch::supported(),
+                },
+                None => r.err("architectures", "a list naming the model class"),
+            });
+        };
+        let eps = match arch.layer_norms() {
+            true => ("layer_norm_eps", 1e-5),
+            false => ("rms_norm_eps", 1e-6),
+        };
+        let acts = arch.activations();
+        let mut c = ModelConfig::read_common(&r, arch, eps, acts[0])?;
+        if !acts.contains(&c.hidden_act.as_str()) {
+            return Err(r.err(
+                "hidden_act",
+                &format!(
+                    "one of {} for {} (got {:?})",
+                    acts.join(", "),
+                    arch.hf_class(),
+                    c.hidden_act
+                ),
+            ));
+        }
+        match r.opt_str("norm_surgery")? {
+            None | Some("none") => {}
+            Some("rmsnorm") if arch.layer_norms() => {}
+            Some(other) => {
+                return Err(r.err(
+                    "norm_surgery",
+                    &format!("\"rmsnorm\" on a LayerNorm model (Phi-2), or none (got {other:?})"),
+                ))
+            }
+        }
+        arch.configure(&r, &mut c)?;
+        Ok(c)
+    }
+
+    /// The RMSNorm eps when config.json records phi-tune's norm surgery (`"norm_surgery":
+    /// "rmsnorm"`, eps in `rms_norm_eps`): the LayerNorm slots then hold RMSNorms.
+    pub fn rms_surgery_eps(&self) -> Option<f64> {
+        (self.arch.layer_norms() && self.raw["norm_surgery"].as_str() == Some("rmsnorm"))
+            .then(|| self.raw["rms_norm_eps"].as_f64().unwrap_or(1e-8))
+    }
+
+    /// What the norm slots hold as loaded: the architecture's norm, or RMSNorms after surgery.
+    pub fn norm_kind(&self) -> NormKind {
+        match (self.arch.layer_norms(), self.rms_surgery_eps()) {
+            (true, None) => NormKind::Layer(self.norm_eps),
+            (true, Some(eps)) => NormKind::Rms(eps),
+            (false, _) => NormKind::Rms(self.norm_eps),
+        }
+    }
+
+    /// Whether the architecture has a post-attention RMSNorm (the regularizer's tap).
+    pub fn has_post_attention_layernorm(&self) -> bool {
+        self.arch.post_attention_norm()
     }
 }
 

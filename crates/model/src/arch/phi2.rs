@@ -65,7 +65,7 @@ impl Architecture for Phi2 {
                 fc2: lin.take("mlp.fc2"),
                 tanh_gelu: c.hidden_act != "gelu",
             },
-            input_layernorm: Norm::load(src, &norm, c.hidden_size, c, device)?,
+            input_layernorm: Norm::load(src, &norm, c.hidden_size, c.norm_kind(), device)?,
         }))
     }
 

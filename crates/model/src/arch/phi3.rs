@@ -51,7 +51,8 @@ impl Architecture for Phi3 {
         device: &Device,
     ) -> Result<DecoderLayer, ModelError> {
         let mut lin = Linears::load(src, p, &self.layer_linears(c), device)?;
-        let (input_layernorm, post_attention_layernorm) = load_norm_pair(src, p, c, device)?;
+        let (input_layernorm, post_attention_layernorm) =
+            load_norm_pair(src, p, c.hidden_size, c.norm_kind(), device)?;
         Ok(DecoderLayer::Phi3(Phi3Layer {
             self_attn: Phi3Attention {
                 qkv_proj: lin.take("self_attn.qkv_proj"),
