@@ -7,6 +7,7 @@ use crate::shapes::shape_config;
 use crate::Args;
 use anyhow::Result;
 use burn::tensor::{Device, Distribution, Tensor};
+use phi_kernels::bf16::{self, PackedB, Path};
 use serde_json::json;
 use std::time::Instant;
 
@@ -63,6 +64,27 @@ fn time(x: &Gemm, dev: &Device, min_s: f64) -> Result<(f64, usize)> {
     }
     let flop = 2.0 * (x.bt * x.m * x.k * x.n) as f64 * reps as f64;
     Ok((flop / t0.elapsed().as_secs_f64() / 1e9, reps))
+}
+
+/// GFLOP/s of `x` on a bf16 path (A rounded to bf16 inside each product, as autocast does;
+/// B packed once, as a frozen weight is), timed as `time`.
+fn time_bf16(x: &Gemm, path: Path, min_s: f64) -> (f64, usize) {
+    let vals = |n: usize| (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0);
+    let a: Vec<f32> = vals(x.m * x.k).collect();
+    let b: Vec<f32> = vals(x.k * x.n).collect();
+    let packed = PackedB::from_rows(&b, x.k, x.n);
+    let mut c = vec![0f32; x.m * x.n];
+    for _ in 0..2 {
+        bf16::gemm(path, &a, x.m, &packed, &mut c);
+    }
+    let (t0, mut reps) = (Instant::now(), 0usize);
+    while reps < 3 || t0.elapsed().as_secs_f64() < min_s {
+        bf16::gemm(path, &a, x.m, &packed, &mut c);
+        std::hint::black_box(&c);
+        reps += 1;
+    }
+    let flop = 2.0 * (x.m * x.k * x.n) as f64 * reps as f64;
+    (flop / t0.elapsed().as_secs_f64() / 1e9, reps)
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -122,5 +144,33 @@ pub fn run(a: &Args) -> Result<()> {
         "device": a.device, "impl": "burn matmul f32",
     });
     println!("{summary}");
+    // Our bf16 kernels (CPU only), on the plain products; the scalar path is the tests'
+    // reference, not a contender.
+    if a.device != "cpu" {
+        return Ok(());
+    }
+    for path in [Path::Amx, Path::Avx512Bf16] {
+        if !path.available() {
+            println!(
+                "{}",
+                json!({"kernel": path.name(), "run": false, "why": "this CPU lacks it"})
+            );
+            continue;
+        }
+        let mut best: f64 = 0.0;
+        for x in list.iter().filter(|x| x.bt == 1 && !x.lhs_t && !x.rhs_t) {
+            let (rate, reps) = time_bf16(x, path, a.gemm_seconds);
+            best = best.max(rate);
+            let line = json!({
+                "gemm": x.what, "m": x.m, "k": x.k, "n": x.n, "reps": reps,
+                "gflops_per_s": rate, "kernel": path.name(),
+            });
+            println!("{line}");
+        }
+        println!(
+            "{}",
+            json!({"gemm": "best", "kernel": path.name(), "gflops_per_s": best})
+        );
+    }
     Ok(())
 }

@@ -11,6 +11,7 @@
 
 mod attention;
 mod autodiff;
+pub mod bf16;
 pub mod kernels;
 
 use burn::backend::flex::FlexTensor;

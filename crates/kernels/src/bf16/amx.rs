@@ -1,0 +1,137 @@
+//! The AMX path: `tdpbf16ps` on 16×16 f32 tiles. A block of 32 rows times two panels (32
+//! columns) is four C tiles, fed by two A tiles (16 rows × 32 k) and two B tiles (16 pair
+//! rows × 16 columns) per step of 32 in k. Stable Rust has no AMX intrinsics, so the tile
+//! instructions are inline assembly; Linux hands out the tile state only on request.
+
+use super::{PackedB, KSTEP, PANEL};
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// `ldtilecfg`'s 64-byte operand: palette 1, then bytes per row and rows of each tile.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// CPUID leaf 7: AMX-BF16 (edx bit 22) and AMX-TILE (bit 24); then Linux's permission to use
+/// the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), asked once.
+pub fn available() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            let l = std::arch::x86_64::__cpuid_count(7, 0);
+            if (l.edx >> 22) & 1 == 0 || (l.edx >> 24) & 1 == 0 {
+                return false;
+            }
+            const SYS_ARCH_PRCTL: i64 = 158;
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            let ret: i64;
+            // SAFETY: a plain syscall with integer arguments; it only changes which
+            // register state the kernel lets this process use.
+            unsafe {
+                asm!("syscall",
+                    inlateout("rax") SYS_ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _, lateout("r11") _,
+                    options(nostack));
+            }
+            ret == 0
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
+/// C rows [0, rows) = A rows · B, for at most 32 rows of A (bf16, `kp` columns).
+pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
+    assert!(available() && rows <= 32 && kp.is_multiple_of(KSTEP));
+    // Whole tiles only: a short block runs on a zero-padded copy.
+    let padded;
+    let a = if rows < 32 {
+        let mut p = vec![0u16; 32 * kp];
+        p[..rows * kp].copy_from_slice(&a[..rows * kp]);
+        padded = p;
+        &padded[..]
+    } else {
+        a
+    };
+    let zero_panel = vec![0u16; kp * PANEL];
+    let mut out = [0f32; 32 * 32];
+    let cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+    let a_stride = kp * 2;
+    // SAFETY: AMX is available (checked above); every tile load reads 16 rows of 64 bytes
+    // inside `a` (32 rows of kp) or a panel (kp/2 rows of 64 bytes), every store writes 16
+    // rows of 64 bytes inside `out` (32 rows of 128 bytes).
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack));
+        for p in (0..b.panels).step_by(2) {
+            let b0 = b.panel(p).as_ptr();
+            let b1 = if p + 1 < b.panels {
+                b.panel(p + 1).as_ptr()
+            } else {
+                zero_panel.as_ptr()
+            };
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack)
+            );
+            for kb in 0..kp / KSTEP {
+                let a0 = a.as_ptr().add(kb * KSTEP);
+                let a1 = a0.add(16 * kp);
+                let off = kb * KSTEP * PANEL;
+                asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a1,
+                    b0 = in(reg) b0.add(off),
+                    b1 = in(reg) b1.add(off),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack)
+                );
+            }
+            let o = out.as_mut_ptr();
+            asm!(
+                "tilestored [{c0} + {s}*1], tmm0",
+                "tilestored [{c1} + {s}*1], tmm1",
+                "tilestored [{c2} + {s}*1], tmm2",
+                "tilestored [{c3} + {s}*1], tmm3",
+                c0 = in(reg) o,
+                c1 = in(reg) o.add(16),
+                c2 = in(reg) o.add(16 * 32),
+                c3 = in(reg) o.add(16 * 32 + 16),
+                s = in(reg) 128usize,
+                options(nostack)
+            );
+            let j0 = p * PANEL;
+            let cols = (n - j0).min(2 * PANEL);
+            for i in 0..rows {
+                c[i * n + j0..i * n + j0 + cols].copy_from_slice(&out[i * 32..i * 32 + cols]);
+            }
+        }
+        asm!("tilerelease", options(nostack));
+    }
+}

@@ -1,0 +1,74 @@
+//! The AVX512-BF16 path: `vdpbf16ps` adds a row's (k, k+1) pair times a packed B row of 16
+//! pairs into 16 f32 lanes. A micro-tile of 8 rows × 2 panels keeps 16 accumulators in
+//! registers while each B row is loaded once.
+
+use super::{PackedB, PANEL};
+
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// C rows [0, rows) = A rows · B (A bf16 with `kp` columns).
+pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
+    assert!(available());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+    unsafe {
+        x86::block(a, rows, kp, b, c, n)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{PackedB, PANEL};
+    use std::arch::x86_64::*;
+
+    const MR: usize = 8;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
+        let zero_panel = vec![0u16; kp * PANEL];
+        for p in (0..b.panels).step_by(2) {
+            let b0 = b.panel(p);
+            let b1 = if p + 1 < b.panels {
+                b.panel(p + 1)
+            } else {
+                &zero_panel[..]
+            };
+            let j0 = p * PANEL;
+            let cols = (n - j0).min(2 * PANEL);
+            for i0 in (0..rows).step_by(MR) {
+                let mr = (rows - i0).min(MR);
+                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                for r in 0..kp / 2 {
+                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        b0.as_ptr().add(r * 2 * PANEL) as *const __m512i,
+                    ));
+                    let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                        b1.as_ptr().add(r * 2 * PANEL) as *const __m512i,
+                    ));
+                    for (i, acc) in acc.iter_mut().enumerate().take(mr) {
+                        let pair =
+                            (a.as_ptr().add((i0 + i) * kp + 2 * r) as *const i32).read_unaligned();
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate().take(mr) {
+                    let mut row = [0f32; 2 * PANEL];
+                    _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                    _mm512_storeu_ps(row.as_mut_ptr().add(PANEL), acc[1]);
+                    let at = (i0 + i) * n + j0;
+                    c[at..at + cols].copy_from_slice(&row[..cols]);
+                }
+            }
+        }
+    }
+}

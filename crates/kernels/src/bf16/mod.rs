@@ -1,0 +1,187 @@
+//! bf16 GEMM with f32 accumulation on the CPU's bf16 matrix units (issue 16): AMX tiles where
+//! the CPU has them, else AVX512-BF16's `vdpbf16ps`, else a scalar path that widens to f32
+//! (the reference the tests hold the others to). The path is picked at run time.
+//!
+//! C[m×n] (f32) = A[m×k] · B[k×n], with A given as f32 rows (rounded to bf16 here, as
+//! autocast rounds a matmul's inputs) and B packed once per call by [`PackedB`] into the
+//! layout both unit kinds read: panels of 16 columns, each holding k/2 rows of 16 (k, k+1)
+//! bf16 pairs (Intel's "VNNI" layout). k is padded to a multiple of 32 with zeros.
+
+mod amx;
+mod avx512;
+
+use rayon::prelude::*;
+
+/// A kernel path. Each one computes the same sums of bf16 products in f32; they differ in
+/// summation order only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Amx,
+    Avx512Bf16,
+    Scalar,
+}
+
+impl Path {
+    /// Every path, best first.
+    pub const ALL: [Path; 3] = [Path::Amx, Path::Avx512Bf16, Path::Scalar];
+
+    /// The name benchmarks and reports use (`"amx-bf16"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Amx => "amx-bf16",
+            Path::Avx512Bf16 => "avx512-bf16",
+            Path::Scalar => "scalar-bf16",
+        }
+    }
+
+    /// Whether this CPU (and OS) runs the path.
+    pub fn available(self) -> bool {
+        match self {
+            Path::Amx => amx::available(),
+            Path::Avx512Bf16 => avx512::available(),
+            Path::Scalar => true,
+        }
+    }
+
+    /// The fastest path this machine runs.
+    pub fn best() -> Path {
+        *Path::ALL
+            .iter()
+            .find(|p| p.available())
+            .unwrap_or(&Path::Scalar)
+    }
+}
+
+/// Round to nearest even, as torch's f32 → bf16 cast (NaN stays NaN).
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// Columns per panel, and k values per tile step.
+pub const PANEL: usize = 16;
+pub const KSTEP: usize = 32;
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// B [k×n] in panels of 16 columns, k/2 rows of (k, k+1) pairs each, zero-padded to whole
+/// panels and a multiple of 32 in k.
+pub struct PackedB {
+    pub k: usize,
+    pub n: usize,
+    pub k_pad: usize,
+    pub panels: usize,
+    pub data: Vec<u16>,
+}
+
+impl PackedB {
+    /// `b(kk, j)` gives B's element at row kk, column j (so any layout or transpose packs).
+    pub fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
+        let k_pad = round_up(k.max(1), KSTEP);
+        let panels = n.div_ceil(PANEL);
+        let per_panel = k_pad * PANEL;
+        let mut data = vec![0u16; panels * per_panel];
+        data.par_chunks_mut(per_panel)
+            .enumerate()
+            .for_each(|(p, out)| {
+                for r in 0..k / 2 + k % 2 {
+                    for c in 0..PANEL {
+                        let j = p * PANEL + c;
+                        if j >= n {
+                            break;
+                        }
+                        let at = r * 2 * PANEL + 2 * c;
+                        out[at] = to_bf16(b(2 * r, j));
+                        if 2 * r + 1 < k {
+                            out[at + 1] = to_bf16(b(2 * r + 1, j));
+                        }
+                    }
+                }
+            });
+        PackedB {
+            k,
+            n,
+            k_pad,
+            panels,
+            data,
+        }
+    }
+
+    /// B given row-major [k×n].
+    pub fn from_rows(b: &[f32], k: usize, n: usize) -> PackedB {
+        PackedB::pack(k, n, |r, c| b[r * n + c])
+    }
+
+    fn panel(&self, p: usize) -> &[u16] {
+        let len = self.k_pad * PANEL;
+        &self.data[p * len..(p + 1) * len]
+    }
+}
+
+/// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
+fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
+    let mut out = vec![0u16; m * k_pad];
+    out.par_chunks_mut(k_pad)
+        .zip(a.par_chunks(k))
+        .for_each(|(o, r)| {
+            for (o, &x) in o.iter_mut().zip(r) {
+                *o = to_bf16(x);
+            }
+        });
+    out
+}
+
+/// Rows per task: a block of C the kernels fill at once, shared out across threads.
+const ROWS: usize = 32;
+
+/// C = A·B for row-major A [m×k] (f32, rounded to bf16) and packed B; C row-major [m×n].
+pub fn gemm(path: Path, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "A is not m×k");
+    assert_eq!(c.len(), m * n, "C is not m×n");
+    let path = if path.available() { path } else { Path::Scalar };
+    let ap = pack_a(a, m, k, b.k_pad);
+    let kp = b.k_pad;
+    c.par_chunks_mut(ROWS * n)
+        .zip(ap.par_chunks(ROWS * kp))
+        .for_each(|(cb, ab)| {
+            let rows = ab.len() / kp;
+            match path {
+                Path::Amx => amx::block(ab, rows, kp, b, cb, n),
+                Path::Avx512Bf16 => avx512::block(ab, rows, kp, b, cb, n),
+                Path::Scalar => scalar_block(ab, rows, kp, b, cb, n),
+            }
+        });
+}
+
+/// The reference: every product widened to f32 and summed in k order.
+fn scalar_block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
+    for p in 0..b.panels {
+        let panel = b.panel(p);
+        for i in 0..rows {
+            let ar = &a[i * kp..(i + 1) * kp];
+            for cc in 0..PANEL {
+                let j = p * PANEL + cc;
+                if j >= n {
+                    break;
+                }
+                let mut s = 0.0f32;
+                for r in 0..kp / 2 {
+                    let bp = &panel[r * 2 * PANEL + 2 * cc..];
+                    s += from_bf16(ar[2 * r]) * from_bf16(bp[0]);
+                    s += from_bf16(ar[2 * r + 1]) * from_bf16(bp[1]);
+                }
+                c[i * n + j] = s;
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The bf16 GEMM paths against each other and against an f64 sum of the same bf16 products.
+//! A path this CPU lacks is reported as not run by name; `PHI_REQUIRE_BF16=amx-bf16,...`
+//! makes such a path fail instead (for machines known to have it).
+
+use burn::tensor::bf16;
+use phi_kernels::bf16::{from_bf16, gemm, to_bf16, PackedB, Path};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// C in f64 from the bf16-rounded inputs: what every path approximates in f32.
+fn exact(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for kk in 0..k {
+            let x = r(a[i * k + kk]);
+            for j in 0..n {
+                c[i * n + j] += x * r(b[kk * n + j]);
+            }
+        }
+    }
+    c
+}
+
+#[test]
+fn rounding_is_torchs_round_to_nearest_even() {
+    for x in values(100_000, 1).into_iter().chain([
+        0.0,
+        -0.0,
+        1.0 + f32::EPSILON,
+        f32::MAX,
+        f32::INFINITY,
+        1e-40,
+    ]) {
+        assert_eq!(to_bf16(x), bf16::from_f32(x).to_bits(), "{x:e}");
+    }
+    assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+}
+
+#[test]
+fn every_path_this_cpu_has_matches_the_exact_sum() {
+    let required: Vec<String> = std::env::var("PHI_REQUIRE_BF16")
+        .map(|s| s.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut ran = Vec::new();
+    for path in Path::ALL {
+        if !path.available() {
+            assert!(
+                !required.iter().any(|r| r == path.name()),
+                "{}: required by PHI_REQUIRE_BF16 but this CPU lacks it",
+                path.name()
+            );
+            eprintln!(
+                "bf16 GEMM path {}: NOT RUN (this CPU lacks it)",
+                path.name()
+            );
+            continue;
+        }
+        // Odd sizes: partial row blocks, panels and k steps.
+        for (m, k, n) in [(1, 1, 1), (37, 45, 50), (64, 576, 192), (70, 100, 33)] {
+            let a = values(m * k, 2 + m as u64);
+            let b = values(k * n, 3 + n as u64);
+            let packed = PackedB::from_rows(&b, k, n);
+            let mut c = vec![f32::NAN; m * n];
+            gemm(path, &a, m, &packed, &mut c);
+            let want = exact(&a, &b, m, k, n);
+            // f32 sums of k products of size ≤ 1: each partial sum rounds by ≤ 2⁻²⁴·k.
+            let tol = k as f64 * 6e-8 + 1e-7;
+            for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+                let d = (*g as f64 - w).abs();
+                assert!(
+                    d <= tol,
+                    "{} {m}×{k}×{n}: C[{i}] = {g}, exact {w} (|diff| {d:e} > {tol:e})",
+                    path.name()
+                );
+            }
+        }
+        ran.push(path.name());
+    }
+    eprintln!("bf16 GEMM paths run: {ran:?}");
+    assert!(ran.contains(&"scalar-bf16"));
+}
