@@ -49,8 +49,15 @@ pub fn run(a: &Args) -> Result<()> {
         (true, false) => base.autodiff(),
         (true, true) => base.autodiff().gradient_checkpointing(),
     };
+    // bf16 on a CPU with matrix units is phi-train's --bf16 there: the frozen base on our
+    // kernels (packed below), everything else f32; elsewhere Burn's autocast.
+    let kernels = match (a.dtype.as_str(), a.device.as_str()) {
+        ("bf16", "cpu") => phi_model::bf16::cpu_path(),
+        _ => None,
+    };
     let compute = match a.dtype.as_str() {
         "f32" => None,
+        "bf16" if kernels.is_some() => None,
         "bf16" => Some(burn::tensor::DType::BF16),
         "f16" => Some(burn::tensor::DType::F16),
         d => bail!("--dtype {d}: expected f32, bf16 or f16"),
@@ -73,6 +80,9 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         model
     };
+    if let Some(path) = kernels {
+        model.pack_bf16(path);
+    }
     let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
     let mut opt = Optimizer::new(
         &model,
@@ -130,6 +140,7 @@ pub fn run(a: &Args) -> Result<()> {
         "trainable_params": counts.trainable, "all_params": counts.all,
         "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,
         "step_s": times, "losses": losses, "impl": "phi-tune/burn-flex",
+        "gemm": kernels.map_or(if compute.is_some() { "burn autocast" } else { "burn f32" }, |p| p.name()),
     });
     println!("{line}");
     Ok(())

@@ -13,6 +13,7 @@ pub fn merge(mut model: CausalLm) -> CausalLm {
             if let Some(l) = lin.lora.take() {
                 let w = lin.weight.val() + l.delta();
                 lin.weight = Param::initialized(lin.weight.id, w);
+                lin.bf16 = None;
             }
         }
     }

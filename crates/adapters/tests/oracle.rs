@@ -5,6 +5,7 @@ use burn::tensor::{DType, Device, Tensor};
 use phi_adapters::freeze::{self, Selection};
 use phi_adapters::merge;
 use phi_adapters::peft::{self, peft_param_name};
+use phi_kernels::bf16::Path;
 use phi_model::loss::causal_lm_loss;
 use phi_model::params::ParamKind;
 use phi_model::resolve::resolve_dir;
@@ -154,22 +155,37 @@ fn check_adapter(case: &Case, folder: &str, r: &mut Report) {
     }
 }
 
-/// Autocast (phi-train's --bf16 / --fp16): matmuls in the half dtype, f32 logits and f32
-/// gradients for the f32 LoRA factors, within the half type's precision of PEFT's f32
-/// numbers: loss to `loss_tol` relative, the whole LoRA gradient to cosine ≥ `cos_min`.
-fn check_autocast(case: &Case, dtype: DType, loss_tol: f32, cos_min: f64, r: &mut Report) {
-    let name = format!("{} ({dtype:?} autocast)", case.name);
+/// How a half-precision run computes: Burn's autocast in a dtype, or (phi-train's --bf16 on a
+/// CPU with bf16 matrix units) the frozen base packed in bf16 for one of our kernel paths.
+#[derive(Clone, Copy, Debug)]
+enum Half {
+    Autocast(DType),
+    Kernels(Path),
+}
+
+/// A half-precision run: f32 logits and f32 gradients for the f32 LoRA factors, within the
+/// half type's precision of PEFT's f32 numbers: loss to `loss_tol` relative, the whole LoRA
+/// gradient to cosine ≥ `cos_min`.
+fn check_autocast(case: &Case, half: Half, loss_tol: f32, cos_min: f64, r: &mut Report) {
+    let name = format!("{} ({half:?})", case.name);
     let dir = case.dir.join("lora");
     let files = ["lora/adapter_config.json".to_string()];
     if !has_all(case, &files, &["lora.loss".to_string()], r) {
         return;
     }
-    let Some(model) = adapted(case, &dir, r) else {
+    let Some(mut model) = adapted(case, &dir, r) else {
         return;
     };
     let (inp, labels) = case.batch();
     let f32_logits = vals(model.forward(&inp, &TapRequest::none()).logits);
-    let _autocast = phi_model::precision::autocast(Some(dtype));
+    let _autocast = match half {
+        Half::Autocast(dtype) => Some(phi_model::precision::autocast(Some(dtype))),
+        Half::Kernels(path) => {
+            let n = model.pack_bf16(path);
+            r.equal(&name, "packed weights", &[n > 0], &[true]);
+            None
+        }
+    };
     let logits = model.forward(&inp, &TapRequest::none()).logits;
     r.equal(&name, "logits dtype", &[logits.dtype()], &[DType::F32]);
     // Half matmuls must show in the numbers: compared with the same model's f32 logits over
@@ -436,8 +452,28 @@ fn autocast_stays_within_half_precision_of_peft() {
     for dir in cases() {
         let case = Case::open(&dir);
         // Measured on the fixtures: bf16 ≤ 6.2e-4 rel, cos ≥ 0.99968; f16 ≤ 1.2e-4, 0.999995.
-        check_autocast(&case, DType::BF16, 5e-3, 0.995, &mut r);
-        check_autocast(&case, DType::F16, 1e-3, 0.9999, &mut r);
+        check_autocast(&case, Half::Autocast(DType::BF16), 5e-3, 0.995, &mut r);
+        check_autocast(&case, Half::Autocast(DType::F16), 1e-3, 0.9999, &mut r);
+    }
+    r.finish();
+}
+
+/// phi-train's --bf16 on the CPU's matrix units: every kernel path this CPU has, held to the
+/// same bounds as bf16 autocast; a path it lacks is reported by name as not run.
+#[test]
+fn bf16_kernels_stay_within_bf16_precision_of_peft() {
+    let mut r = Report::default();
+    for path in [Path::Amx, Path::Avx512Bf16, Path::Scalar] {
+        if !path.available() {
+            eprintln!(
+                "bf16 kernel path {}: NOT RUN (this CPU lacks it)",
+                path.name()
+            );
+            continue;
+        }
+        for dir in cases() {
+            check_autocast(&Case::open(&dir), Half::Kernels(path), 5e-3, 0.995, &mut r);
+        }
     }
     r.finish();
 }

@@ -5,9 +5,11 @@
 //! kept; the ops are registered compute-bound, so they are never recomputed.
 
 use super::attention::{self, CausalAttention, Probs};
+use super::bf16::Bf16Weight;
 use super::kernels::{self, Causal, Layout};
 use super::{
-    contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, owned, FusedOps,
+    bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, owned,
+    FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -19,6 +21,24 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Flex, TensorMetadata};
 use std::any::TypeId;
+use std::sync::Arc;
+
+/// dx = dy·Wᵀ on the weight's bf16 path; W is frozen, so x is not kept.
+#[derive(Debug)]
+struct Bf16Linear;
+
+impl Backward<Flex, 1> for Bf16Linear {
+    type State = Arc<Bf16Weight>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node {
+            let w = ops.state;
+            grads.register::<Flex>(node.id, bf16_product(grad, &w.bwd, w.path));
+        }
+    }
+}
 
 #[derive(Debug)]
 struct SwigluPair;
@@ -296,6 +316,20 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 b.into_primitive(),
                 scale,
             )),
+        }
+    }
+
+    fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self> {
+        match Bf16Linear
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = Flex::bf16_linear(x.into_primitive(), w.clone());
+                prep.finish(w, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_linear(x.into_primitive(), w)),
         }
     }
 

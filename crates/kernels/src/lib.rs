@@ -14,11 +14,13 @@ mod autodiff;
 pub mod bf16;
 pub mod kernels;
 
+use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, DispatchDevice, Flex, TensorMetadata};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kernels::{Causal, Layout};
+use std::sync::Arc;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -55,6 +57,9 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Σ over rows with a target ≥ 0 of −log softmax(logits[r])[target[r]], as a [1] tensor.
     fn cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
+    /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
+    /// units): the input gradient flows, W has none.
+    fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
 }
 
 /// f32 storage of a Flex tensor in row-major order, copying only a strided view.
@@ -142,6 +147,19 @@ impl FusedOps for Flex {
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
         cross_entropy_forward(&contiguous(logits), &targets).0
     }
+
+    fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
+        bf16_product(x, &w.fwd, w.path)
+    }
+}
+
+/// [N, k] rows times a packed [k, n] operand on a bf16 path: [N, n].
+pub(crate) fn bf16_product(x: FlexTensor, b: &bf16::PackedB, path: bf16::Path) -> FlexTensor {
+    let x = contiguous(x);
+    let rows = f32s(&x).len() / b.k.max(1);
+    let mut out = vec![0.0; rows * b.n];
+    bf16::gemm(path, f32s(&x), rows, b, &mut out);
+    flex(out, [rows, b.n].into())
 }
 
 /// The summed loss as a [1] tensor and each row's logsumexp (kept for the backward).
@@ -226,6 +244,15 @@ pub fn lora_linear<const N: usize>(
     let x = x.reshape([rows, d_in]).into_dispatch();
     let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
     Tensor::<2>::from_dispatch(D::lora_linear(x, xd, w, a, b, scale)).reshape(dims)
+}
+
+/// x·W for x [.., in] and a frozen W packed in bf16. Only where `fusable` (callers check).
+pub fn bf16_linear<const N: usize>(x: Tensor<N>, w: &Arc<Bf16Weight>) -> Tensor<N> {
+    let mut dims = x.dims();
+    let rows = x.shape().num_elements() / w.d_in().max(1);
+    dims[N - 1] = w.d_out();
+    let x = x.reshape([rows, w.d_in()]).into_dispatch();
+    Tensor::<2>::from_dispatch(D::bf16_linear(x, w.clone())).reshape(dims)
 }
 
 /// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod arch;
+pub mod bf16;
 pub mod capture;
 pub mod config;
 pub mod error;

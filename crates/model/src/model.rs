@@ -12,6 +12,8 @@ use crate::weights::TensorSource;
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use phi_kernels::bf16::Bf16Weight;
+use std::sync::Arc;
 
 #[derive(Module, Debug)]
 pub struct Embedding {
@@ -43,6 +45,9 @@ pub struct CausalLm {
     /// config.json's max_position_embeddings: the longest sequence the model was built for.
     #[module(skip)]
     pub max_positions: usize,
+    /// The tied head's table in bf16 for the CPU's matrix units (see `bf16::pack`).
+    #[module(skip)]
+    pub head_bf16: Option<Arc<Bf16Weight>>,
 }
 
 /// A batch as the forward sees it: host ids (the masks are built on the host anyway).
@@ -127,6 +132,7 @@ impl CausalLm {
             rope: Rope::new(cfg),
             sliding_window: cfg.sliding_window,
             max_positions: cfg.max_position_embeddings,
+            head_bf16: None,
         })
     }
 
@@ -180,6 +186,11 @@ impl CausalLm {
         match &self.lm_head {
             Some(l) => l.forward(h),
             None => {
+                let table = &self.model.embed_tokens.weight;
+                let packed = self.head_bf16.as_ref().filter(|_| !table.is_require_grad());
+                if let Some(w) = packed.filter(|_| phi_kernels::fusable(&h)) {
+                    return phi_kernels::bf16_linear(h, w);
+                }
                 // W·hᵀ reads the [V, H] embedding in its stored layout; hᵀ·Wᵀ would make the
                 // backend copy the whole transposed table on every call.
                 let [b, t, d] = h.dims();

@@ -10,6 +10,8 @@ use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use phi_kernels as fused;
+use phi_kernels::bf16::Bf16Weight;
+use std::sync::Arc;
 
 pub fn param1(t: HostTensor, device: &Device) -> Param<Tensor<1>> {
     let n = t.data.len();
@@ -46,6 +48,9 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// An adapter's side path (see `lowrank`); None for a plain layer.
     pub lora: Option<LowRank>,
+    /// The weight in bf16 for the CPU's matrix units (`--bf16`), set while it is frozen.
+    #[module(skip)]
+    pub bf16: Option<Arc<Bf16Weight>>,
 }
 
 impl Linear {
@@ -70,10 +75,27 @@ impl Linear {
             weight: param2(transpose_host(&w), device),
             bias,
             lora: None,
+            bf16: None,
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        // A weight that trains again (after `pack_bf16`) must get its gradient: f32 path.
+        let packed = self
+            .bf16
+            .as_ref()
+            .filter(|_| !self.weight.is_require_grad());
+        if let Some(w) = packed.filter(|_| fused::fusable(&x)) {
+            let y = fused::bf16_linear(x.clone(), w);
+            let y = match &self.bias {
+                Some(b) => y + b.val().unsqueeze(),
+                None => y,
+            };
+            return match &self.lora {
+                Some(l) => y + l.forward(x),
+                None => y,
+            };
+        }
         if precision::compute_dtype().is_some() {
             return self.forward_autocast(x);
         }

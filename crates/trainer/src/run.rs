@@ -142,6 +142,13 @@ impl<'a> Run<'a> {
             model = phi_adapters::freeze::apply(m, &trainable);
         }
         eprintln!("{counts}");
+        if let Some(path) = step::cpu_bf16(a) {
+            let n = model.pack_bf16(path);
+            eprintln!(
+                "bf16: {n} frozen weights run on the CPU's {} kernels; trainable parameters stay f32",
+                path.name()
+            );
+        }
 
         // Steps, schedule and optimizer (state restored on resume).
         let plan = Plan::new(

@@ -121,15 +121,35 @@ pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
         return None;
     }
     // Flex has half kernels, but its bf16/f16 GEMMs are slower than its f32 one and the
-    // casts cost memory (docs/benchmarks.md), so a CPU run stays in f32 unless asked.
-    if a.device == "cpu" && std::env::var("PHI_CPU_HALF").map_or(true, |v| v != "1") {
+    // casts cost memory (docs/benchmarks.md), so a CPU run stays in f32 unless asked; bf16
+    // runs on our matrix-unit kernels instead where the CPU has them (`cpu_bf16`).
+    if a.device == "cpu" && !cpu_half_forced() {
+        if dtype == DType::BF16 && phi_model::bf16::cpu_path().is_some() {
+            return None;
+        }
+        let why = match dtype {
+            DType::BF16 => "this CPU has no bf16 matrix units (AMX or AVX512-BF16)".to_string(),
+            _ => format!("Flex's {name} GEMM runs at 0.4-0.8x its f32 rate here"),
+        };
         eprintln!(
-            "warning: {name} on the CPU backend is slower than f32 (Flex's {name} GEMM runs at \
-             0.4-0.8x its f32 rate here); training in f32. PHI_CPU_HALF=1 runs {name} anyway"
+            "warning: {name} on the CPU backend: {why}; training in f32. PHI_CPU_HALF=1 runs \
+             Flex's {name} anyway"
         );
         return None;
     }
     Some(dtype)
+}
+
+fn cpu_half_forced() -> bool {
+    std::env::var("PHI_CPU_HALF").is_ok_and(|v| v == "1")
+}
+
+/// The bf16 kernel path `--bf16` runs frozen weights on, on a CPU with bf16 matrix units
+/// (the frozen weights are then kept in bf16; trainable ones stay f32).
+pub fn cpu_bf16(a: &TrainArgs) -> Option<phi_kernels::bf16::Path> {
+    (a.bf16 && a.device == "cpu" && !cpu_half_forced())
+        .then(phi_model::bf16::cpu_path)
+        .flatten()
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {

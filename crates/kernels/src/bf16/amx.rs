@@ -49,20 +49,17 @@ pub fn available() -> bool {
     })
 }
 
-/// C rows [0, rows) = A rows · B, for at most 32 rows of A (bf16, `kp` columns).
+/// C rows [0, rows) = A rows · B for A's rows in bf16 (`kp` columns): two panels at a time,
+/// 32 rows at a time under each pair.
 pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
-    assert!(available() && rows <= 32 && kp.is_multiple_of(KSTEP));
-    // Whole tiles only: a short block runs on a zero-padded copy.
-    let padded;
-    let a = if rows < 32 {
-        let mut p = vec![0u16; 32 * kp];
-        p[..rows * kp].copy_from_slice(&a[..rows * kp]);
-        padded = p;
-        &padded[..]
-    } else {
-        a
-    };
-    let zero_panel = vec![0u16; kp * PANEL];
+    assert!(available() && kp.is_multiple_of(KSTEP) && b.panels.is_multiple_of(2));
+    // Whole tiles only: a short last sub-block runs on a zero-padded copy.
+    let full = rows / 32 * 32;
+    let mut tail = Vec::new();
+    if full < rows {
+        tail = vec![0u16; 32 * kp];
+        tail[..(rows - full) * kp].copy_from_slice(&a[full * kp..rows * kp]);
+    }
     let mut out = [0f32; 32 * 32];
     let cfg = TileConfig {
         palette: 1,
@@ -71,67 +68,72 @@ pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: u
         colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
         rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
     };
-    let a_stride = kp * 2;
-    // SAFETY: AMX is available (checked above); every tile load reads 16 rows of 64 bytes
-    // inside `a` (32 rows of kp) or a panel (kp/2 rows of 64 bytes), every store writes 16
-    // rows of 64 bytes inside `out` (32 rows of 128 bytes).
+    // SAFETY: AMX is available (checked above). Tile loads read 16 rows of 64 bytes inside
+    // 32 rows of kp bf16 (`a` or `tail`) or inside a panel (kp/2 rows of 64 bytes); stores
+    // write 16 rows of 64 bytes inside `out` (32 rows of 128 bytes).
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack));
         for p in (0..b.panels).step_by(2) {
-            let b0 = b.panel(p).as_ptr();
-            let b1 = if p + 1 < b.panels {
-                b.panel(p + 1).as_ptr()
-            } else {
-                zero_panel.as_ptr()
-            };
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack)
-            );
-            for kb in 0..kp / KSTEP {
-                let a0 = a.as_ptr().add(kb * KSTEP);
-                let a1 = a0.add(16 * kp);
-                let off = kb * KSTEP * PANEL;
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a0,
-                    a1 = in(reg) a1,
-                    b0 = in(reg) b0.add(off),
-                    b1 = in(reg) b1.add(off),
-                    sa = in(reg) a_stride,
-                    sb = in(reg) 64usize,
-                    options(nostack)
-                );
-            }
-            let o = out.as_mut_ptr();
-            asm!(
-                "tilestored [{c0} + {s}*1], tmm0",
-                "tilestored [{c1} + {s}*1], tmm1",
-                "tilestored [{c2} + {s}*1], tmm2",
-                "tilestored [{c3} + {s}*1], tmm3",
-                c0 = in(reg) o,
-                c1 = in(reg) o.add(16),
-                c2 = in(reg) o.add(16 * 32),
-                c3 = in(reg) o.add(16 * 32 + 16),
-                s = in(reg) 128usize,
-                options(nostack)
-            );
+            let (b0, b1) = (b.panel(p).as_ptr(), b.panel(p + 1).as_ptr());
             let j0 = p * PANEL;
+            if j0 >= n {
+                break;
+            }
             let cols = (n - j0).min(2 * PANEL);
-            for i in 0..rows {
-                c[i * n + j0..i * n + j0 + cols].copy_from_slice(&out[i * 32..i * 32 + cols]);
+            for i0 in (0..rows).step_by(32) {
+                let src = if i0 < full { &a[i0 * kp..] } else { &tail[..] };
+                tile_product(src.as_ptr(), kp, b0, b1, out.as_mut_ptr());
+                for i in 0..(rows - i0).min(32) {
+                    let at = (i0 + i) * n + j0;
+                    c[at..at + cols].copy_from_slice(&out[i * 32..i * 32 + cols]);
+                }
             }
         }
         asm!("tilerelease", options(nostack));
     }
+}
+
+/// out (32×32, row stride 32) = 32 rows of A (stride kp) · two panels, with tiles configured.
+#[inline(always)]
+unsafe fn tile_product(a: *const u16, kp: usize, b0: *const u16, b1: *const u16, out: *mut f32) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack)
+    );
+    for kb in 0..kp / KSTEP {
+        let a0 = a.add(kb * KSTEP);
+        let off = kb * KSTEP * PANEL;
+        asm!(
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0,
+            a1 = in(reg) a0.add(16 * kp),
+            b0 = in(reg) b0.add(off),
+            b1 = in(reg) b1.add(off),
+            sa = in(reg) kp * 2,
+            sb = in(reg) 64usize,
+            options(nostack)
+        );
+    }
+    asm!(
+        "tilestored [{c0} + {s}*1], tmm0",
+        "tilestored [{c1} + {s}*1], tmm1",
+        "tilestored [{c2} + {s}*1], tmm2",
+        "tilestored [{c3} + {s}*1], tmm3",
+        c0 = in(reg) out,
+        c1 = in(reg) out.add(16),
+        c2 = in(reg) out.add(16 * 32),
+        c3 = in(reg) out.add(16 * 32 + 16),
+        s = in(reg) 128usize,
+        options(nostack)
+    );
 }

@@ -33,15 +33,12 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
-        let zero_panel = vec![0u16; kp * PANEL];
         for p in (0..b.panels).step_by(2) {
-            let b0 = b.panel(p);
-            let b1 = if p + 1 < b.panels {
-                b.panel(p + 1)
-            } else {
-                &zero_panel[..]
-            };
+            let (b0, b1) = (b.panel(p), b.panel(p + 1));
             let j0 = p * PANEL;
+            if j0 >= n {
+                break;
+            }
             let cols = (n - j0).min(2 * PANEL);
             for i0 in (0..rows).step_by(MR) {
                 let mr = (rows - i0).min(MR);

@@ -73,8 +73,8 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
-/// B [k×n] in panels of 16 columns, k/2 rows of (k, k+1) pairs each, zero-padded to whole
-/// panels and a multiple of 32 in k.
+/// B [k×n] in panels of 16 columns, k/2 rows of (k, k+1) pairs each, zero-padded to an even
+/// number of whole panels (the kernels take two at a time) and a multiple of 32 in k.
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
@@ -87,7 +87,7 @@ impl PackedB {
     /// `b(kk, j)` gives B's element at row kk, column j (so any layout or transpose packs).
     pub fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
         let k_pad = round_up(k.max(1), KSTEP);
-        let panels = n.div_ceil(PANEL);
+        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
         let per_panel = k_pad * PANEL;
         let mut data = vec![0u16; panels * per_panel];
         data.par_chunks_mut(per_panel)
@@ -127,6 +127,49 @@ impl PackedB {
     }
 }
 
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB({}×{})", self.k, self.n)
+    }
+}
+
+/// A frozen weight in bf16, packed for both products a linear layer's training step runs:
+/// y = x·W (`fwd`) and the input gradient dx = dy·Wᵀ (`bwd`), on `path`.
+#[derive(Debug)]
+pub struct Bf16Weight {
+    pub fwd: PackedB,
+    pub bwd: PackedB,
+    pub path: Path,
+}
+
+impl Bf16Weight {
+    /// W stored [d_in, d_out] row-major (Burn's linear layout).
+    pub fn in_out(w: &[f32], d_in: usize, d_out: usize, path: Path) -> Bf16Weight {
+        Bf16Weight {
+            fwd: PackedB::pack(d_in, d_out, |r, c| w[r * d_out + c]),
+            bwd: PackedB::pack(d_out, d_in, |r, c| w[c * d_out + r]),
+            path,
+        }
+    }
+
+    /// W stored [d_out, d_in] row-major (HF's layout; the tied head's embedding table).
+    pub fn out_in(w: &[f32], d_out: usize, d_in: usize, path: Path) -> Bf16Weight {
+        Bf16Weight {
+            fwd: PackedB::pack(d_in, d_out, |r, c| w[c * d_in + r]),
+            bwd: PackedB::pack(d_out, d_in, |r, c| w[r * d_in + c]),
+            path,
+        }
+    }
+
+    pub fn d_in(&self) -> usize {
+        self.fwd.k
+    }
+
+    pub fn d_out(&self) -> usize {
+        self.fwd.n
+    }
+}
+
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
     let mut out = vec![0u16; m * k_pad];
@@ -140,8 +183,9 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
     out
 }
 
-/// Rows per task: a block of C the kernels fill at once, shared out across threads.
-const ROWS: usize = 32;
+/// Rows per task. The AMX kernel runs 32 at a time under one pair of B panels, so a task of
+/// 256 rows uses each pair (k·64 bytes, in L2) 8 times before the next.
+const ROWS: usize = 256;
 
 /// C = A·B for row-major A [m×k] (f32, rounded to bf16) and packed B; C row-major [m×n].
 pub fn gemm(path: Path, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
