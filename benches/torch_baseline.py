@@ -12,6 +12,7 @@ Needs: pip install torch transformers peft
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -85,6 +86,9 @@ def main():
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--verbose", "-v", action="store_true")
+    # none: f32; bf16: autocast (f32 weights, bf16 matmuls); bf16-base: autocast with the
+    # frozen weights cast to bf16 (LLaMA-Factory's --bf16 on a frozen base).
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "bf16-base"])
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -101,6 +105,10 @@ def main():
         for name, prm in model.named_parameters():
             prm.requires_grad = name.rsplit(".", 1)[0].endswith("norm")
     model.to(dev)
+    if a.amp == "bf16-base":
+        for prm in model.parameters():
+            if not prm.requires_grad:
+                prm.data = prm.data.to(torch.bfloat16)
     if a.gradient_checkpointing:
         if not train:
             raise SystemExit("--gradient-checkpointing needs a training mode")
@@ -119,16 +127,20 @@ def main():
     times, losses = [], []
     model.train(train)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    amp = contextlib.nullcontext
+    if a.amp != "none":
+        amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731
     for step in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         if train:
-            loss = model(input_ids=ids, labels=ids).loss
+            with amp():
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            with torch.inference_mode():
+            with torch.inference_mode(), amp():
                 loss = model(input_ids=ids, labels=ids).loss
         lv = loss.item()
         sync()
@@ -148,7 +160,7 @@ def main():
         "step_s_median": med, "tokens_per_s": n / med, "peak_rss_mb": rss,
         "gflops_per_s": flops / med / 1e9, "gflop_per_step": flops / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": a.rank if a.mode == "lora" else 0,
-        "gradient_checkpointing": a.gradient_checkpointing,
+        "gradient_checkpointing": a.gradient_checkpointing, "amp": a.amp,
         "trainable_params": trainable, "all_params": total, "matmul_params": matmul_params,
         "step_s": times, "losses": losses,
         "impl": f"torch {torch.__version__} / transformers {transformers.__version__}"

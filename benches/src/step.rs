@@ -80,9 +80,8 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         model
     };
-    if let Some(path) = kernels {
-        model.pack_bf16(path);
-    }
+    // Nothing frozen (full fine-tuning): every product stays f32, and the line says so.
+    let kernels = kernels.filter(|p| model.pack_bf16(*p) > 0);
     let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
     let mut opt = Optimizer::new(
         &model,

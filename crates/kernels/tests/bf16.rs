@@ -90,3 +90,16 @@ fn every_path_this_cpu_has_matches_the_exact_sum() {
     eprintln!("bf16 GEMM paths run: {ran:?}");
     assert!(ran.contains(&"scalar-bf16"));
 }
+
+#[test]
+fn phi_bf16_path_picks_a_path_this_cpu_runs() {
+    // The only test here that reads the variable, so setting it races with nothing.
+    std::env::set_var("PHI_BF16_PATH", "scalar-bf16");
+    assert_eq!(Path::best(), Path::Scalar);
+    // A path the CPU lacks (or a typo) is not taken: the best available one is.
+    std::env::set_var("PHI_BF16_PATH", "no-such-path");
+    let best = Path::best();
+    std::env::remove_var("PHI_BF16_PATH");
+    assert_eq!(best, Path::best());
+    assert!(best.available());
+}

@@ -8,10 +8,13 @@ use crate::nn::Linear;
 use phi_kernels::bf16::{Bf16Weight, Path};
 use std::sync::Arc;
 
-/// The matrix-unit path `--bf16` uses on this CPU; None where it has none (the scalar
-/// bf16 path would be slower than f32).
+/// The matrix-unit path `--bf16` uses on this CPU: AMX; None elsewhere. The AVX512-BF16
+/// path still runs below Flex's f32 GEMM (docs/benchmarks.md), so it is taken only when
+/// `PHI_BF16_PATH=avx512-bf16` asks for it; the scalar path never.
 pub fn cpu_path() -> Option<Path> {
-    Some(Path::best()).filter(|p| *p != Path::Scalar)
+    let p = Path::best();
+    let asked = std::env::var("PHI_BF16_PATH").is_ok_and(|v| v == p.name());
+    (p == Path::Amx || (p == Path::Avx512Bf16 && asked)).then_some(p)
 }
 
 fn host(t: burn::tensor::Tensor<2>) -> Vec<f32> {

@@ -128,7 +128,9 @@ pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
             return None;
         }
         let why = match dtype {
-            DType::BF16 => "this CPU has no bf16 matrix units (AMX or AVX512-BF16)".to_string(),
+            DType::BF16 => "this CPU has no AMX, which our bf16 kernels need to beat f32 \
+                            (PHI_BF16_PATH=avx512-bf16 runs them on AVX512-BF16)"
+                .to_string(),
             _ => format!("Flex's {name} GEMM runs at 0.4-0.8x its f32 rate here"),
         };
         eprintln!(

@@ -70,7 +70,8 @@ pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: u
     };
     // SAFETY: AMX is available (checked above). Tile loads read 16 rows of 64 bytes inside
     // 32 rows of kp bf16 (`a` or `tail`) or inside a panel (kp/2 rows of 64 bytes); stores
-    // write 16 rows of 64 bytes inside `out` (32 rows of 128 bytes).
+    // write 32 rows of 32 floats inside `out`, or inside `c` where rows i0..i0+32 and columns
+    // j0..j0+32 all exist (i0 + 32 ≤ full ≤ rows, cols = 32).
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack));
         for p in (0..b.panels).step_by(2) {
@@ -82,7 +83,13 @@ pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: u
             let cols = (n - j0).min(2 * PANEL);
             for i0 in (0..rows).step_by(32) {
                 let src = if i0 < full { &a[i0 * kp..] } else { &tail[..] };
-                tile_product(src.as_ptr(), kp, b0, b1, out.as_mut_ptr());
+                if i0 < full && cols == 32 {
+                    // A whole 32×32 block of C: the tiles store straight into it.
+                    let at = c[i0 * n + j0..].as_mut_ptr();
+                    tile_product(src.as_ptr(), kp, b0, b1, at, n);
+                    continue;
+                }
+                tile_product(src.as_ptr(), kp, b0, b1, out.as_mut_ptr(), 32);
                 for i in 0..(rows - i0).min(32) {
                     let at = (i0 + i) * n + j0;
                     c[at..at + cols].copy_from_slice(&out[i * 32..i * 32 + cols]);
@@ -93,9 +100,17 @@ pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: u
     }
 }
 
-/// out (32×32, row stride 32) = 32 rows of A (stride kp) · two panels, with tiles configured.
+/// out (32×32, row stride `ld` floats) = 32 rows of A (stride kp) · two panels, with tiles
+/// configured.
 #[inline(always)]
-unsafe fn tile_product(a: *const u16, kp: usize, b0: *const u16, b1: *const u16, out: *mut f32) {
+unsafe fn tile_product(
+    a: *const u16,
+    kp: usize,
+    b0: *const u16,
+    b1: *const u16,
+    out: *mut f32,
+    ld: usize,
+) {
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -131,9 +146,9 @@ unsafe fn tile_product(a: *const u16, kp: usize, b0: *const u16, b1: *const u16,
         "tilestored [{c3} + {s}*1], tmm3",
         c0 = in(reg) out,
         c1 = in(reg) out.add(16),
-        c2 = in(reg) out.add(16 * 32),
-        c3 = in(reg) out.add(16 * 32 + 16),
-        s = in(reg) 128usize,
+        c2 = in(reg) out.add(16 * ld),
+        c3 = in(reg) out.add(16 * ld + 16),
+        s = in(reg) ld * 4,
         options(nostack)
     );
 }

@@ -43,12 +43,15 @@ impl Path {
         }
     }
 
-    /// The fastest path this machine runs.
+    /// The fastest path this machine runs, or the one `PHI_BF16_PATH` names (`avx512-bf16`
+    /// on an AMX machine measures a CPU without AMX) where this machine runs it.
     pub fn best() -> Path {
-        *Path::ALL
-            .iter()
-            .find(|p| p.available())
-            .unwrap_or(&Path::Scalar)
+        let wanted = std::env::var("PHI_BF16_PATH").ok();
+        let named = Path::ALL
+            .into_iter()
+            .find(|p| wanted.as_deref() == Some(p.name()) && p.available());
+        let fastest = Path::ALL.into_iter().find(|p| p.available());
+        named.or(fastest).unwrap_or(Path::Scalar)
     }
 }
 
@@ -170,15 +173,42 @@ impl Bf16Weight {
     }
 }
 
+/// `to_bf16` over a row, in a form the compiler vectorises (no branch per element).
+#[inline(always)]
+fn round_row(src: &[f32], dst: &mut [u16]) {
+    for (o, &x) in dst.iter_mut().zip(src) {
+        let b = x.to_bits();
+        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        *o = if nan {
+            ((b >> 16) | 0x40) as u16
+        } else {
+            rounded
+        };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
+    round_row(src, dst)
+}
+
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx512bw");
     let mut out = vec![0u16; m * k_pad];
     out.par_chunks_mut(k_pad)
         .zip(a.par_chunks(k))
         .for_each(|(o, r)| {
-            for (o, &x) in o.iter_mut().zip(r) {
-                *o = to_bf16(x);
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX512F and AVX512BW (checked above).
+                unsafe { round_row_avx512(r, o) };
+                return;
             }
+            round_row(r, o);
         });
     out
 }
