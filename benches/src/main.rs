@@ -41,7 +41,8 @@ pub struct Args {
     #[arg(long)]
     gradient_checkpointing: bool,
     /// Matmul dtype: f32, or bf16 / f16 autocast with f32 master weights (phi-train's
-    /// --bf16 / --fp16; no loss scaling here).
+    /// --bf16 / --fp16; no loss scaling here). bf16 on a CPU with AMX is phi-train's --bf16
+    /// there: the frozen weights on our bf16 kernels, the rest f32.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// In forward mode, attach the LoRA adapter too (to time its forward overhead).

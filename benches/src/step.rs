@@ -81,7 +81,8 @@ pub fn run(a: &Args) -> Result<()> {
         model
     };
     // Nothing frozen (full fine-tuning): every product stays f32, and the line says so.
-    let kernels = kernels.filter(|p| model.pack_bf16(*p) > 0);
+    let packed = kernels.map_or(0, |p| model.pack_bf16(p));
+    let kernels = kernels.filter(|_| packed > 0);
     let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
     let mut opt = Optimizer::new(
         &model,

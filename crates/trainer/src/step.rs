@@ -124,7 +124,7 @@ pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
     // casts cost memory (docs/benchmarks.md), so a CPU run stays in f32 unless asked; bf16
     // runs on our matrix-unit kernels instead where the CPU has them (`cpu_bf16`).
     if a.device == "cpu" && !cpu_half_forced() {
-        if dtype == DType::BF16 && phi_model::bf16::cpu_path().is_some() {
+        if cpu_bf16(a).is_some() {
             return None;
         }
         let why = match dtype {
