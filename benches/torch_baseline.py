@@ -13,6 +13,7 @@ Needs: pip install torch transformers peft
 
 import argparse
 import contextlib
+import gc
 import json
 import resource
 import statistics
@@ -30,6 +31,12 @@ SHAPES = {
     "phi3-small": dict(
         arch="phi3", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
         num_key_value_heads=16, intermediate_size=2816, vocab_size=32064,
+        tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+    ),
+    "phi3-mini": dict(
+        arch="phi3", hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, intermediate_size=8192, vocab_size=32064,
         tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
         max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
     ),
@@ -125,6 +132,15 @@ def main():
     ids = torch.tensor([(i * 7919 + 13) % cfg.vocab_size for i in range(n)],
                        dtype=torch.long, device=dev).view(a.batch, a.seq)
     times, losses = [], []
+    # The steps' own peak, apart from building the f32 model (as phi-bench's): Linux resets
+    # VmHWM on writing 5 to clear_refs; PyTorch may keep freed memory cached either way.
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        phased = True
+    except OSError:
+        phased = False
     model.train(train)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     amp = contextlib.nullcontext
@@ -153,11 +169,17 @@ def main():
     med = statistics.median(times)
     # ru_maxrss is in KiB on Linux.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    steps_rss = None
+    if phased:
+        with open("/proc/self/status") as f:
+            hwm = [ln for ln in f if ln.startswith("VmHWM:")]
+        steps_rss = int(hwm[0].split()[1]) / 1024.0 if hwm else None
     import transformers
 
     line = {
         "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
         "step_s_median": med, "tokens_per_s": n / med, "peak_rss_mb": rss,
+        "steps_peak_rss_mb": steps_rss,
         "gflops_per_s": flops / med / 1e9, "gflop_per_step": flops / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": a.rank if a.mode == "lora" else 0,
         "gradient_checkpointing": a.gradient_checkpointing, "amp": a.amp,

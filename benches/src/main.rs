@@ -14,7 +14,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "phi-tune benchmark: one JSON line per run (docs/benchmarks.md)")]
 pub struct Args {
-    /// smollm2-135m (Llama) or phi3-small (Phi-3).
+    /// smollm2-135m (Llama), phi3-small or phi3-mini (Phi-3; phi3-mini is the 3.8 B seed model).
     #[arg(long, default_value = "smollm2-135m")]
     shape: String,
     /// lora (all-linear, --rank, α = 2·rank, base frozen), full, norm-only (a frozen base

@@ -22,7 +22,15 @@ pub fn shape_json(name: &str) -> Result<serde_json::Value> {
             "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
             "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000
         }),
-        other => bail!("--shape {other}: expected smollm2-135m or phi3-small"),
+        // Phi-3-mini-4k-instruct's config (3.8 B): the seed recipes' model, random weights.
+        "phi3-mini" => json!({
+            "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 8192,
+            "vocab_size": 32064, "tie_word_embeddings": false, "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+            "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000
+        }),
+        other => bail!("--shape {other}: expected smollm2-135m, phi3-small or phi3-mini"),
     })
 }
 

@@ -100,6 +100,9 @@ pub fn run(a: &Args) -> Result<()> {
         .collect();
     let inp = Inputs::new(a.batch, a.seq, ids.clone());
     let (mut times, mut losses) = (Vec::new(), Vec::new());
+    // The steps' own peak, apart from loading's (the f32 checkpoint before `pack_bf16`).
+    let loaded_mb = phi_model::alloc::peak_rss_mb().unwrap_or(0.0);
+    let phased = phi_model::alloc::reset_peak_rss();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         let logits = model.forward(&inp, &TapRequest::none()).logits;
@@ -132,7 +135,8 @@ pub fn run(a: &Args) -> Result<()> {
     let line = json!({
         "shape": a.shape, "mode": a.mode, "batch": a.batch, "seq": a.seq, "steps": a.steps,
         "step_s_median": med, "tokens_per_s": n as f64 / med,
-        "peak_rss_mb": phi_model::alloc::peak_rss_mb().unwrap_or(0.0),
+        "peak_rss_mb": phi_model::alloc::peak_rss_mb().unwrap_or(0.0).max(loaded_mb),
+        "steps_peak_rss_mb": if phased { phi_model::alloc::peak_rss_mb() } else { None },
         "gflops_per_s": flops.per_step / med / 1e9,
         "gflop_per_step": flops.per_step / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },

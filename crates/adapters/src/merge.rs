@@ -7,13 +7,13 @@ use phi_model::{CausalLm, ModelConfig};
 
 /// Merges every adapter into its layer's weight and drops the side paths.
 pub fn merge(mut model: CausalLm) -> CausalLm {
+    model.unpack_bf16();
     let paths = crate::lora::adapted(&model);
     for path in paths {
         if let Some(lin) = model.linear_mut(&path) {
             if let Some(l) = lin.lora.take() {
                 let w = lin.weight.val() + l.delta();
                 lin.weight = Param::initialized(lin.weight.id, w);
-                lin.bf16 = None;
             }
         }
     }

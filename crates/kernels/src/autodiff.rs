@@ -7,6 +7,7 @@
 use super::attention::{self, CausalAttention, Probs};
 use super::bf16::Bf16Weight;
 use super::kernels::{self, Causal, Layout};
+use super::matmul::matmul;
 use super::{
     bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, owned,
     FusedOps,
@@ -35,7 +36,7 @@ impl Backward<Flex, 1> for Bf16Linear {
         let grad = grads.consume::<Flex>(&ops.node);
         if let Some(node) = node {
             let w = ops.state;
-            grads.register::<Flex>(node.id, bf16_product(grad, &w.bwd, w.path));
+            grads.register::<Flex>(node.id, bf16_product(grad, &w.fwd.transposed(), w.path));
         }
     }
 }
@@ -124,16 +125,16 @@ impl Backward<Flex, 5> for LoraLinear {
         let [x, xd, w, a, b] = ids.map(|id| retrieve(c, id));
         let t = Flex::float_transpose;
         if let Some(node) = node_b {
-            grads.register::<Flex>(node.id, Flex::float_matmul(t(hs), dy.clone()));
+            grads.register::<Flex>(node.id, matmul(t(hs), dy.clone()));
         }
         // gs = s·dy·bᵀ [N, r], the gradient at xd·a.
-        let gs = Flex::float_matmul(dy.clone(), t(b));
+        let gs = matmul(dy.clone(), t(b));
         let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
         if let Some(node) = node_a {
-            grads.register::<Flex>(node.id, Flex::float_matmul(t(xd.clone()), gs.clone()));
+            grads.register::<Flex>(node.id, matmul(t(xd.clone()), gs.clone()));
         }
         if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, Flex::float_matmul(t(x.clone()), dy.clone()));
+            grads.register::<Flex>(node.id, matmul(t(x.clone()), dy.clone()));
         }
         let at = contiguous(t(a));
         let r = last_dim(&gs);
@@ -143,7 +144,7 @@ impl Backward<Flex, 5> for LoraLinear {
             kernels::add_low_rank(base.storage_mut::<f32>(), f32s(&gs), f32s(&at), r, cols);
             base
         };
-        let dx = node_x.map(|node| (node, owned(Flex::float_matmul(dy, t(w)))));
+        let dx = node_x.map(|node| (node, owned(matmul(dy, t(w)))));
         match (dx, node_xd) {
             (Some((node, dx)), _) if shared => {
                 grads.register::<Flex>(node.id, add_low_rank(dx));

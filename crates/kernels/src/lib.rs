@@ -13,6 +13,7 @@ mod attention;
 mod autodiff;
 pub mod bf16;
 pub mod kernels;
+mod matmul;
 
 use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;
@@ -20,6 +21,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, DispatchDevice, Flex, TensorMetadata};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kernels::{Causal, Layout};
+use matmul::matmul;
 use std::sync::Arc;
 
 #[backend_extension(Flex, Autodiff)]
@@ -179,8 +181,8 @@ pub(crate) fn lora_forward(
     s: f64,
 ) -> (FlexTensor, FlexTensor) {
     use burn::backend::ops::FloatTensorOps;
-    let h = contiguous(Flex::float_mul_scalar(Flex::float_matmul(xd, a), s.into()));
-    let mut y = owned(Flex::float_matmul(x, w));
+    let h = contiguous(Flex::float_mul_scalar(matmul(xd, a), s.into()));
+    let mut y = owned(matmul(x, w));
     let b = contiguous(b);
     let (r, cols) = (last_dim(&h), last_dim(&y));
     kernels::add_low_rank(y.storage_mut::<f32>(), f32s(&h), f32s(&b), r, cols);

@@ -3,7 +3,7 @@
 //! makes such a path fail instead (for machines known to have it).
 
 use burn::tensor::bf16;
-use phi_kernels::bf16::{from_bf16, gemm, to_bf16, PackedB, Path};
+use phi_kernels::bf16::{from_bf16, gemm, to_bf16, Bf16Weight, PackedB, Path};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -102,4 +102,25 @@ fn phi_bf16_path_picks_a_path_this_cpu_runs() {
     std::env::remove_var("PHI_BF16_PATH");
     assert_eq!(best, Path::best());
     assert!(best.available());
+}
+
+/// The input gradient's operand is repacked from the one packing a weight keeps: it must be
+/// the packing of Wᵀ, padding included, for sizes off every block edge.
+#[test]
+fn transposed_packing_is_the_packing_of_the_transpose() {
+    for (k, n) in [(1, 1), (7, 33), (32, 32), (45, 17), (64, 96), (100, 3)] {
+        let w = values(k * n, (k * 131 + n) as u64);
+        let b = PackedB::from_rows(&w, k, n);
+        let want = PackedB::pack(n, k, |r, c| w[c * n + r]);
+        let got = b.transposed();
+        assert_eq!(
+            (got.k, got.n, got.k_pad, got.panels),
+            (n, k, want.k_pad, want.panels)
+        );
+        assert!(got.data == want.data, "{k}×{n}: transposed packing differs");
+        // And the weight comes back as its bf16 rounding.
+        let back = Bf16Weight::in_out(&w, k, n, Path::Scalar).unpack();
+        let rounded: Vec<f32> = w.iter().map(|&x| from_bf16(to_bf16(x))).collect();
+        assert_eq!(back, rounded, "{k}×{n}: unpack");
+    }
 }

@@ -30,3 +30,21 @@ pub fn peak_rss_mb() -> Option<f64> {
         .ok()?;
     Some(kb / 1024.0)
 }
+
+/// Hands the heap's free pages back to the system (`malloc_trim`): `tune` keeps freed memory
+/// for reuse, so a large one-off release (the f32 base after `pack_bf16`) would otherwise stay
+/// resident. No-op off glibc.
+pub fn release_free() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused pages of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Restarts the peak `peak_rss_mb` reports from the current resident size (Linux
+/// `/proc/self/clear_refs` 5), so a peak can be taken over one phase (the steps after loading);
+/// false where the system does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

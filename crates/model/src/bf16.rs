@@ -1,10 +1,13 @@
-//! `--bf16` on the CPU's matrix units (AMX, AVX512-BF16): every frozen linear weight and a
-//! frozen tied head get a bf16 copy packed for phi-kernels' GEMMs, which their forward and
-//! input gradient then run on. Trainable weights (and LoRA factors) stay f32 on the f32 path,
-//! as the f32 masters autocast keeps.
+//! `--bf16` on the CPU's matrix units (AMX, AVX512-BF16): every frozen linear weight is
+//! packed in bf16 for phi-kernels' GEMMs, which its forward and input gradient then run on,
+//! and its f32 copy is dropped: the frozen base is held in bf16, as LLaMA-Factory's `--bf16`
+//! loads it. A frozen tied head gets a packed copy beside the f32 table its embedding reads.
+//! Trainable weights (and LoRA factors) stay f32 on the f32 path, as the f32 masters autocast
+//! keeps. [`CausalLm::unpack_bf16`] brings the f32 weights back (as their bf16 values).
 
 use crate::model::CausalLm;
 use crate::nn::Linear;
+use burn::tensor::{Tensor, TensorData};
 use phi_kernels::bf16::{Bf16Weight, Path};
 use std::sync::Arc;
 
@@ -23,17 +26,33 @@ fn host(t: burn::tensor::Tensor<2>) -> Vec<f32> {
 
 fn pack_linear(l: &mut Linear, path: Path) -> bool {
     if l.weight.is_require_grad() {
-        l.bf16 = None;
+        unpack_linear(l);
         return false;
     }
     let (d_in, d_out) = (l.d_in(), l.d_out());
-    l.bf16 = Some(Arc::new(Bf16Weight::in_out(
-        &host(l.weight.val()),
-        d_in,
-        d_out,
-        path,
-    )));
+    let w = match l.bf16.take() {
+        // Packed already: repack its bf16 values (the same ones) for this path.
+        Some(w) if l.f32_dropped_with(&w) => w.unpack(),
+        _ => host(l.weight.val()),
+    };
+    l.bf16 = Some(Arc::new(Bf16Weight::in_out(&w, d_in, d_out, path)));
+    l.weight = l.weight.clone().map(|t| Tensor::zeros([0, 0], &t.device()));
     true
+}
+
+/// The f32 weight back from its packing where that is all there is; the packing dropped.
+fn unpack_linear(l: &mut Linear) {
+    if let Some(w) = l.bf16.take() {
+        if l.f32_dropped_with(&w) {
+            let data = TensorData::new(w.unpack(), [w.d_in(), w.d_out()]);
+            let trains = l.weight.is_require_grad();
+            let weight = l
+                .weight
+                .clone()
+                .map(|t| Tensor::from_data(data, &t.device()));
+            l.weight = weight.set_require_grad(trains);
+        }
+    }
 }
 
 impl CausalLm {
@@ -58,6 +77,22 @@ impl CausalLm {
             self.head_bf16 = Some(Arc::new(w));
             n += 1;
         }
+        // The dropped f32 weights: back to the system, not kept for reuse (`alloc::tune`).
+        crate::alloc::release_free();
         n
+    }
+
+    /// Undoes `pack_bf16`: every weight back in f32 (its bf16 value where only that was
+    /// kept) and no packing left, for code that reads or changes the f32 weights (merging).
+    pub fn unpack_bf16(&mut self) {
+        for layer in &mut self.model.layers {
+            for (_, l) in layer.block_mut().linears_mut() {
+                unpack_linear(l);
+            }
+        }
+        if let Some(h) = &mut self.lm_head {
+            unpack_linear(h);
+        }
+        self.head_bf16 = None;
     }
 }

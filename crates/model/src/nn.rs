@@ -48,7 +48,8 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// An adapter's side path (see `lowrank`); None for a plain layer.
     pub lora: Option<LowRank>,
-    /// The weight in bf16 for the CPU's matrix units (`--bf16`), set while it is frozen.
+    /// The weight in bf16 for the CPU's matrix units (`--bf16`), set while it is frozen; the
+    /// f32 weight is then an empty [0, 0] tensor (see `f32_dropped`).
     #[module(skip)]
     pub bf16: Option<Arc<Bf16Weight>>,
 }
@@ -80,11 +81,12 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        // A weight that trains again (after `pack_bf16`) must get its gradient: f32 path.
+        // A weight that trains again (after `pack_bf16`) must get its gradient: f32 path,
+        // where there still is an f32 weight (`pack_bf16` again restores it).
         let packed = self
             .bf16
             .as_ref()
-            .filter(|_| !self.weight.is_require_grad());
+            .filter(|_| !self.weight.is_require_grad() || self.f32_dropped());
         if let Some(w) = packed.filter(|_| fused::fusable(&x)) {
             let y = fused::bf16_linear(x.clone(), w);
             let y = match &self.bias {
@@ -132,11 +134,28 @@ impl Linear {
     }
 
     pub fn d_in(&self) -> usize {
-        self.weight.val().dims()[0]
+        match &self.bf16 {
+            Some(w) => w.d_in(),
+            None => self.weight.val().dims()[0],
+        }
     }
 
     pub fn d_out(&self) -> usize {
-        self.weight.val().dims()[1]
+        match &self.bf16 {
+            Some(w) => w.d_out(),
+            None => self.weight.val().dims()[1],
+        }
+    }
+
+    /// Whether the weight lives only in its bf16 packing (`CausalLm::pack_bf16`), its f32
+    /// slot left empty.
+    pub fn f32_dropped(&self) -> bool {
+        self.bf16.as_ref().is_some_and(|w| self.f32_dropped_with(w))
+    }
+
+    /// `f32_dropped` for a packing taken out of `bf16`.
+    pub(crate) fn f32_dropped_with(&self, w: &Bf16Weight) -> bool {
+        self.weight.val().dims() == [0, 0] && w.d_in() * w.d_out() > 0
     }
 }
 

@@ -7,8 +7,10 @@ use crate::model::CausalLm;
 use crate::nn::Linear;
 use crate::weights::HostTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
+use phi_kernels::bf16::Bf16Weight;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {
@@ -97,6 +99,9 @@ impl Tracker {
 
 struct Namer<F> {
     at: Tracker,
+    /// Linear weights held only in bf16 (`pack_bf16`), by HF name: walked as their unpacked
+    /// values, so names, shapes and exports see the weight and not its empty f32 slot.
+    dropped: BTreeMap<String, Arc<Bf16Weight>>,
     f: F,
 }
 
@@ -105,9 +110,33 @@ struct Seen {
     name: String,
     kind: ParamKind,
     id: ParamId,
-    t: Tensor<2>,
+    t: Value,
     vector: bool,
     require_grad: bool,
+}
+
+/// A parameter's value, or the bf16 weight that stands for it (unpacked only when read).
+enum Value {
+    F32(Tensor<2>),
+    Bf16(Arc<Bf16Weight>, Device),
+}
+
+impl Value {
+    fn dims(&self) -> [usize; 2] {
+        match self {
+            Value::F32(t) => t.dims(),
+            Value::Bf16(w, _) => [w.d_in(), w.d_out()],
+        }
+    }
+
+    fn tensor(self) -> Tensor<2> {
+        match self {
+            Value::F32(t) => t,
+            Value::Bf16(w, dev) => {
+                Tensor::from_data(TensorData::new(w.unpack(), [w.d_in(), w.d_out()]), &dev)
+            }
+        }
+    }
 }
 
 impl Seen {
@@ -132,6 +161,18 @@ impl<F: FnMut(Seen)> ModuleVisitor for Namer<F> {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let (name, kind) = self.at.current();
+        if let Some(w) = self.dropped.get(&name) {
+            let t = Value::Bf16(w.clone(), param.val().device());
+            (self.f)(Seen {
+                name,
+                kind,
+                id: param.id,
+                t,
+                vector: false,
+                require_grad: false,
+            });
+            return;
+        }
         let v = param.val();
         let dims = v.dims();
         let flat: Tensor<2> = if D == 1 {
@@ -143,7 +184,7 @@ impl<F: FnMut(Seen)> ModuleVisitor for Namer<F> {
             name,
             kind,
             id: param.id,
-            t: flat,
+            t: Value::F32(flat),
             vector: D == 1,
             require_grad: param.is_require_grad(),
         });
@@ -200,8 +241,15 @@ impl ModuleMapper for Setter {
 }
 
 fn walk(model: &CausalLm, f: impl FnMut(Seen)) {
+    let dropped = model
+        .linears()
+        .into_iter()
+        .filter(|(_, l)| l.f32_dropped())
+        .filter_map(|(p, l)| Some((format!("{p}.weight"), l.bf16.clone()?)))
+        .collect();
     let mut namer = Namer {
         at: Tracker::new(model),
+        dropped,
         f,
     };
     model.visit(&mut namer);
@@ -225,25 +273,30 @@ impl CausalLm {
 
     /// Base weights as HF stores them (name → [out, in] etc.), LoRA factors excluded.
     pub fn hf_tensors(&self) -> Vec<(String, HostTensor)> {
-        self.tensors_where(|k| matches!(k, ParamKind::Base { .. }))
+        self.tensors_where(|k, _| matches!(k, ParamKind::Base { .. }))
+    }
+
+    /// The base weights `keep` takes by HF name, the others left unread.
+    pub fn hf_tensors_named(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, HostTensor)> {
+        self.tensors_where(|k, name| matches!(k, ParamKind::Base { .. }) && keep(name))
     }
 
     /// LoRA factors in PEFT layout, names as in `ParamInfo::name`.
     pub fn lora_tensors(&self) -> Vec<(String, HostTensor)> {
-        self.tensors_where(|k| !matches!(k, ParamKind::Base { .. }))
+        self.tensors_where(|k, _| !matches!(k, ParamKind::Base { .. }))
     }
 
-    fn tensors_where(&self, keep: impl Fn(ParamKind) -> bool) -> Vec<(String, HostTensor)> {
+    fn tensors_where(&self, keep: impl Fn(ParamKind, &str) -> bool) -> Vec<(String, HostTensor)> {
         let mut out = Vec::new();
         walk(self, |s| {
-            if !keep(s.kind) {
+            if !keep(s.kind, &s.name) {
                 return;
             }
             let shape = s.hf_shape();
             let t = if s.kind == (ParamKind::Base { transposed: false }) || s.vector {
-                s.t
+                s.t.tensor()
             } else {
-                s.t.transpose()
+                s.t.tensor().transpose()
             };
             let data = t.try_into_vec_as::<f32>().unwrap_or_default();
             out.push((s.name, HostTensor { shape, data }));

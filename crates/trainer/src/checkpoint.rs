@@ -31,9 +31,8 @@ pub fn read_json(path: &Path) -> Result<Value, TrainError> {
 pub fn save_trainable(model: &CausalLm, names: &[String], path: &Path) -> Result<(), TrainError> {
     let keep: std::collections::BTreeSet<&str> = names.iter().map(String::as_str).collect();
     let tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = model
-        .hf_tensors()
+        .hf_tensors_named(|k| keep.contains(k))
         .into_iter()
-        .filter(|(k, _)| keep.contains(k.as_str()))
         .map(|(k, t)| (k, (t.shape, t.data)))
         .collect();
     write_safetensors(path, &tensors, None)?;

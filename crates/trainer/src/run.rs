@@ -145,7 +145,7 @@ impl<'a> Run<'a> {
         if let Some(path) = step::cpu_bf16(a) {
             let n = model.pack_bf16(path);
             eprintln!(
-                "bf16: {n} frozen weights run on the CPU's {} kernels; trainable parameters stay f32",
+                "bf16: {n} frozen weights held in bf16 and run on the CPU's {} kernels; trainable parameters stay f32",
                 path.name()
             );
         }

@@ -2,7 +2,7 @@
 //! pairs into 16 f32 lanes. A micro-tile of 8 rows × 2 panels keeps 16 accumulators in
 //! registers while each B row is loaded once.
 
-use super::{PackedB, PANEL};
+use super::Block;
 
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -14,26 +14,33 @@ pub fn available() -> bool {
     false
 }
 
-/// C rows [0, rows) = A rows · B (A bf16 with `kp` columns).
-pub fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
-    assert!(available());
+/// C rows [0, rows) = A rows · B (A bf16 with `kp` columns), in the columns of `panels`
+/// (whole pairs).
+///
+/// # Safety
+/// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
+/// touches meanwhile.
+pub unsafe fn block(t: Block) {
+    assert!(available() && t.panels.start.is_multiple_of(2) && t.panels.end <= t.b.panels);
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above).
+    // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above); `c` is the caller's.
     unsafe {
-        x86::block(a, rows, kp, b, c, n)
+        x86::block(t)
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PackedB, PANEL};
+    use super::super::{Block, PANEL};
     use std::arch::x86_64::*;
 
     const MR: usize = 8;
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
-        for p in (0..b.panels).step_by(2) {
+    pub unsafe fn block(t: Block) {
+        let (a, rows, kp, b, c, n) = (t.a, t.rows, t.kp, t.b, t.c, t.n);
+        let panels = t.panels;
+        for p in panels.step_by(2) {
             let (b0, b1) = (b.panel(p), b.panel(p + 1));
             let j0 = p * PANEL;
             if j0 >= n {
@@ -62,8 +69,7 @@ mod x86 {
                     let mut row = [0f32; 2 * PANEL];
                     _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
                     _mm512_storeu_ps(row.as_mut_ptr().add(PANEL), acc[1]);
-                    let at = (i0 + i) * n + j0;
-                    c[at..at + cols].copy_from_slice(&row[..cols]);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), c.add((i0 + i) * n + j0), cols);
                 }
             }
         }

@@ -11,6 +11,7 @@ mod amx;
 mod avx512;
 
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// A kernel path. Each one computes the same sums of bf16 products in f32; they differ in
 /// summation order only.
@@ -136,12 +137,85 @@ impl std::fmt::Debug for PackedB {
     }
 }
 
-/// A frozen weight in bf16, packed for both products a linear layer's training step runs:
-/// y = x·W (`fwd`) and the input gradient dx = dy·Wᵀ (`bwd`), on `path`.
+impl PackedB {
+    /// B's element at row r, column j (as packed: bf16 bits).
+    pub fn get(&self, r: usize, j: usize) -> u16 {
+        self.panel(j / PANEL)[(r / 2) * 2 * PANEL + 2 * (j % PANEL) + r % 2]
+    }
+
+    /// The packing of Bᵀ [n×k] from this one of B [k×n], already in bf16: 16×16 blocks move
+    /// whole (a block's 8 pair rows of one panel become 8 pair rows of another panel).
+    pub fn transposed(&self) -> PackedB {
+        let (k, n) = (self.n, self.k);
+        let k_pad = round_up(k.max(1), KSTEP);
+        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
+        let per_panel = k_pad * PANEL;
+        // Every element is written below (whole 16×16 blocks cover both paddings), so the
+        // buffer starts unfilled: no pass to zero it first.
+        let mut data: Vec<u16> = Vec::with_capacity(panels * per_panel);
+        // Output panel q holds B's rows 16q..16q+16: pair rows 8q..8q+8 of every input
+        // panel p, which become Bᵀ's pair rows 8p..8p+8 of panel q. In 32-bit words (one
+        // bf16 pair each), input word (row rl, column c) holds B(16q+2rl+t, 16p+c) for
+        // t = 0, 1; output word (row c2, column 2rl+t) holds the halves t of input words
+        // (rl, 2c2) and (rl, 2c2+1). A task takes 8 output panels, so it reads 4 KiB in a
+        // row from each input panel.
+        const GROUP: usize = 8;
+        let blocks = self.panels;
+        assert_eq!(
+            blocks * PANEL,
+            k_pad,
+            "input panels are the output's pair rows / 8"
+        );
+        data.spare_capacity_mut()
+            .par_chunks_mut(GROUP * per_panel)
+            .enumerate()
+            .for_each(|(g, out)| {
+                for p in 0..blocks {
+                    let src = self.panel(p);
+                    for (qq, dst) in out.chunks_mut(per_panel).enumerate() {
+                        let q = g * GROUP + qq;
+                        let src = &src[8 * q * 2 * PANEL..(8 * q + 8) * 2 * PANEL];
+                        transpose_block(src, &mut dst[p * 8 * 2 * PANEL..(p + 1) * 8 * 2 * PANEL]);
+                    }
+                }
+            });
+        // SAFETY: each output panel is `blocks` runs of 8 pair rows (blocks · 16 = k_pad),
+        // each written whole by `transpose_block`: all panels · per_panel elements are set.
+        unsafe { data.set_len(panels * per_panel) };
+        PackedB {
+            k,
+            n,
+            k_pad,
+            panels,
+            data,
+        }
+    }
+}
+
+/// One 16×16 block of [`PackedB::transposed`]: 8 pair rows of 16 words in, 8 out.
+#[inline(always)]
+fn transpose_block(src: &[u16], dst: &mut [std::mem::MaybeUninit<u16>]) {
+    let word =
+        |rl: usize, c: usize| src[rl * 32 + 2 * c] as u32 | (src[rl * 32 + 2 * c + 1] as u32) << 16;
+    for c2 in 0..8 {
+        for rl in 0..8 {
+            let (a, b) = (word(rl, 2 * c2), word(rl, 2 * c2 + 1));
+            let at = c2 * 32 + 4 * rl;
+            dst[at].write(a as u16);
+            dst[at + 1].write(b as u16);
+            dst[at + 2].write((a >> 16) as u16);
+            dst[at + 3].write((b >> 16) as u16);
+        }
+    }
+}
+
+/// A frozen weight in bf16, packed for y = x·W (`fwd`) on `path`, as the one copy of it the
+/// model keeps. The input gradient dx = dy·Wᵀ repacks it per call ([`PackedB::transposed`]):
+/// a pass over the weight against the product's m passes, to keep the base at half its f32
+/// size.
 #[derive(Debug)]
 pub struct Bf16Weight {
     pub fwd: PackedB,
-    pub bwd: PackedB,
     pub path: Path,
 }
 
@@ -150,7 +224,6 @@ impl Bf16Weight {
     pub fn in_out(w: &[f32], d_in: usize, d_out: usize, path: Path) -> Bf16Weight {
         Bf16Weight {
             fwd: PackedB::pack(d_in, d_out, |r, c| w[r * d_out + c]),
-            bwd: PackedB::pack(d_out, d_in, |r, c| w[c * d_out + r]),
             path,
         }
     }
@@ -159,7 +232,6 @@ impl Bf16Weight {
     pub fn out_in(w: &[f32], d_out: usize, d_in: usize, path: Path) -> Bf16Weight {
         Bf16Weight {
             fwd: PackedB::pack(d_in, d_out, |r, c| w[c * d_in + r]),
-            bwd: PackedB::pack(d_out, d_in, |r, c| w[r * d_in + c]),
             path,
         }
     }
@@ -170,6 +242,18 @@ impl Bf16Weight {
 
     pub fn d_out(&self) -> usize {
         self.fwd.n
+    }
+
+    /// W back in f32, [d_in, d_out] row-major (each value as its bf16 rounding).
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.fwd.k, self.fwd.n);
+        let mut w = vec![0f32; k * n];
+        w.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = from_bf16(self.fwd.get(r, j));
+            }
+        });
+        w
     }
 }
 
@@ -217,29 +301,87 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
 /// 256 rows uses each pair (k·64 bytes, in L2) 8 times before the next.
 const ROWS: usize = 256;
 
+/// One task of [`gemm`]: C rows [0, rows) at `c` (row stride `n`) = A's rows (bf16, `kp`
+/// columns) · B, in the columns of `panels` (whole pairs of panels).
+pub(crate) struct Block<'a> {
+    a: &'a [u16],
+    rows: usize,
+    kp: usize,
+    b: &'a PackedB,
+    panels: Range<usize>,
+    c: *mut f32,
+    n: usize,
+}
+
+/// C, shared by tasks that write disjoint (row range, panel range) blocks of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements only (see `gemm`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Element `i`'s address (a method, so closures capture the Send wrapper, not the pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// C = A·B for row-major A [m×k] (f32, rounded to bf16) and packed B; C row-major [m×n].
+/// Tasks are blocks of up to 256 rows times a range of panel pairs, split in columns too when
+/// m alone would leave threads idle (m = 256 tokens is one row block).
 pub fn gemm(path: Path, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
     let (k, n) = (b.k, b.n);
     assert_eq!(a.len(), m * k, "A is not m×k");
     assert_eq!(c.len(), m * n, "C is not m×n");
+    if m == 0 || n == 0 {
+        return;
+    }
     let path = if path.available() { path } else { Path::Scalar };
     let ap = pack_a(a, m, k, b.k_pad);
     let kp = b.k_pad;
-    c.par_chunks_mut(ROWS * n)
-        .zip(ap.par_chunks(ROWS * kp))
-        .for_each(|(cb, ab)| {
-            let rows = ab.len() / kp;
+    let row_blocks = m.div_ceil(ROWS);
+    let pairs = b.panels / 2;
+    let want = 2 * rayon::current_num_threads();
+    let col_blocks = want.div_ceil(row_blocks).clamp(1, pairs.max(1));
+    let per = pairs.div_ceil(col_blocks);
+    let out = Out(c.as_mut_ptr());
+    (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
+        let (rb, cb) = (t / col_blocks, t % col_blocks);
+        let r0 = rb * ROWS;
+        let rows = (m - r0).min(ROWS);
+        let panels = 2 * cb * per..(2 * (cb + 1) * per).min(b.panels);
+        let ab = &ap[r0 * kp..(r0 + rows) * kp];
+        // SAFETY: C has m·n floats; this task writes rows r0..r0+rows of the columns under
+        // `panels` only, and no two tasks share both a row block and a panel.
+        unsafe {
+            let task = Block {
+                a: ab,
+                rows,
+                kp,
+                b,
+                panels,
+                c: out.at(r0 * n),
+                n,
+            };
             match path {
-                Path::Amx => amx::block(ab, rows, kp, b, cb, n),
-                Path::Avx512Bf16 => avx512::block(ab, rows, kp, b, cb, n),
-                Path::Scalar => scalar_block(ab, rows, kp, b, cb, n),
+                Path::Amx => amx::block(task),
+                Path::Avx512Bf16 => avx512::block(task),
+                Path::Scalar => scalar_block(task),
             }
-        });
+        }
+    });
 }
 
 /// The reference: every product widened to f32 and summed in k order.
-fn scalar_block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n: usize) {
-    for p in 0..b.panels {
+///
+/// # Safety
+/// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
+/// touches meanwhile.
+unsafe fn scalar_block(t: Block) {
+    let (a, rows, kp, b, c, n) = (t.a, t.rows, t.kp, t.b, t.c, t.n);
+    let panels = t.panels;
+    for p in panels {
         let panel = b.panel(p);
         for i in 0..rows {
             let ar = &a[i * kp..(i + 1) * kp];
@@ -254,7 +396,7 @@ fn scalar_block(a: &[u16], rows: usize, kp: usize, b: &PackedB, c: &mut [f32], n
                     s += from_bf16(ar[2 * r]) * from_bf16(bp[0]);
                     s += from_bf16(ar[2 * r + 1]) * from_bf16(bp[1]);
                 }
-                c[i * n + j] = s;
+                *c.add(i * n + j) = s;
             }
         }
     }

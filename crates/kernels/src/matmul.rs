@@ -1,0 +1,87 @@
+//! f32 batched matmul into a buffer we own. Flex's matmul runs the same `gemm` calls, but its
+//! output comes from `FlexTensor::empty`, which zeroes a byte vector and then copies it into a
+//! 16-byte-aligned allocation: two passes over every product's output before the GEMM writes
+//! it (7 % of a phi3-small LoRA step in `perf`, docs/benchmarks.md).
+
+use super::flex;
+use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{DType, Flex, TensorMetadata};
+use rayon::prelude::*;
+
+/// Products below this many multiply-adds run on one thread (Flex's threshold).
+const PARALLEL: usize = 192 * 192 * 192;
+
+/// `a · b` over the last two dims, a [.., m, k] and b [.., k, n] of the same batch dims, any
+/// strides. Other cases (broadcast batch dims, other dtypes) go to Flex's matmul.
+pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+    let (sa, sb) = (a.shape(), b.shape());
+    let rank = sa.num_dims();
+    let same_batch = rank >= 2 && sb.num_dims() == rank && sa[..rank - 2] == sb[..rank - 2];
+    if !same_batch || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Flex::float_matmul(a, b);
+    }
+    let (m, k, n) = (sa[rank - 2], sa[rank - 1], sb[rank - 1]);
+    let batch: Vec<usize> = sa[..rank - 2].to_vec();
+    let count: usize = batch.iter().product();
+    let mut out = vec![0f32; count * m * n];
+    let (la, lb) = (a.layout(), b.layout());
+    let (da, db) = (a.storage::<f32>(), b.storage::<f32>());
+    // Element offset of matrix `i` (row-major over the batch dims) in a layout.
+    let offset = |strides: &[isize], start: usize, mut i: usize| {
+        let mut off = start as isize;
+        for d in (0..batch.len()).rev() {
+            off += (i % batch[d]) as isize * strides[d];
+            i /= batch[d];
+        }
+        off
+    };
+    let (ta, tb) = (la.strides(), lb.strides());
+    let one = |i: usize, c: &mut [f32], par: gemm::Parallelism| {
+        let pa = offset(ta, la.start_offset(), i);
+        let pb = offset(tb, lb.start_offset(), i);
+        // SAFETY: the offsets and strides are the layouts' own, so every element gemm reads
+        // lies in `da` / `db`; `c` holds m·n floats, written row-major.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                da.as_ptr().offset(pa),
+                ta[rank - 1],
+                ta[rank - 2],
+                db.as_ptr().offset(pb),
+                tb[rank - 1],
+                tb[rank - 2],
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
+    let work = m * n * k;
+    if m * n == 0 || k == 0 {
+    } else if work >= PARALLEL && count < 4 {
+        for (i, c) in out.chunks_mut(m * n).enumerate() {
+            one(i, c, gemm::Parallelism::Rayon(0));
+        }
+    } else if work * count >= 128 * 128 * 128 && count > 1 {
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, c)| one(i, c, gemm::Parallelism::None));
+    } else {
+        for (i, c) in out.chunks_mut(m * n).enumerate() {
+            one(i, c, gemm::Parallelism::None);
+        }
+    }
+    let mut dims = batch;
+    dims.extend([m, n]);
+    flex(out, dims.into())
+}
