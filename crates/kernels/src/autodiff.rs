@@ -9,8 +9,8 @@ use super::bf16::Bf16Weight;
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
 use super::{
-    bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, owned,
-    FusedOps,
+    bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, norm,
+    owned, rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -81,6 +81,29 @@ impl Backward<Flex, 1> for SwigluPacked {
             kernels::swiglu_backward(f32s(&gu), &[], f32s(&grad), Layout::Packed { width });
         if let Some(node) = node {
             grads.register::<Flex>(node.id, flex(dgu, gu.shape()));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm;
+
+impl Backward<Flex, 2> for RmsNorm {
+    /// x, w (checkpointed) and each row's 1 / rms.
+    type State = (NodeId, NodeId, Vec<f32>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (x, w) = (retrieve(c, ops.state.0), retrieve(c, ops.state.1));
+        let want_dw = node_w.is_some();
+        let (dx, dw) =
+            norm::rms_norm_backward(f32s(&x), f32s(&w), &ops.state.2, f32s(&grad), want_dw);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, flex(dx, x.shape()));
+        }
+        if let (Some(node), Some(dw)) = (node_w, dw) {
+            grads.register::<Flex>(node.id, flex(dw, w.shape()));
         }
     }
 }
@@ -317,6 +340,23 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 b.into_primitive(),
                 scale,
             )),
+        }
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        match RmsNorm
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (ix, iw) = (prep.checkpoint(&x), prep.checkpoint(&w));
+                let (y, inv) = rms_norm_forward(x.into_primitive(), w.into_primitive(), eps);
+                prep.finish((ix, iw, inv), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::rms_norm(x.into_primitive(), w.into_primitive(), eps))
+            }
         }
     }
 

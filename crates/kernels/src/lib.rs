@@ -14,6 +14,7 @@ mod autodiff;
 pub mod bf16;
 pub mod kernels;
 mod matmul;
+mod norm;
 
 use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;
@@ -62,6 +63,8 @@ pub trait FusedOps: Backend {
     /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
     /// units): the input gradient flows, W has none.
     fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
+    /// x / sqrt(mean(x²) + eps) · w over the last dim (w [d]).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 }
 
 /// f32 storage of a Flex tensor in row-major order, copying only a strided view.
@@ -153,6 +156,18 @@ impl FusedOps for Flex {
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
         bf16_product(x, &w.fwd, w.path)
     }
+
+    fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
+        rms_norm_forward(x, w, eps).0
+    }
+}
+
+/// RMSNorm's output and each row's 1 / rms (kept for the backward).
+pub(crate) fn rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
+    let (x, w) = (contiguous(x), contiguous(w));
+    let mut out = vec![0.0; f32s(&x).len()];
+    let inv = norm::rms_norm_forward(f32s(&x), f32s(&w), eps as f32, &mut out);
+    (flex(out, x.shape()), inv)
 }
 
 /// [N, k] rows times a packed [k, n] operand on a bf16 path: [N, n].
@@ -246,6 +261,16 @@ pub fn lora_linear<const N: usize>(
     let x = x.reshape([rows, d_in]).into_dispatch();
     let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
     Tensor::<2>::from_dispatch(D::lora_linear(x, xd, w, a, b, scale)).reshape(dims)
+}
+
+/// x / sqrt(mean(x²) + eps) · w over the last dim.
+pub fn rms_norm<const N: usize>(x: Tensor<N>, w: Tensor<1>, eps: f64) -> Tensor<N> {
+    if fusable(&x) && fusable(&w) && x.dims()[N - 1] == w.dims()[0] {
+        let x = x.into_dispatch();
+        Tensor::from_dispatch(D::rms_norm(x, w.into_dispatch(), eps))
+    } else {
+        reference::rms_norm(x, w, eps)
+    }
 }
 
 /// x·W for x [.., in] and a frozen W packed in bf16. Only where `fusable` (callers check).
@@ -357,6 +382,12 @@ pub mod reference {
 
     pub fn swiglu<const N: usize>(gate: Tensor<N>, up: Tensor<N>) -> Tensor<N> {
         silu(gate) * up
+    }
+
+    /// transformers' LlamaRMSNorm in f32.
+    pub fn rms_norm<const N: usize>(x: Tensor<N>, w: Tensor<1>, eps: f64) -> Tensor<N> {
+        let inv = (x.clone().square().mean_dim(N - 1) + eps).sqrt().recip();
+        x * inv * w.unsqueeze::<N>()
     }
 
     pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {

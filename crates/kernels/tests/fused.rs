@@ -213,3 +213,33 @@ fn causal_attention_matches_composed_with_and_without_checkpointing() {
         }
     }
 }
+
+/// RMSNorm fused against composed, in x's gradient and in w's (a norm weight trains in
+/// norm-only fine-tuning), on a width off the 16-lane sums' blocks.
+#[test]
+fn rms_norm_matches_composed_in_both_gradients() {
+    dev().seed(11);
+    let w = rand([45], 1.0);
+    let x = rand([3, 7, 45], 2.0);
+    let norm_of = |f: fn(Tensor<3>, Tensor<1>, f64) -> Tensor<3>| {
+        let w = w.clone();
+        move |x: Tensor<3>| f(x, w.clone(), 1e-5)
+    };
+    check(
+        "rms_norm",
+        x.clone(),
+        norm_of(fused::rms_norm),
+        norm_of(reference::rms_norm),
+        1e-5,
+    );
+    let mut dws = Vec::new();
+    for f in [fused::rms_norm::<3>, reference::rms_norm::<3>] {
+        let w = w.clone().detach().require_grad();
+        let g = (f(x.clone().detach(), w.clone(), 1e-5) * x.clone().detach())
+            .sum()
+            .backward();
+        dws.push(vals(w.grad(&g).unwrap()));
+    }
+    close(&dws[0], &dws[1], 1e-5, "rms_norm weight gradient");
+    assert!(dws[0].iter().any(|v| *v != 0.0), "zero weight gradient");
+}

@@ -182,9 +182,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let var = x.clone().square().mean_dim(2);
-        let inv = (var + self.eps).sqrt().recip();
-        x * inv * self.weight.val().unsqueeze::<3>()
+        fused::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
