@@ -87,7 +87,8 @@ impl Linear {
             .bf16
             .as_ref()
             .filter(|_| !self.weight.is_require_grad() || self.f32_dropped());
-        if let Some(w) = packed.filter(|_| fused::fusable(&x)) {
+        // A dropped f32 weight has only this path (PHI_FUSED=0 included).
+        if let Some(w) = packed.filter(|_| fused::fusable(&x) || self.f32_dropped()) {
             let y = fused::bf16_linear(x.clone(), w);
             let y = match &self.bias {
                 Some(b) => y + b.val().unsqueeze(),
