@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 /// Products below this many multiply-adds run on one thread (Flex's threshold).
 const PARALLEL: usize = 192 * 192 * 192;
+/// A batch of small products with this much work in all is split across threads (Flex's).
+const BATCH: usize = 128 * 128 * 128;
 
 /// `a · b` over the last two dims, a [.., m, k] and b [.., k, n] of the same batch dims, any
 /// strides. Other cases (broadcast batch dims, other dtypes) go to Flex's matmul.
@@ -67,18 +69,24 @@ pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
         }
     };
     let work = m * n * k;
-    if m * n == 0 || k == 0 {
-    } else if work >= PARALLEL && count < 4 {
-        for (i, c) in out.chunks_mut(m * n).enumerate() {
-            one(i, c, gemm::Parallelism::Rayon(0));
-        }
-    } else if work * count >= 128 * 128 * 128 && count > 1 {
+    // Flex's strategy: one large product threads inside gemm; many small ones thread over
+    // the batch; the rest run on this thread.
+    let big = work >= PARALLEL && count < 4;
+    let inner = if big {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let over_batch = !big && count > 1 && work * count >= BATCH;
+    if work == 0 {
+        // Nothing to sum: the zeros stand.
+    } else if over_batch {
         out.par_chunks_mut(m * n)
             .enumerate()
-            .for_each(|(i, c)| one(i, c, gemm::Parallelism::None));
+            .for_each(|(i, c)| one(i, c, inner));
     } else {
         for (i, c) in out.chunks_mut(m * n).enumerate() {
-            one(i, c, gemm::Parallelism::None);
+            one(i, c, inner);
         }
     }
     let mut dims = batch;
