@@ -165,6 +165,14 @@ pub fn run(a: &Args) -> Result<()> {
     let ctx = |dev: &Device| LayerCtx {
         cos: rand([1, 1, t, hd], dev),
         sin: rand([1, 1, t, hd], dev),
+        // `attend` reads the tensors only; the host table is the fused op's.
+        rope: std::sync::Arc::new(phi_kernels::rotary::Rotary {
+            cos: vec![1.0; t * hd],
+            sin: vec![0.0; t * hd],
+            rows: 1,
+            t,
+            rot: hd,
+        }),
         mask: None,
     };
     let (ctx_in, ctx_ad) = (ctx(&inner), ctx(&ad));

@@ -6,6 +6,7 @@
 
 use super::kernels::{self, Causal};
 use super::matmul::matmul;
+use super::rotary::{self, Heads, Rotary};
 use super::{contiguous, f32s, flex, last_dim, owned};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -54,35 +55,111 @@ impl Backward<Flex, 3> for CausalAttention {
     type State = ([NodeId; 3], Probs);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, c: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
+        let nodes = ops.parents;
         let d_o = grads.consume::<Flex>(&ops.node);
         let (ids, probs) = ops.state;
         let [q, k, v] = ids.map(|id| c.retrieve_node_output::<FlexTensor>(id));
-        let p = match probs {
-            Probs::Kept(p) => p,
-            Probs::Lse(lse) => {
-                let mut p = owned(matmul(q.clone(), kt(k.clone())));
-                let s = last_dim(&p);
-                let scores = p.storage_mut::<f32>();
-                kernels::softmax_recompute(scores, s, self.scale, Some(self.causal), &lse);
-                p
+        let want = [0, 1, 2].map(|i| nodes[i].is_some());
+        let dqkv = backward(q, k, v, probs, d_o, self.scale, self.causal, want);
+        for (node, g) in nodes.into_iter().zip(dqkv) {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<Flex>(node.id, g);
             }
-        };
-        if let Some(node) = node_v {
-            let dv = matmul(kt(p.clone()), d_o.clone());
-            grads.register::<Flex>(node.id, dv);
-        }
-        let dp = contiguous(matmul(d_o, kt(v)));
-        let s = last_dim(&p);
-        let p = contiguous(p);
-        let ds = kernels::softmax_backward(f32s(&p), f32s(&dp), s, self.scale, Some(self.causal));
-        let ds = flex(ds, p.shape());
-        drop((p, dp));
-        if let Some(node) = node_k {
-            grads.register::<Flex>(node.id, matmul(kt(ds.clone()), q));
-        }
-        if let Some(node) = node_q {
-            grads.register::<Flex>(node.id, matmul(ds, k));
         }
     }
+}
+
+/// dq, dk, dv (those `want` asks for) from dO.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    probs: Probs,
+    d_o: FlexTensor,
+    scale: f32,
+    causal: Causal,
+    want: [bool; 3],
+) -> [Option<FlexTensor>; 3] {
+    let p = match probs {
+        Probs::Kept(p) => p,
+        Probs::Lse(lse) => {
+            let mut p = owned(matmul(q.clone(), kt(k.clone())));
+            let s = last_dim(&p);
+            let scores = p.storage_mut::<f32>();
+            kernels::softmax_recompute(scores, s, scale, Some(causal), &lse);
+            p
+        }
+    };
+    let dv = want[2].then(|| matmul(kt(p.clone()), d_o.clone()));
+    let dp = contiguous(matmul(d_o, kt(v)));
+    let s = last_dim(&p);
+    let p = contiguous(p);
+    let ds = kernels::softmax_backward(f32s(&p), f32s(&dp), s, scale, Some(causal));
+    let ds = flex(ds, p.shape());
+    drop((p, dp));
+    let dk = want[1].then(|| matmul(kt(ds.clone()), q));
+    let dq = want[0].then(|| matmul(ds, k));
+    [dq, dk, dv]
+}
+
+/// q, k, v as `forward` takes them (q GQA-stacked) from the projected inputs [B, T, width].
+fn heads_from(inputs: &[FlexTensor; 3], h: &Heads, rope: &Rotary) -> [FlexTensor; 3] {
+    let b = inputs[0].shape()[0];
+    let (t, d, kv) = (rope.t, h.d, h.kv_heads);
+    let [q, k, v] = rotary::gather(inputs.each_ref().map(f32s), h, rope, b);
+    [
+        flex(q, [b, kv, h.heads / kv * t, d].into()),
+        flex(k, [b, kv, t, d].into()),
+        flex(v, [b, kv, t, d].into()),
+    ]
+}
+
+/// `FusedOps::rotary_attention`'s forward: [B, T, heads·d], P and each row's logsumexp.
+pub(crate) fn rotary_forward(
+    inputs: &[FlexTensor; 3],
+    h: &Heads,
+    rope: &Rotary,
+    scale: f32,
+) -> (FlexTensor, FlexTensor, Vec<f32>) {
+    let b = inputs[0].shape()[0];
+    let [q, k, v] = heads_from(inputs, h, rope);
+    let (o, p, lse) = forward(
+        q,
+        k,
+        v,
+        scale,
+        Causal {
+            t: rope.t,
+            offset: 0,
+        },
+    );
+    let o = contiguous(o);
+    let out = rotary::merge_heads(f32s(&o), h.heads, rope.t, h.d, false);
+    (flex(out, [b, rope.t, h.heads * h.d].into()), p, lse)
+}
+
+/// Its backward: one gradient per distinct input (`input[p]`: which input part p is in).
+pub(crate) fn rotary_backward(
+    inputs: &[FlexTensor; 3],
+    probs: Probs,
+    d_out: FlexTensor,
+    (h, rope, scale): (&Heads, &Rotary, f32),
+    input: [usize; 3],
+) -> Vec<FlexTensor> {
+    let (b, t) = (inputs[0].shape()[0], rope.t);
+    let [q, k, v] = heads_from(inputs, h, rope);
+    let d_out = contiguous(d_out);
+    let d_o = rotary::merge_heads(f32s(&d_out), h.heads, t, h.d, true);
+    let d_o = flex(d_o, q.shape());
+    let causal = Causal { t, offset: 0 };
+    let grads = backward(q, k, v, probs, d_o, scale, causal, [true; 3]);
+    let [dq, dk, dv] = grads.map(|g| contiguous(g.expect("all three asked for")));
+    let parts = [f32s(&dq), f32s(&dk), f32s(&dv)];
+    let widths = |j: usize| h.width[input.iter().position(|&x| x == j).unwrap()];
+    rotary::scatter(parts, h, rope, b, input)
+        .into_iter()
+        .enumerate()
+        .map(|(j, g)| flex(g, [b, t, widths(j)].into()))
+        .collect()
 }

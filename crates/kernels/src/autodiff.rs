@@ -8,6 +8,7 @@ use super::attention::{self, CausalAttention, Probs};
 use super::bf16::Bf16Weight;
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
+use super::rotary::{Heads, Rotary};
 use super::{
     bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, norm,
     owned, rms_norm_forward, FusedOps,
@@ -140,24 +141,98 @@ impl Backward<Flex, 5> for LoraLinear {
 
     fn backward(self, ops: Ops<Self::State, 5>, grads: &mut Gradients, c: &mut Checkpointer) {
         use burn::backend::ops::FloatTensorOps;
-        let [node_x, node_xd, node_w, node_a, node_b] = ops.parents;
+        let [node_x, node_xd, node_w, node_a, node_b] = ops.parents.map(|n| n.map(|n| n.id));
         let dy = grads.consume::<Flex>(&ops.node);
         let (ids, hs) = ops.state;
         // Without dropout xd is x: one gradient, the rank-r term added into it in place.
         let shared = ids[0] == ids[1];
         let [x, xd, w, a, b] = ids.map(|id| retrieve(c, id));
+        if let Some(node) = node_w {
+            grads.register::<Flex>(node, matmul(Flex::float_transpose(x), dy.clone()));
+        }
+        let low_rank = LowRankGrads {
+            hs,
+            xd,
+            a,
+            b,
+            scale: self.scale,
+        };
+        let base_dx = |dy| owned(matmul(dy, Flex::float_transpose(w)));
+        low_rank.backward(
+            dy,
+            [node_x, node_xd, node_a, node_b],
+            shared,
+            base_dx,
+            grads,
+        );
+    }
+}
+
+/// dx = dy·Wᵀ on the weight's bf16 path plus the adapter's terms, as `LoraLinear` (W frozen).
+#[derive(Debug)]
+struct Bf16LoraLinear {
+    scale: f64,
+}
+
+impl Backward<Flex, 4> for Bf16LoraLinear {
+    /// xd, a, b (checkpointed; x is not read: W has no gradient), hs = s·(xd·a), W.
+    type State = ([NodeId; 3], bool, FlexTensor, Arc<Bf16Weight>);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
+        let nodes = ops.parents.map(|n| n.map(|n| n.id));
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (ids, shared, hs, w) = ops.state;
+        let [xd, a, b] = ids.map(|id| retrieve(c, id));
+        let low_rank = LowRankGrads {
+            hs,
+            xd,
+            a,
+            b,
+            scale: self.scale,
+        };
+        let base_dx = |dy| bf16_product(dy, &w.fwd.transposed(), w.path);
+        low_rank.backward(dy, nodes, shared, base_dx, grads);
+    }
+}
+
+/// What a LoRA path's backward reads besides dy: hs = s·(xd·a) and the tensors.
+struct LowRankGrads {
+    hs: FlexTensor,
+    xd: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    scale: f64,
+}
+
+impl LowRankGrads {
+    /// Registers db, da and the input gradients of x (`base_dx(dy)`, the base weight's term)
+    /// and xd (the rank-r term), or their sum on x when xd is x (`shared`).
+    fn backward(
+        self,
+        dy: FlexTensor,
+        [node_x, node_xd, node_a, node_b]: [Option<NodeId>; 4],
+        shared: bool,
+        base_dx: impl FnOnce(FlexTensor) -> FlexTensor,
+        grads: &mut Gradients,
+    ) {
+        use burn::backend::ops::FloatTensorOps;
+        let LowRankGrads {
+            hs,
+            xd,
+            a,
+            b,
+            scale,
+        } = self;
         let t = Flex::float_transpose;
         if let Some(node) = node_b {
-            grads.register::<Flex>(node.id, matmul(t(hs), dy.clone()));
+            grads.register::<Flex>(node, matmul(t(hs), dy.clone()));
         }
         // gs = s·dy·bᵀ [N, r], the gradient at xd·a.
         let gs = matmul(dy.clone(), t(b));
-        let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
+        let gs = contiguous(Flex::float_mul_scalar(gs, scale.into()));
+        let shape = xd.shape();
         if let Some(node) = node_a {
-            grads.register::<Flex>(node.id, matmul(t(xd.clone()), gs.clone()));
-        }
-        if let Some(node) = node_w {
-            grads.register::<Flex>(node.id, matmul(t(x.clone()), dy.clone()));
+            grads.register::<Flex>(node, matmul(t(xd), gs.clone()));
         }
         let at = contiguous(t(a));
         let r = last_dim(&gs);
@@ -167,19 +242,60 @@ impl Backward<Flex, 5> for LoraLinear {
             kernels::add_low_rank(base.storage_mut::<f32>(), f32s(&gs), f32s(&at), r, cols);
             base
         };
-        let dx = node_x.map(|node| (node, owned(matmul(dy, t(w)))));
+        let dx = node_x.map(|node| (node, base_dx(dy)));
         match (dx, node_xd) {
             (Some((node, dx)), _) if shared => {
-                grads.register::<Flex>(node.id, add_low_rank(dx));
+                grads.register::<Flex>(node, add_low_rank(dx));
             }
             (dx, node_xd) => {
                 if let Some((node, dx)) = dx {
-                    grads.register::<Flex>(node.id, dx);
+                    grads.register::<Flex>(node, dx);
                 }
                 if let Some(node) = node_xd {
-                    let zeros = flex(vec![0.0; f32s(&xd).len()], xd.shape());
-                    grads.register::<Flex>(node.id, add_low_rank(zeros));
+                    let zeros = flex(vec![0.0; shape.num_elements()], shape);
+                    grads.register::<Flex>(node, add_low_rank(zeros));
                 }
+            }
+        }
+    }
+}
+
+/// `rotary_attention`: the projected inputs' gradients through attention, RoPE and the head
+/// split, one per distinct input (a fused qkv gets one, not three to add up).
+#[derive(Debug)]
+struct RotaryAttention {
+    heads: Heads,
+    rope: Arc<Rotary>,
+    scale: f32,
+}
+
+impl Backward<Flex, 3> for RotaryAttention {
+    /// The inputs (checkpointed) and P or the logsumexp.
+    type State = ([NodeId; 3], Probs);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, c: &mut Checkpointer) {
+        let nodes = ops.parents.map(|n| n.map(|n| n.id));
+        let d_out = grads.consume::<Flex>(&ops.node);
+        let (ids, probs) = ops.state;
+        // Which input part p is in, numbered in order of first appearance (as `scatter`
+        // returns their gradients): parts of one fused qkv share one.
+        let mut input = [0; 3];
+        let mut firsts = Vec::new();
+        for p in 0..3 {
+            input[p] = match (0..p).find(|&q| ids[q] == ids[p]) {
+                Some(q) => input[q],
+                None => {
+                    firsts.push(p);
+                    firsts.len() - 1
+                }
+            };
+        }
+        let inputs = ids.map(|id| retrieve(c, id));
+        let (h, rope) = (&self.heads, &*self.rope);
+        let g = attention::rotary_backward(&inputs, probs, d_out, (h, rope, self.scale), input);
+        for (p, grad) in firsts.into_iter().zip(g) {
+            if let Some(node) = nodes[p] {
+                grads.register::<Flex>(node, grad);
             }
         }
     }
@@ -202,6 +318,16 @@ impl Backward<Flex, 1> for CrossEntropySum {
         if let Some(node) = node {
             grads.register::<Flex>(node.id, flex(dx, x.shape()));
         }
+    }
+}
+
+/// What attention's backward keeps: P, or under gradient checkpointing only each row's
+/// logsumexp (P recomputed from q·kᵀ then).
+fn kept<C: CheckpointStrategy>(p: FlexTensor, lse: Vec<f32>) -> Probs {
+    if TypeId::of::<C>() == TypeId::of::<BalancedCheckpointing>() {
+        Probs::Lse(lse)
+    } else {
+        Probs::Kept(p)
     }
 }
 
@@ -287,14 +413,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
                 let (o, p, lse) = attention::forward(q, k, v, scale as f32, Causal { t, offset });
-                // Gradient checkpointing trades the probabilities for a recompute.
-                let recompute = TypeId::of::<C>() == TypeId::of::<BalancedCheckpointing>();
-                let probs = if recompute {
-                    Probs::Lse(lse)
-                } else {
-                    Probs::Kept(p)
-                };
-                prep.finish((ids, probs), o)
+                prep.finish((ids, kept::<C>(p, lse)), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(
                 q.into_primitive(),
@@ -303,6 +422,41 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 scale,
                 t,
                 offset,
+            )),
+        }
+    }
+
+    fn rotary_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: Heads,
+        rope: Arc<Rotary>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let back = RotaryAttention {
+            heads,
+            rope: rope.clone(),
+            scale: scale as f32,
+        };
+        match back
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
+                let inputs = [q, k, v].map(|t| contiguous(t.into_primitive()));
+                let (o, p, lse) = attention::rotary_forward(&inputs, &heads, &rope, scale as f32);
+                prep.finish((ids, kept::<C>(p, lse)), o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::rotary_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                heads,
+                rope,
+                scale,
             )),
         }
     }
@@ -329,7 +483,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     a.into_primitive(),
                     b.into_primitive(),
                 );
-                let (y, hs) = lora_forward(x, xd, w, a, b, scale);
+                let (y, hs) = lora_forward(owned(matmul(x, w)), xd, a, b, scale);
                 prep.finish((ids, hs), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::lora_linear(
@@ -371,6 +525,38 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(w, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_linear(x.into_primitive(), w)),
+        }
+    }
+
+    fn bf16_lora_linear(
+        x: FloatTensor<Self>,
+        xd: FloatTensor<Self>,
+        w: Arc<Bf16Weight>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match (Bf16LoraLinear { scale })
+            .prepare::<C>([x.node(), xd.node(), a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let shared = x.node().id() == xd.node().id();
+                let ids = [&xd, &a, &b].map(|t| prep.checkpoint(t));
+                let base = bf16_product(x.into_primitive(), &w.fwd, w.path);
+                let (a, b) = (a.into_primitive(), b.into_primitive());
+                let (y, hs) = lora_forward(base, xd.into_primitive(), a, b, scale);
+                prep.finish((ids, shared, hs, w), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_lora_linear(
+                x.into_primitive(),
+                xd.into_primitive(),
+                w,
+                a.into_primitive(),
+                b.into_primitive(),
+                scale,
+            )),
         }
     }
 

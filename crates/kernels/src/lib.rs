@@ -15,6 +15,7 @@ pub mod bf16;
 pub mod kernels;
 mod matmul;
 mod norm;
+pub mod rotary;
 
 use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;
@@ -23,6 +24,7 @@ use burn::backend::{backend_extension, Backend, DispatchDevice, Flex, TensorMeta
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kernels::{Causal, Layout};
 use matmul::matmul;
+use rotary::{Heads, Rotary};
 use std::sync::Arc;
 
 #[backend_extension(Flex, Autodiff)]
@@ -63,6 +65,26 @@ pub trait FusedOps: Backend {
     /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
     /// units): the input gradient flows, W has none.
     fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
+    /// `lora_linear` on `bf16_linear`'s base: the adapter's factors and products stay f32.
+    fn bf16_lora_linear(
+        x: FloatTensor<Self>,
+        xd: FloatTensor<Self>,
+        w: Arc<Bf16Weight>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
+    /// Causal attention from the projected inputs [B, T, width] (q, k, v: three tensors, or
+    /// one fused qkv passed three times), RoPE and the head split done inside: [B, T,
+    /// heads·d]. No cache and no mask (training); positions from `rope`.
+    fn rotary_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: Heads,
+        rope: Arc<Rotary>,
+        scale: f64,
+    ) -> FloatTensor<Self>;
     /// x / sqrt(mean(x²) + eps) · w over the last dim (w [d]).
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 }
@@ -146,11 +168,34 @@ impl FusedOps for Flex {
         b: FlexTensor,
         s: f64,
     ) -> FlexTensor {
-        lora_forward(x, xd, w, a, b, s).0
+        lora_forward(owned(matmul(x, w)), xd, a, b, s).0
+    }
+
+    fn bf16_lora_linear(
+        x: FlexTensor,
+        xd: FlexTensor,
+        w: Arc<Bf16Weight>,
+        a: FlexTensor,
+        b: FlexTensor,
+        s: f64,
+    ) -> FlexTensor {
+        lora_forward(bf16_product(x, &w.fwd, w.path), xd, a, b, s).0
     }
 
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
         cross_entropy_forward(&contiguous(logits), &targets).0
+    }
+
+    fn rotary_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        heads: Heads,
+        rope: Arc<Rotary>,
+        scale: f64,
+    ) -> FlexTensor {
+        let inputs = [q, k, v].map(contiguous);
+        attention::rotary_forward(&inputs, &heads, &rope, scale as f32).0
     }
 
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
@@ -174,9 +219,7 @@ pub(crate) fn rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexT
 pub(crate) fn bf16_product(x: FlexTensor, b: &bf16::PackedB, path: bf16::Path) -> FlexTensor {
     let x = contiguous(x);
     let rows = f32s(&x).len() / b.k.max(1);
-    let mut out = vec![0.0; rows * b.n];
-    bf16::gemm(path, f32s(&x), rows, b, &mut out);
-    flex(out, [rows, b.n].into())
+    flex(bf16::product(path, f32s(&x), rows, b), [rows, b.n].into())
 }
 
 /// The summed loss as a [1] tensor and each row's logsumexp (kept for the backward).
@@ -186,18 +229,16 @@ pub(crate) fn cross_entropy_forward(x: &FlexTensor, targets: &[i64]) -> (FlexTen
     (flex(vec![sum], [1].into()), lse)
 }
 
-/// x·w + s·(xd·a)·b and s·(xd·a) (kept for the backward).
+/// base + s·(xd·a)·b and s·(xd·a) (kept for the backward), for base = x·w (its own buffer).
 pub(crate) fn lora_forward(
-    x: FlexTensor,
+    mut y: FlexTensor,
     xd: FlexTensor,
-    w: FlexTensor,
     a: FlexTensor,
     b: FlexTensor,
     s: f64,
 ) -> (FlexTensor, FlexTensor) {
     use burn::backend::ops::FloatTensorOps;
     let h = contiguous(Flex::float_mul_scalar(matmul(xd, a), s.into()));
-    let mut y = owned(matmul(x, w));
     let b = contiguous(b);
     let (r, cols) = (last_dim(&h), last_dim(&y));
     kernels::add_low_rank(y.storage_mut::<f32>(), f32s(&h), f32s(&b), r, cols);
@@ -280,6 +321,39 @@ pub fn bf16_linear<const N: usize>(x: Tensor<N>, w: &Arc<Bf16Weight>) -> Tensor<
     dims[N - 1] = w.d_out();
     let x = x.reshape([rows, w.d_in()]).into_dispatch();
     Tensor::<2>::from_dispatch(D::bf16_linear(x, w.clone())).reshape(dims)
+}
+
+/// x·W + scale·(xd·a)·b for a frozen W packed in bf16 (`lora_linear`'s other base). Only where
+/// `fusable` (callers check).
+pub fn bf16_lora_linear<const N: usize>(
+    x: Tensor<N>,
+    xd: Option<Tensor<N>>,
+    w: &Arc<Bf16Weight>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<N> {
+    let mut dims = x.dims();
+    let rows = x.shape().num_elements() / w.d_in().max(1);
+    dims[N - 1] = w.d_out();
+    let flat = |t: Tensor<N>| t.reshape([rows, w.d_in()]).into_dispatch();
+    let xd = flat(xd.unwrap_or_else(|| x.clone()));
+    let (a, b) = (a.into_dispatch(), b.into_dispatch());
+    Tensor::<2>::from_dispatch(D::bf16_lora_linear(flat(x), xd, w.clone(), a, b, scale))
+        .reshape(dims)
+}
+
+/// `FusedOps::rotary_attention` for inputs [B, T, width]. Only where `fusable` (callers check).
+pub fn rotary_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    heads: Heads,
+    rope: &Arc<Rotary>,
+    scale: f64,
+) -> Tensor<3> {
+    let [q, k, v] = [q, k, v].map(|t| t.into_dispatch());
+    Tensor::from_dispatch(D::rotary_attention(q, k, v, heads, rope.clone(), scale))
 }
 
 /// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),

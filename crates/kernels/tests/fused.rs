@@ -3,7 +3,9 @@
 //! ignored cross-entropy rows.
 
 use burn::tensor::{Distribution, Tensor, TensorData};
+use phi_kernels::bf16::{Bf16Weight, Path};
 use phi_kernels::{self as fused, reference};
+use std::sync::Arc;
 
 fn dev() -> burn::tensor::Device {
     burn::tensor::Device::flex()
@@ -124,7 +126,10 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
         .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
         .collect();
     let mask = Tensor::<3>::from_data(TensorData::new(mask, [2, 5, 24]), &dev().autodiff());
-    for dropout in [false, true] {
+    // The frozen base in bf16 (--bf16): the same op on the packed weight, against the packed
+    // weight's own linear plus the composed adapter. The scalar path runs on every CPU.
+    let packed = Arc::new(Bf16Weight::in_out(&vals(w.clone()), 24, 40, Path::Scalar));
+    for (bf16, dropout) in [(false, false), (false, true), (true, false), (true, true)] {
         let mut results = Vec::new();
         for fused_path in [true, false] {
             let leaf = |t: &Tensor<2>| t.clone().detach().require_grad();
@@ -135,31 +140,49 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
                 leaf(&b),
             );
             let xd = dropout.then(|| x.clone() * mask.clone());
-            let y = if fused_path {
-                fused::lora_linear(x.clone(), xd, w.clone(), a.clone(), b.clone(), 1.7)
-            } else {
-                let xd = xd.unwrap_or_else(|| x.clone());
-                let lora = xd
-                    .matmul(a.clone().unsqueeze())
-                    .matmul(b.clone().unsqueeze());
-                x.clone().matmul(w.clone().unsqueeze()) + lora * 1.7
+            let y = match (fused_path, bf16) {
+                (true, false) => {
+                    fused::lora_linear(x.clone(), xd, w.clone(), a.clone(), b.clone(), 1.7)
+                }
+                (true, true) => {
+                    fused::bf16_lora_linear(x.clone(), xd, &packed, a.clone(), b.clone(), 1.7)
+                }
+                (false, _) => {
+                    let xd = xd.unwrap_or_else(|| x.clone());
+                    let lora = xd
+                        .matmul(a.clone().unsqueeze())
+                        .matmul(b.clone().unsqueeze());
+                    let base = match bf16 {
+                        true => fused::bf16_linear(x.clone(), &packed),
+                        false => x.clone().matmul(w.clone().unsqueeze()),
+                    };
+                    base + lora * 1.7
+                }
             };
             dev().seed(42);
             let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
             let g = (y.clone() * Tensor::from_data(up.into_data(), &y.device()))
                 .sum()
                 .backward();
-            let grads: Vec<Vec<f32>> = [w, a, b]
-                .iter()
-                .map(|p| vals(p.grad(&g).unwrap()))
-                .collect();
+            // The packed base has no weight gradient: w is not in its graph.
+            let params = if bf16 { vec![a, b] } else { vec![w, a, b] };
+            let grads: Vec<Vec<f32>> = params.iter().map(|p| vals(p.grad(&g).unwrap())).collect();
             results.push((vals(y), vals(x.grad(&g).unwrap()), grads));
         }
         let (f, r) = (&results[0], &results[1]);
-        let tag = if dropout { " (dropout)" } else { "" };
+        let tag = format!(
+            "{}{}",
+            if bf16 { " (bf16 base)" } else { "" },
+            if dropout { " (dropout)" } else { "" }
+        );
         close(&f.0, &r.0, 1e-5, &format!("lora output{tag}"));
         close(&f.1, &r.1, 1e-5, &format!("lora d x{tag}"));
-        for (i, name) in ["d w", "d a", "d b"].iter().enumerate() {
+        let names: &[&str] = if bf16 {
+            &["d a", "d b"]
+        } else {
+            &["d w", "d a", "d b"]
+        };
+        for (i, name) in names.iter().enumerate() {
             close(&f.2[i], &r.2[i], 1e-5, &format!("lora {name}{tag}"));
         }
     }

@@ -226,7 +226,7 @@ impl CausalLm {
         } else {
             &positions[..]
         };
-        let (cos, sin) = self.rope.tables(pos_rows, rows, long, &device);
+        let (cos, sin, rope) = self.rope.tables(pos_rows, rows, long, &device);
 
         let new_mask = inp.attention_mask.clone().unwrap_or_else(|| vec![1; b * t]);
         let key_mask = if let Some(c) = cache.as_deref_mut() {
@@ -246,7 +246,12 @@ impl CausalLm {
             new_mask
         };
         let mask = build_mask(&key_mask, b, t, past, self.sliding_window, &device);
-        let ctx = LayerCtx { cos, sin, mask };
+        let ctx = LayerCtx {
+            cos,
+            sin,
+            rope,
+            mask,
+        };
 
         let mut taps = Taps::default();
         let mut x = embeds;

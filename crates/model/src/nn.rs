@@ -11,6 +11,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use phi_kernels as fused;
 use phi_kernels::bf16::Bf16Weight;
+use phi_kernels::rotary::{Heads, Rotary};
 use std::sync::Arc;
 
 pub fn param1(t: HostTensor, device: &Device) -> Param<Tensor<1>> {
@@ -89,13 +90,16 @@ impl Linear {
             .filter(|_| !self.weight.is_require_grad() || self.f32_dropped());
         // A dropped f32 weight has only this path (PHI_FUSED=0 included).
         if let Some(w) = packed.filter(|_| fused::fusable(&x) || self.f32_dropped()) {
-            let y = fused::bf16_linear(x.clone(), w);
-            let y = match &self.bias {
-                Some(b) => y + b.val().unsqueeze(),
-                None => y,
+            let y = match &self.lora {
+                Some(l) if fused::fusable(&x) => {
+                    let xd = (l.dropout.prob > 0.0).then(|| l.dropout.forward(x.clone()));
+                    fused::bf16_lora_linear(x, xd, w, l.a.val(), l.b.val(), l.scale)
+                }
+                Some(l) => fused::bf16_linear(x.clone(), w) + l.forward(x),
+                None => fused::bf16_linear(x, w),
             };
-            return match &self.lora {
-                Some(l) => y + l.forward(x),
+            return match &self.bias {
+                Some(b) => y + b.val().unsqueeze(),
                 None => y,
             };
         }
@@ -302,6 +306,8 @@ pub struct LayerCtx {
     /// [B or 1, 1, T, rot] for the positions of this call.
     pub cos: Tensor<4>,
     pub sin: Tensor<4>,
+    /// The same tables on the host, for the fused attention.
+    pub rope: Arc<Rotary>,
     /// [B, 1, T, S] with true = masked out; None means plain causal attention.
     pub mask: Option<Tensor<4, Bool>>,
 }
@@ -391,17 +397,67 @@ fn grouped_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tenso
         .reshape([b, t, h * d])
 }
 
-/// Projected q/k/v [B, T, n·d] → heads, rotary on q and k, attention: [B, T, heads·d].
+/// What the attention projections gave: q, k, v [B, T, heads·d] apart, or one fused
+/// [B, T, (heads + 2·kv_heads)·d] (Phi-3's `qkv_proj`).
+#[allow(clippy::large_enum_variant)] // built and taken apart once a layer call
+pub enum Projected {
+    Split(Tensor<3>, Tensor<3>, Tensor<3>),
+    Fused(Tensor<3>),
+}
+
+/// Projected q/k/v → heads, rotary on q and k, attention: [B, T, heads·d].
 pub fn rotary_attention(
-    qkv: (Tensor<3>, Tensor<3>, Tensor<3>),
+    qkv: Projected,
     heads: usize,
     kv_heads: usize,
     ctx: &LayerCtx,
     cache: Option<&mut LayerCache>,
 ) -> Tensor<3> {
-    let q = apply_rotary(split_heads(qkv.0, heads), &ctx.cos, &ctx.sin);
-    let k = apply_rotary(split_heads(qkv.1, kv_heads), &ctx.cos, &ctx.sin);
-    attend(q, k, split_heads(qkv.2, kv_heads), ctx, cache)
+    let fused_qkv = matches!(qkv, Projected::Fused(_));
+    let (q, k, v, start) = match qkv {
+        Projected::Split(q, k, v) => (q, k, v, [0; 3]),
+        Projected::Fused(qkv) => {
+            let n = qkv.dims()[2];
+            let d = n / (heads + 2 * kv_heads);
+            let start = [0, heads * d, (heads + kv_heads) * d];
+            (qkv.clone(), qkv.clone(), qkv, start)
+        }
+    };
+    let [b, t, _] = q.dims();
+    let d = match fused_qkv {
+        true => start[1] / heads,
+        false => q.dims()[2] / heads,
+    };
+    // Training's plain causal case (no cache, no padding mask) runs as one fused op, which
+    // also takes a fused qkv whole: no slices, transposes or RoPE passes, forward or back.
+    if cache.is_none() && ctx.mask.is_none() && fused::fusable(&q) && ctx.rope.t == t {
+        let layout = Heads {
+            heads,
+            kv_heads,
+            d,
+            width: [&q, &k, &v].map(|x| x.dims()[2]),
+            start,
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        return fused::rotary_attention(q, k, v, layout, &ctx.rope, scale);
+    }
+    let part = |x: Tensor<3>, i: usize, count: usize| match fused_qkv {
+        true => x.slice([0..b, 0..t, start[i]..start[i] + count * d]),
+        false => x,
+    };
+    let q = apply_rotary(split_heads(part(q, 0, heads), heads), &ctx.cos, &ctx.sin);
+    let k = apply_rotary(
+        split_heads(part(k, 1, kv_heads), kv_heads),
+        &ctx.cos,
+        &ctx.sin,
+    );
+    attend(
+        q,
+        k,
+        split_heads(part(v, 2, kv_heads), kv_heads),
+        ctx,
+        cache,
+    )
 }
 
 /// The two norms of a pre-norm block, under their HF names.

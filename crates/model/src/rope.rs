@@ -3,6 +3,8 @@
 
 use crate::config::{ModelConfig, RopeScaling};
 use burn::tensor::{Device, Tensor, TensorData};
+use phi_kernels::rotary::Rotary;
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -103,14 +105,15 @@ impl Rope {
         self.long_inv_freq.is_some() && max_position + 1 > self.original_max_positions
     }
 
-    /// cos and sin for `positions` ([rows, T] flattened row-major) as [rows, 1, T, rot_dim].
+    /// cos and sin for `positions` ([rows, T] flattened row-major) as [rows, 1, T, rot_dim],
+    /// and the same values for the fused attention.
     pub fn tables(
         &self,
         positions: &[i64],
         rows: usize,
         long: bool,
         device: &Device,
-    ) -> (Tensor<4>, Tensor<4>) {
+    ) -> (Tensor<4>, Tensor<4>, Arc<Rotary>) {
         let inv = match (&self.long_inv_freq, long) {
             (Some(l), true) => l,
             _ => &self.inv_freq,
@@ -131,9 +134,17 @@ impl Rope {
             sin.extend_from_within(start..start + half);
         }
         let shape = [rows, 1, t, self.rot_dim];
+        let table = Arc::new(Rotary {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            rows,
+            t,
+            rot: self.rot_dim,
+        });
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
+            table,
         )
     }
 }

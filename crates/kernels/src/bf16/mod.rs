@@ -11,6 +11,7 @@ mod amx;
 mod avx512;
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// A kernel path. Each one computes the same sums of bf16 products in f32; they differ in
@@ -194,7 +195,7 @@ impl PackedB {
 
 /// One 16×16 block of [`PackedB::transposed`]: 8 pair rows of 16 words in, 8 out.
 #[inline(always)]
-fn transpose_block(src: &[u16], dst: &mut [std::mem::MaybeUninit<u16>]) {
+fn transpose_block(src: &[u16], dst: &mut [MaybeUninit<u16>]) {
     let word =
         |rl: usize, c: usize| src[rl * 32 + 2 * c] as u32 | (src[rl * 32 + 2 * c + 1] as u32) << 16;
     for c2 in 0..8 {
@@ -259,22 +260,22 @@ impl Bf16Weight {
 
 /// `to_bf16` over a row, in a form the compiler vectorises (no branch per element).
 #[inline(always)]
-fn round_row(src: &[f32], dst: &mut [u16]) {
+fn round_row(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
     for (o, &x) in dst.iter_mut().zip(src) {
         let b = x.to_bits();
         let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
         let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-        *o = if nan {
+        o.write(if nan {
             ((b >> 16) | 0x40) as u16
         } else {
             rounded
-        };
+        });
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
+unsafe fn round_row_avx512(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
     round_row(src, dst)
 }
 
@@ -282,10 +283,13 @@ unsafe fn round_row_avx512(src: &[f32], dst: &mut [u16]) {
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx512bw");
-    let mut out = vec![0u16; m * k_pad];
-    out.par_chunks_mut(k_pad)
+    let mut out: Vec<u16> = Vec::with_capacity(m * k_pad);
+    out.spare_capacity_mut()[..m * k_pad]
+        .par_chunks_mut(k_pad)
         .zip(a.par_chunks(k))
         .for_each(|(o, r)| {
+            let (o, pad) = o.split_at_mut(k);
+            pad.fill(MaybeUninit::new(0));
             #[cfg(target_arch = "x86_64")]
             if wide {
                 // SAFETY: the CPU has AVX512F and AVX512BW (checked above).
@@ -294,6 +298,8 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
             }
             round_row(r, o);
         });
+    // SAFETY: each of the m rows is written whole: k rounded values, then the padding.
+    unsafe { out.set_len(m * k_pad) };
     out
 }
 
@@ -331,9 +337,28 @@ impl Out {
 /// Tasks are blocks of up to 256 rows times a range of panel pairs, split in columns too when
 /// m alone would leave threads idle (m = 256 tokens is one row block).
 pub fn gemm(path: Path, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
+    assert_eq!(c.len(), m * b.n, "C is not m×n");
+    // SAFETY: c holds m·n floats.
+    unsafe { gemm_into(path, a, m, b, c.as_mut_ptr()) }
+}
+
+/// `gemm` into a new [m×n] buffer. Every path stores each element of C (none accumulates
+/// into it), so the buffer starts unfilled: no pass to zero it first.
+pub fn product(path: Path, a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * b.n);
+    // SAFETY: the capacity is m·n floats, all of which `gemm_into` writes.
+    unsafe {
+        gemm_into(path, a, m, b, c.as_mut_ptr());
+        c.set_len(m * b.n);
+    }
+    c
+}
+
+/// # Safety
+/// `c` points at m·n writable floats.
+unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
     let (k, n) = (b.k, b.n);
     assert_eq!(a.len(), m * k, "A is not m×k");
-    assert_eq!(c.len(), m * n, "C is not m×n");
     if m == 0 || n == 0 {
         return;
     }
@@ -345,7 +370,7 @@ pub fn gemm(path: Path, a: &[f32], m: usize, b: &PackedB, c: &mut [f32]) {
     let want = 2 * rayon::current_num_threads();
     let col_blocks = want.div_ceil(row_blocks).clamp(1, pairs.max(1));
     let per = pairs.div_ceil(col_blocks);
-    let out = Out(c.as_mut_ptr());
+    let out = Out(c);
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let r0 = rb * ROWS;

@@ -5,7 +5,7 @@ use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linear
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::gguf::GgufLayout;
-use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm};
+use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -173,7 +173,7 @@ impl Block for LlamaLayer {
         let a = &self.self_attn;
         let normed = self.input_layernorm.forward(x.clone());
         taps.input_layernorm(&normed);
-        let qkv = (
+        let qkv = Projected::Split(
             a.q_proj.forward(normed.clone()),
             a.k_proj.forward(normed.clone()),
             a.v_proj.forward(normed),

@@ -4,7 +4,7 @@
 use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linears, Mlp};
 use crate::config::{ConfigReader, ModelConfig};
 use crate::error::ModelError;
-use crate::nn::{rotary_attention, LayerCache, LayerCtx, Linear, Norm};
+use crate::nn::{rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -155,7 +155,7 @@ impl Block for Phi2Layer {
         let a = &self.self_attn;
         let normed = self.input_layernorm.forward(x.clone());
         taps.input_layernorm(&normed);
-        let qkv = (
+        let qkv = Projected::Split(
             a.q_proj.forward(normed.clone()),
             a.k_proj.forward(normed.clone()),
             a.v_proj.forward(normed.clone()),

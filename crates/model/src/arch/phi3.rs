@@ -4,7 +4,7 @@
 use super::{block_listing, Architecture, Block, DecoderLayer, Fused, LinearSpec, Linears, Mlp};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::ModelError;
-use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm};
+use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
@@ -159,18 +159,10 @@ impl Block for Phi3Layer {
         let a = &self.self_attn;
         let normed = self.input_layernorm.forward(x.clone());
         taps.input_layernorm(&normed);
-        let qkv = a.qkv_proj.forward(normed);
-        let [b, t, n] = qkv.dims();
-        let d = n / (a.heads + 2 * a.kv_heads);
-        let (qd, kvd) = (a.heads * d, a.kv_heads * d);
-        let parts = (
-            qkv.clone().slice([0..b, 0..t, 0..qd]),
-            qkv.clone().slice([0..b, 0..t, qd..qd + kvd]),
-            qkv.slice([0..b, 0..t, qd + kvd..n]),
-        );
+        let qkv = Projected::Fused(a.qkv_proj.forward(normed));
         let h = x + a
             .o_proj
-            .forward(rotary_attention(parts, a.heads, a.kv_heads, ctx, cache));
+            .forward(rotary_attention(qkv, a.heads, a.kv_heads, ctx, cache));
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let gu = self.mlp.gate_up_proj.forward(normed);
