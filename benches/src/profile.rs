@@ -174,6 +174,7 @@ pub fn run(a: &Args) -> Result<()> {
             rot: hd,
         }),
         mask: None,
+        hidden: None,
     };
     let (ctx_in, ctx_ad) = (ctx(&inner), ctx(&ad));
     let attn = |x: Tensor<3>| {

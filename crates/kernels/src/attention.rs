@@ -20,6 +20,17 @@ fn kt(k: FlexTensor) -> FlexTensor {
     Flex::float_swap_dims(k, 2, 3)
 }
 
+/// A padding or packing mask, [B, t, S] (true = hidden), over scores whose rows hold
+/// `per_batch` rows a batch.
+#[derive(Clone, Copy)]
+pub(crate) struct Masked<'a> {
+    pub hidden: &'a [bool],
+    pub per_batch: usize,
+}
+
+/// A score far below any real one, finite so that a row with nothing visible stays finite.
+const HIDDEN: f32 = -1e30;
+
 /// O, P and each row's logsumexp.
 pub(crate) fn forward(
     q: FlexTensor,
@@ -27,13 +38,22 @@ pub(crate) fn forward(
     v: FlexTensor,
     scale: f32,
     causal: Causal,
+    mask: Option<Masked>,
 ) -> (FlexTensor, FlexTensor, Vec<f32>) {
-    let scores = contiguous(matmul(q, kt(k)));
-    let mut p = vec![0.0; f32s(&scores).len()];
+    let mut scores = owned(matmul(q, kt(k)));
     let s = last_dim(&scores);
+    let shape = scores.shape();
+    if let Some(m) = mask {
+        let x = scores.storage_mut::<f32>();
+        kernels::fill_masked(x, s, causal.t, m.per_batch, m.hidden, HIDDEN);
+    }
+    let mut p = vec![0.0; f32s(&scores).len()];
     let lse = kernels::softmax_forward_lse(f32s(&scores), s, scale, Some(causal), &mut p);
-    let p = flex(p, scores.shape());
     drop(scores);
+    if let Some(m) = mask {
+        kernels::fill_masked(&mut p, s, causal.t, m.per_batch, m.hidden, 0.0);
+    }
+    let p = flex(p, shape);
     (matmul(p.clone(), v), p, lse)
 }
 
@@ -60,7 +80,7 @@ impl Backward<Flex, 3> for CausalAttention {
         let (ids, probs) = ops.state;
         let [q, k, v] = ids.map(|id| c.retrieve_node_output::<FlexTensor>(id));
         let want = [0, 1, 2].map(|i| nodes[i].is_some());
-        let dqkv = backward(q, k, v, probs, d_o, self.scale, self.causal, want);
+        let dqkv = backward(q, k, v, probs, d_o, (self.scale, self.causal, None), want);
         for (node, g) in nodes.into_iter().zip(dqkv) {
             if let (Some(node), Some(g)) = (node, g) {
                 grads.register::<Flex>(node.id, g);
@@ -70,15 +90,13 @@ impl Backward<Flex, 3> for CausalAttention {
 }
 
 /// dq, dk, dv (those `want` asks for) from dO.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
     probs: Probs,
     d_o: FlexTensor,
-    scale: f32,
-    causal: Causal,
+    (scale, causal, mask): (f32, Causal, Option<Masked>),
     want: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
     let p = match probs {
@@ -88,6 +106,11 @@ pub(crate) fn backward(
             let s = last_dim(&p);
             let scores = p.storage_mut::<f32>();
             kernels::softmax_recompute(scores, s, scale, Some(causal), &lse);
+            // Each entry comes from its own score and the row's logsumexp, so hidden ones
+            // need no large negative first, only their zero after.
+            if let Some(m) = mask {
+                kernels::fill_masked(scores, s, causal.t, m.per_batch, m.hidden, 0.0);
+            }
             p
         }
     };
@@ -101,6 +124,14 @@ pub(crate) fn backward(
     let dk = want[1].then(|| matmul(kt(ds.clone()), q));
     let dq = want[0].then(|| matmul(ds, k));
     [dq, dk, dv]
+}
+
+/// The mask over the GQA-stacked scores: all heads of a batch row share it.
+fn masked<'a>(hidden: Option<&'a [bool]>, h: &Heads, rope: &Rotary) -> Option<Masked<'a>> {
+    hidden.map(|hidden| Masked {
+        hidden,
+        per_batch: h.heads * rope.t,
+    })
 }
 
 /// q, k, v as `forward` takes them (q GQA-stacked) from the projected inputs [B, T, width].
@@ -121,19 +152,15 @@ pub(crate) fn rotary_forward(
     h: &Heads,
     rope: &Rotary,
     scale: f32,
+    mask: Option<&[bool]>,
 ) -> (FlexTensor, FlexTensor, Vec<f32>) {
     let b = inputs[0].shape()[0];
     let [q, k, v] = heads_from(inputs, h, rope);
-    let (o, p, lse) = forward(
-        q,
-        k,
-        v,
-        scale,
-        Causal {
-            t: rope.t,
-            offset: 0,
-        },
-    );
+    let causal = Causal {
+        t: rope.t,
+        offset: 0,
+    };
+    let (o, p, lse) = forward(q, k, v, scale, causal, masked(mask, h, rope));
     let o = contiguous(o);
     let out = rotary::merge_heads(f32s(&o), h.heads, rope.t, h.d, false);
     (flex(out, [b, rope.t, h.heads * h.d].into()), p, lse)
@@ -144,7 +171,7 @@ pub(crate) fn rotary_backward(
     inputs: &[FlexTensor; 3],
     probs: Probs,
     d_out: FlexTensor,
-    (h, rope, scale): (&Heads, &Rotary, f32),
+    (h, rope, scale, mask): (&Heads, &Rotary, f32, Option<&[bool]>),
     input: [usize; 3],
 ) -> Vec<FlexTensor> {
     let (b, t) = (inputs[0].shape()[0], rope.t);
@@ -153,7 +180,8 @@ pub(crate) fn rotary_backward(
     let d_o = rotary::merge_heads(f32s(&d_out), h.heads, t, h.d, true);
     let d_o = flex(d_o, q.shape());
     let causal = Causal { t, offset: 0 };
-    let grads = backward(q, k, v, probs, d_o, scale, causal, [true; 3]);
+    let mask = masked(mask, h, rope);
+    let grads = backward(q, k, v, probs, d_o, (scale, causal, mask), [true; 3]);
     let [dq, dk, dv] = grads.map(|g| contiguous(g.expect("all three asked for")));
     let parts = [f32s(&dq), f32s(&dk), f32s(&dv)];
     let widths = |j: usize| h.width[input.iter().position(|&x| x == j).unwrap()];

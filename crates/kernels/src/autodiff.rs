@@ -266,6 +266,7 @@ impl LowRankGrads {
 struct RotaryAttention {
     heads: Heads,
     rope: Arc<Rotary>,
+    mask: Option<Arc<Vec<bool>>>,
     scale: f32,
 }
 
@@ -291,8 +292,13 @@ impl Backward<Flex, 3> for RotaryAttention {
             };
         }
         let inputs = ids.map(|id| retrieve(c, id));
-        let (h, rope) = (&self.heads, &*self.rope);
-        let g = attention::rotary_backward(&inputs, probs, d_out, (h, rope, self.scale), input);
+        let (h, rope, mask) = (
+            &self.heads,
+            &*self.rope,
+            self.mask.as_deref().map(|m| &m[..]),
+        );
+        let g =
+            attention::rotary_backward(&inputs, probs, d_out, (h, rope, self.scale, mask), input);
         for (p, grad) in firsts.into_iter().zip(g) {
             if let Some(node) = nodes[p] {
                 grads.register::<Flex>(node, grad);
@@ -412,7 +418,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let (o, p, lse) = attention::forward(q, k, v, scale as f32, Causal { t, offset });
+                let causal = Causal { t, offset };
+                let (o, p, lse) = attention::forward(q, k, v, scale as f32, causal, None);
                 prep.finish((ids, kept::<C>(p, lse)), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(
@@ -432,11 +439,13 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         v: FloatTensor<Self>,
         heads: Heads,
         rope: Arc<Rotary>,
+        mask: Option<Arc<Vec<bool>>>,
         scale: f64,
     ) -> FloatTensor<Self> {
         let back = RotaryAttention {
             heads,
             rope: rope.clone(),
+            mask: mask.clone(),
             scale: scale as f32,
         };
         match back
@@ -447,7 +456,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let inputs = [q, k, v].map(|t| contiguous(t.into_primitive()));
-                let (o, p, lse) = attention::rotary_forward(&inputs, &heads, &rope, scale as f32);
+                let hidden = mask.as_deref().map(|m| &m[..]);
+                let (o, p, lse) =
+                    attention::rotary_forward(&inputs, &heads, &rope, scale as f32, hidden);
                 prep.finish((ids, kept::<C>(p, lse)), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::rotary_attention(
@@ -456,6 +467,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 v.into_primitive(),
                 heads,
                 rope,
+                mask,
                 scale,
             )),
         }

@@ -76,13 +76,15 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Causal attention from the projected inputs [B, T, width] (q, k, v: three tensors, or
     /// one fused qkv passed three times), RoPE and the head split done inside: [B, T,
-    /// heads·d]. No cache and no mask (training); positions from `rope`.
+    /// heads·d]. No cache (training); positions from `rope`; `mask` [B, T, T] (true =
+    /// hidden) for padding and packing, on top of the causal one.
     fn rotary_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         heads: Heads,
         rope: Arc<Rotary>,
+        mask: Option<Arc<Vec<bool>>>,
         scale: f64,
     ) -> FloatTensor<Self>;
     /// x / sqrt(mean(x²) + eps) · w over the last dim (w [d]).
@@ -157,7 +159,7 @@ impl FusedOps for Flex {
         t: usize,
         offset: usize,
     ) -> FlexTensor {
-        attention::forward(q, k, v, scale as f32, Causal { t, offset }).0
+        attention::forward(q, k, v, scale as f32, Causal { t, offset }, None).0
     }
 
     fn lora_linear(
@@ -192,10 +194,12 @@ impl FusedOps for Flex {
         v: FlexTensor,
         heads: Heads,
         rope: Arc<Rotary>,
+        mask: Option<Arc<Vec<bool>>>,
         scale: f64,
     ) -> FlexTensor {
         let inputs = [q, k, v].map(contiguous);
-        attention::rotary_forward(&inputs, &heads, &rope, scale as f32).0
+        let hidden = mask.as_deref().map(|m| &m[..]);
+        attention::rotary_forward(&inputs, &heads, &rope, scale as f32, hidden).0
     }
 
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
@@ -350,10 +354,12 @@ pub fn rotary_attention(
     v: Tensor<3>,
     heads: Heads,
     rope: &Arc<Rotary>,
+    mask: Option<&Arc<Vec<bool>>>,
     scale: f64,
 ) -> Tensor<3> {
     let [q, k, v] = [q, k, v].map(|t| t.into_dispatch());
-    Tensor::from_dispatch(D::rotary_attention(q, k, v, heads, rope.clone(), scale))
+    let (rope, mask) = (rope.clone(), mask.cloned());
+    Tensor::from_dispatch(D::rotary_attention(q, k, v, heads, rope, mask, scale))
 }
 
 /// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),

@@ -245,12 +245,14 @@ impl CausalLm {
         } else {
             new_mask
         };
-        let mask = build_mask(&key_mask, b, t, past, self.sliding_window, &device);
+        let (mask, hidden) =
+            build_mask(&key_mask, b, t, past, self.sliding_window, &device).unzip();
         let ctx = LayerCtx {
             cos,
             sin,
             rope,
             mask,
+            hidden,
         };
 
         let mut taps = Taps::default();
@@ -299,7 +301,7 @@ fn build_mask(
     past: usize,
     window: Option<usize>,
     device: &Device,
-) -> Option<Tensor<4, Bool>> {
+) -> Option<(Tensor<4, Bool>, Arc<Vec<bool>>)> {
     let s = past + t;
     let window = window.filter(|&w| s > w);
     if window.is_none() && key_mask.iter().all(|&m| m == 1) {
@@ -320,5 +322,9 @@ fn build_mask(
             }
         }
     }
-    Some(Tensor::from_data(TensorData::new(m, [b, 1, t, s]), device))
+    let host = Arc::new(m.clone());
+    Some((
+        Tensor::from_data(TensorData::new(m, [b, 1, t, s]), device),
+        host,
+    ))
 }

@@ -310,6 +310,8 @@ pub struct LayerCtx {
     pub rope: Arc<Rotary>,
     /// [B, 1, T, S] with true = masked out; None means plain causal attention.
     pub mask: Option<Tensor<4, Bool>>,
+    /// The same mask on the host, for the fused attention.
+    pub hidden: Option<Arc<Vec<bool>>>,
 }
 
 /// HF's rotate-half RoPE on the first `rot` dims of each head.
@@ -428,9 +430,9 @@ pub fn rotary_attention(
         true => start[1] / heads,
         false => q.dims()[2] / heads,
     };
-    // Training's plain causal case (no cache, no padding mask) runs as one fused op, which
-    // also takes a fused qkv whole: no slices, transposes or RoPE passes, forward or back.
-    if cache.is_none() && ctx.mask.is_none() && fused::fusable(&q) && ctx.rope.t == t {
+    // Training (no cache) runs as one fused op, which also takes a fused qkv whole: no
+    // slices, transposes or RoPE passes, forward or back.
+    if cache.is_none() && fused::fusable(&q) && ctx.rope.t == t {
         let layout = Heads {
             heads,
             kv_heads,
@@ -439,7 +441,7 @@ pub fn rotary_attention(
             start,
         };
         let scale = 1.0 / (d as f64).sqrt();
-        return fused::rotary_attention(q, k, v, layout, &ctx.rope, scale);
+        return fused::rotary_attention(q, k, v, layout, &ctx.rope, ctx.hidden.as_ref(), scale);
     }
     let part = |x: Tensor<3>, i: usize, count: usize| match fused_qkv {
         true => x.slice([0..b, 0..t, start[i]..start[i] + count * d]),

@@ -1,11 +1,11 @@
-//! The fused attention (`rotary_attention` without a mask: head split, RoPE and causal
-//! attention in one op) against the composed path that an explicit causal mask takes (Burn's
-//! slices, RoPE ops and attention module): outputs and the gradients of the projections, for
-//! a fused qkv and for q, k, v apart, with GQA, partial rotary and per-row positions.
+//! The fused attention (`rotary_attention` in training: head split, RoPE and causal attention
+//! in one op) against the same composed from Burn's slices, RoPE ops and attention module:
+//! outputs and the gradients of the projections, for a fused qkv and for q, k, v apart, with
+//! GQA, partial rotary, per-row positions, and padding and packing masks.
 
 use burn::tensor::{Bool, Distribution, Tensor, TensorData};
 use phi_kernels::rotary::Rotary;
-use phi_model::nn::{rotary_attention, LayerCtx, Projected};
+use phi_model::nn::{apply_rotary, attend, rotary_attention, split_heads, LayerCtx, Projected};
 use std::sync::Arc;
 
 fn dev() -> burn::tensor::Device {
@@ -26,8 +26,9 @@ fn close(a: &[f32], b: &[f32], what: &str) {
 }
 
 /// Tables for `rows` rows of t positions (any values: RoPE is linear in them, so random
-/// tables test the rotation's form as well as real angles would).
-fn ctx(rows: usize, t: usize, rot: usize, b: usize, masked: bool) -> LayerCtx {
+/// tables test the rotation's form as well as real angles would), and the mask that
+/// `keys` ([B, t] segment ids, 0 = padding; None: plain causal) gives, as the model builds it.
+fn ctx(rows: usize, t: usize, rot: usize, b: usize, keys: Option<&[i64]>) -> LayerCtx {
     let n = rows * t * rot;
     let cos: Vec<f32> = (0..n)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
@@ -36,8 +37,19 @@ fn ctx(rows: usize, t: usize, rot: usize, b: usize, masked: bool) -> LayerCtx {
         .map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0)
         .collect();
     let shape = [rows, 1, t, rot];
-    // The composed path runs wherever a mask is given; this one is plain causal.
-    let causal: Vec<bool> = (0..b * t * t).map(|i| i % t > i / t % t).collect();
+    let hidden = keys.map(|keys| {
+        let mut m = vec![false; b * t * t];
+        for r in 0..b {
+            let keys = &keys[r * t..(r + 1) * t];
+            for q in 0..t {
+                for k in 0..t {
+                    let other = keys[q] != 0 && keys[k] != keys[q];
+                    m[(r * t + q) * t + k] = k > q || keys[k] == 0 || other;
+                }
+            }
+        }
+        m
+    });
     LayerCtx {
         cos: Tensor::from_data(TensorData::new(cos.clone(), shape), &dev()),
         sin: Tensor::from_data(TensorData::new(sin.clone(), shape), &dev()),
@@ -48,28 +60,76 @@ fn ctx(rows: usize, t: usize, rot: usize, b: usize, masked: bool) -> LayerCtx {
             t,
             rot,
         }),
-        mask: masked
-            .then(|| Tensor::<4, Bool>::from_data(TensorData::new(causal, [b, 1, t, t]), &dev())),
+        mask: hidden
+            .clone()
+            .map(|m| Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), &dev())),
+        hidden: hidden.map(Arc::new),
     }
+}
+
+/// The composed path: slices, head split, RoPE and Burn's attention (with an explicit
+/// causal mask where `ctx` has none).
+fn composed(p: Projected, heads: usize, kv: usize, ctx: &LayerCtx) -> Tensor<3> {
+    let (q, k, v) = match p {
+        Projected::Split(q, k, v) => (q, k, v),
+        Projected::Fused(x) => {
+            let [b, t, n] = x.dims();
+            let d = n / (heads + 2 * kv);
+            let (qd, kd) = (heads * d, kv * d);
+            (
+                x.clone().slice([0..b, 0..t, 0..qd]),
+                x.clone().slice([0..b, 0..t, qd..qd + kd]),
+                x.slice([0..b, 0..t, qd + kd..n]),
+            )
+        }
+    };
+    let [b, t, _] = q.dims();
+    let causal: Vec<bool> = (0..b * t * t).map(|i| i % t > i / t % t).collect();
+    let with_mask = LayerCtx {
+        cos: ctx.cos.clone(),
+        sin: ctx.sin.clone(),
+        rope: ctx.rope.clone(),
+        mask: Some(ctx.mask.clone().unwrap_or_else(|| {
+            Tensor::<4, Bool>::from_data(TensorData::new(causal, [b, 1, t, t]), &dev())
+        })),
+        hidden: None,
+    };
+    let q = apply_rotary(split_heads(q, heads), &ctx.cos, &ctx.sin);
+    let k = apply_rotary(split_heads(k, kv), &ctx.cos, &ctx.sin);
+    attend(q, k, split_heads(v, kv), &with_mask, None)
 }
 
 /// (output, gradient of each input) for one path.
 fn run(
     inputs: &[Tensor<3>],
     fused_qkv: bool,
-    heads: usize,
-    kv: usize,
+    (heads, kv): (usize, usize),
     ctx: &LayerCtx,
+    (fused, checkpointing): (bool, bool),
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let inputs: Vec<Tensor<3>> = inputs.iter().map(|t| t.clone().require_grad()).collect();
+    // Under gradient checkpointing the fused op keeps each row's logsumexp, not P, and
+    // recomputes P (masked again) in the backward.
+    let device = match checkpointing {
+        true => dev().gradient_checkpointing(),
+        false => dev(),
+    };
+    let inputs: Vec<Tensor<3>> = inputs
+        .iter()
+        .map(|t| Tensor::from_data(t.to_data(), &device).require_grad())
+        .collect();
     let p = match fused_qkv {
         true => Projected::Fused(inputs[0].clone()),
         false => Projected::Split(inputs[0].clone(), inputs[1].clone(), inputs[2].clone()),
     };
-    let y = rotary_attention(p, heads, kv, ctx, None);
+    let y = match fused {
+        true => rotary_attention(p, heads, kv, ctx, None),
+        false => composed(p, heads, kv, ctx),
+    };
     dev().seed(5);
-    let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev()).detach();
-    let g = (y.clone() * up).sum().backward();
+    let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
+    let g = (y.clone() * Tensor::from_data(up.into_data(), &device))
+        .sum()
+        .backward();
     let grads = inputs.iter().map(|t| vals(t.grad(&g).unwrap())).collect();
     (vals(y), grads)
 }
@@ -77,14 +137,19 @@ fn run(
 #[test]
 fn fused_rotary_attention_matches_the_composed_path() {
     let (b, t, d) = (2, 7, 8);
-    // (heads, kv heads, rotary dims, table rows, fused qkv)
-    for (heads, kv, rot, rows, fused_qkv) in [
-        (4, 2, d, 1, true),
-        (4, 2, d, 1, false),
-        (3, 3, d / 2, b, true),
-        (4, 1, d / 2, b, false),
+    // Row 0 right-padded, row 1 two packed examples then padding.
+    let keys: Vec<i64> = [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 2, 2, 2, 0]].concat();
+    // (heads, kv heads, rotary dims, table rows, fused qkv, mask)
+    for (heads, kv, rot, rows, fused_qkv, mask) in [
+        (4, 2, d, 1, true, false),
+        (4, 2, d, 1, false, false),
+        (3, 3, d / 2, b, true, false),
+        (4, 1, d / 2, b, false, false),
+        (4, 2, d, 1, true, true),
+        (4, 1, d / 2, b, false, true),
     ] {
-        let what = format!("heads {heads}/{kv}, rot {rot}, rows {rows}, fused {fused_qkv}");
+        let what =
+            format!("heads {heads}/{kv}, rot {rot}, rows {rows}, fused {fused_qkv}, mask {mask}");
         dev().seed(11);
         let rand = |w: usize| {
             Tensor::<3>::random([b, t, w], Distribution::Normal(0.0, 1.0), &dev()).detach()
@@ -93,15 +158,17 @@ fn fused_rotary_attention_matches_the_composed_path() {
             true => vec![rand((heads + 2 * kv) * d)],
             false => vec![rand(heads * d), rand(kv * d), rand(kv * d)],
         };
-        let fused = run(&inputs, fused_qkv, heads, kv, &ctx(rows, t, rot, b, false));
-        let composed = run(&inputs, fused_qkv, heads, kv, &ctx(rows, t, rot, b, true));
-        close(&fused.0, &composed.0, &format!("{what}: output"));
-        for (i, (f, c)) in fused.1.iter().zip(&composed.1).enumerate() {
-            close(f, c, &format!("{what}: gradient of input {i}"));
-            assert!(
-                f.iter().any(|v| *v != 0.0),
-                "{what}: input {i} has a zero gradient"
-            );
+        let ctx = ctx(rows, t, rot, b, mask.then_some(&keys[..]));
+        let composed = run(&inputs, fused_qkv, (heads, kv), &ctx, (false, false));
+        for checkpointing in [false, true] {
+            let fused = run(&inputs, fused_qkv, (heads, kv), &ctx, (true, checkpointing));
+            let what = format!("{what}, checkpointing {checkpointing}");
+            close(&fused.0, &composed.0, &format!("{what}: output"));
+            for (i, (f, c)) in fused.1.iter().zip(&composed.1).enumerate() {
+                close(f, c, &format!("{what}: gradient of input {i}"));
+                let moved = f.iter().any(|v| *v != 0.0);
+                assert!(moved, "{what}: input {i} has a zero gradient");
+            }
         }
     }
 }
