@@ -69,6 +69,7 @@ fn linear(din: usize, dout: usize, trainable: bool, rank: usize, dev: &Device) -
         bias: None,
         lora,
         bf16: None,
+        train_bf16: None,
     }
 }
 

@@ -80,8 +80,9 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         model
     };
-    // Nothing frozen (full fine-tuning): every product stays f32, and the line says so.
-    let packed = kernels.map_or(0, |p| model.pack_bf16(p));
+    // Frozen weights held in bf16, trainable ones rounded per step; the tied head of a full
+    // fine-tune stays f32.
+    let packed = kernels.map_or(0, |p| model.pack_bf16(p) + model.bf16_trainable());
     let kernels = kernels.filter(|_| packed > 0);
     let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
     let mut opt = Optimizer::new(

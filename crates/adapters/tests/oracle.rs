@@ -229,6 +229,55 @@ fn check_autocast(case: &Case, half: Half, loss_tol: f32, cos_min: f64, r: &mut 
     );
 }
 
+/// Full fine-tuning under `--bf16`: every linear weight (and a tied head's table) trains on
+/// the bf16 kernels, rounded per call. The loss is within bf16's precision of the same
+/// model's f32 one (whose gradients the f32 tests hold to transformers'), and the gradient of
+/// every linear weight and the embedding, taken together, has cosine ≥ 0.995 with f32's.
+fn check_full_kernels(case: &Case, path: Path, r: &mut Report) {
+    let name = format!("{} (full, {})", case.name, path.name());
+    let device = cpu_device().autodiff();
+    let (inp, labels) = case.batch();
+    let mut run = |kernels: bool| {
+        let mut model = base(case, &device);
+        let all = freeze::trainable_names(&model, &Selection::Full).unwrap();
+        model = freeze::apply(model, &all);
+        if kernels {
+            model.pack_bf16(path);
+            r.equal(
+                &name,
+                "weights on the kernels",
+                &[model.bf16_trainable() > 0],
+                &[true],
+            );
+        }
+        let loss = causal_lm_loss(model.forward(&inp, &TapRequest::none()).logits, &labels);
+        let loss_value = vals(loss.clone());
+        let grads = loss.backward();
+        let mut g = Vec::new();
+        for layer in &model.model.layers {
+            for (_, l) in layer.block().linears() {
+                g.extend(l.weight.val().grad(&grads).map(vals).unwrap_or_default());
+            }
+        }
+        let table = model.model.embed_tokens.weight.val();
+        g.extend(table.grad(&grads).map(vals).unwrap_or_default());
+        (loss_value, g)
+    };
+    let (want_loss, want) = run(false);
+    let (loss, got) = run(true);
+    r.close_rel(&name, "full loss vs f32", &loss, &want_loss, 0.0, 5e-3);
+    r.equal(&name, "gradient count", &[got.len()], &[want.len()]);
+    let dot: f64 = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (norm(&got) * norm(&want)).max(1e-30);
+    r.close(&name, "full gradient cosine", &[cos as f32], &[1.0], 0.005);
+    r.equal(&name, "gradients moved off f32", &[got != want], &[true]);
+}
+
 /// Frozen base: after backward, no base weight holds a gradient.
 fn check_base_frozen(case: &Case, r: &mut Report) {
     let dir = case.dir.join("lora");
@@ -473,6 +522,7 @@ fn bf16_kernels_stay_within_bf16_precision_of_peft() {
         }
         for dir in cases() {
             check_autocast(&Case::open(&dir), Half::Kernels(path), 5e-3, 0.995, &mut r);
+            check_full_kernels(&Case::open(&dir), path, &mut r);
         }
     }
     r.finish();

@@ -47,7 +47,7 @@ pub(crate) fn forward(
         let x = scores.storage_mut::<f32>();
         kernels::fill_masked(x, s, causal.t, m.per_batch, m.hidden, HIDDEN);
     }
-    let mut p = vec![0.0; f32s(&scores).len()];
+    let mut p = kernels::zeroed(f32s(&scores).len());
     let lse = kernels::softmax_forward_lse(f32s(&scores), s, scale, Some(causal), &mut p);
     drop(scores);
     if let Some(m) = mask {

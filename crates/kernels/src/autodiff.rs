@@ -5,13 +5,13 @@
 //! kept; the ops are registered compute-bound, so they are never recomputed.
 
 use super::attention::{self, CausalAttention, Probs};
-use super::bf16::Bf16Weight;
+use super::bf16::{self, Bf16Weight, PackedB};
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
 use super::rotary::{Heads, Rotary};
 use super::{
     bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, norm,
-    owned, rms_norm_forward, FusedOps,
+    owned, pack_weight, rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -38,6 +38,39 @@ impl Backward<Flex, 1> for Bf16Linear {
         if let Some(node) = node {
             let w = ops.state;
             grads.register::<Flex>(node.id, bf16_product(grad, &w.fwd.transposed(), w.path));
+        }
+    }
+}
+
+/// `bf16_train_linear`: dx = dy·Wᵀ on the forward's packing; dW = xᵀ·dy with dy packed, or
+/// for a weight stored [out, in] dyᵀ·x with x packed.
+#[derive(Debug)]
+struct Bf16TrainLinear {
+    out_in: bool,
+}
+
+impl Backward<Flex, 2> for Bf16TrainLinear {
+    /// x (checkpointed) and W's packing from the forward.
+    type State = (NodeId, Arc<Bf16Weight>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let (id, w) = ops.state;
+        let (d_in, d_out) = (w.d_in(), w.d_out());
+        if let Some(node) = node_w {
+            let x = retrieve(c, id);
+            let rows = f32s(&x).len() / d_in.max(1);
+            let (a, b, shape) = match self.out_in {
+                true => ((&dy, d_out), (&x, d_in), [d_out, d_in]),
+                false => ((&x, d_in), (&dy, d_out), [d_in, d_out]),
+            };
+            let b = PackedB::from_rows(f32s(b.0), rows, b.1);
+            let dw = bf16::product_t(w.path, f32s(a.0), rows, a.1, &b);
+            grads.register::<Flex>(node.id, flex(dw, shape.into()));
+        }
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, bf16_product(dy, &w.fwd.transposed(), w.path));
         }
     }
 }
@@ -252,7 +285,7 @@ impl LowRankGrads {
                     grads.register::<Flex>(node, dx);
                 }
                 if let Some(node) = node_xd {
-                    let zeros = flex(vec![0.0; shape.num_elements()], shape);
+                    let zeros = flex(kernels::zeroed(shape.num_elements()), shape);
                     grads.register::<Flex>(node, add_low_rank(zeros));
                 }
             }
@@ -537,6 +570,32 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(w, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_linear(x.into_primitive(), w)),
+        }
+    }
+
+    fn bf16_train_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        out_in: bool,
+        path: bf16::Path,
+    ) -> FloatTensor<Self> {
+        match (Bf16TrainLinear { out_in })
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let id = prep.checkpoint(&x);
+                let w = Arc::new(pack_weight(w.into_primitive(), out_in, path));
+                let y = bf16_product(x.into_primitive(), &w.fwd, path);
+                prep.finish((id, w), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_train_linear(
+                x.into_primitive(),
+                w.into_primitive(),
+                out_in,
+                path,
+            )),
         }
     }
 

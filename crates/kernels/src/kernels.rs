@@ -133,8 +133,8 @@ pub fn swiglu_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     match layout {
         Layout::Pair => {
-            let mut dg = vec![0.0; gate.len()];
-            let mut du = vec![0.0; up.len()];
+            let mut dg = zeroed(gate.len());
+            let mut du = zeroed(up.len());
             dg.par_chunks_mut(CHUNK)
                 .zip(du.par_chunks_mut(CHUNK))
                 .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
@@ -143,7 +143,7 @@ pub fn swiglu_backward(
             (dg, du)
         }
         Layout::Packed { width } => {
-            let mut dgu = vec![0.0; gate.len()];
+            let mut dgu = zeroed(gate.len());
             let rows = (CHUNK / width).max(1);
             dgu.par_chunks_mut(rows * 2 * width)
                 .zip(gate.par_chunks(rows * 2 * width))
@@ -251,6 +251,19 @@ simd! {
     }
 }
 
+/// n zeros, written in parallel. `vec![0.0; n]` gets freed heap memory back and zeroes it on
+/// the calling thread: in a backward pass that is the main thread, with the other cores idle
+/// meanwhile (a tenth of a phi3-small `--bf16` step's serial time in `perf`).
+pub fn zeroed(n: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(4 * CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: all n elements were written above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 fn rows_per_task(s: usize) -> usize {
     (CHUNK / s.max(1)).max(1)
 }
@@ -345,7 +358,7 @@ pub fn softmax_backward(
     scale: f32,
     causal: Option<Causal>,
 ) -> Vec<f32> {
-    let mut dx = vec![0.0; p.len()];
+    let mut dx = zeroed(p.len());
     let per = rows_per_task(s);
     dx.par_chunks_mut(per * s)
         .zip(p.par_chunks(per * s).zip(g.par_chunks(per * s)))
@@ -417,7 +430,7 @@ pub fn cross_entropy_backward(
     lse: &[f32],
     g: f32,
 ) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
+    let mut dx = zeroed(x.len());
     dx.par_chunks_mut(v)
         .zip(x.par_chunks(v))
         .zip(targets.par_iter().zip(lse.par_iter()))

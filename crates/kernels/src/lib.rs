@@ -65,6 +65,16 @@ pub trait FusedOps: Backend {
     /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
     /// units): the input gradient flows, W has none.
     fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
+    /// x·W over [N, in] rows for a trainable W under `--bf16`: W rounded and packed per call,
+    /// the input gradient and W's gradient (xᵀ·dy) on the bf16 kernels too, all with f32
+    /// accumulation and outputs (W's f32 master and its gradient stay f32). W is [in, out],
+    /// or [out, in] with `out_in` (a tied head's embedding table, read in place).
+    fn bf16_train_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        out_in: bool,
+        path: bf16::Path,
+    ) -> FloatTensor<Self>;
     /// `lora_linear` on `bf16_linear`'s base: the adapter's factors and products stay f32.
     fn bf16_lora_linear(
         x: FloatTensor<Self>,
@@ -126,7 +136,7 @@ pub(crate) fn last_dim(t: &FlexTensor) -> usize {
 impl FusedOps for Flex {
     fn swiglu_pair(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
         let (gate, up) = (contiguous(gate), contiguous(up));
-        let mut out = vec![0.0; f32s(&gate).len()];
+        let mut out = kernels::zeroed(f32s(&gate).len());
         kernels::swiglu_forward(f32s(&gate), f32s(&up), Layout::Pair, &mut out);
         flex(out, gate.shape())
     }
@@ -134,7 +144,7 @@ impl FusedOps for Flex {
     fn swiglu_packed(gate_up: FlexTensor) -> FlexTensor {
         let gu = contiguous(gate_up);
         let width = last_dim(&gu) / 2;
-        let mut out = vec![0.0; f32s(&gu).len() / 2];
+        let mut out = kernels::zeroed(f32s(&gu).len() / 2);
         kernels::swiglu_forward(f32s(&gu), &[], Layout::Packed { width }, &mut out);
         let mut shape = gu.shape();
         let d = shape.num_dims() - 1;
@@ -145,7 +155,7 @@ impl FusedOps for Flex {
     fn causal_softmax(scores: FlexTensor, scale: f64, t: usize, offset: usize) -> FlexTensor {
         let x = contiguous(scores);
         let s = last_dim(&x);
-        let mut out = vec![0.0; f32s(&x).len()];
+        let mut out = kernels::zeroed(f32s(&x).len());
         let causal = Some(Causal { t, offset });
         kernels::softmax_forward(f32s(&x), s, scale as f32, causal, &mut out);
         flex(out, x.shape())
@@ -202,6 +212,16 @@ impl FusedOps for Flex {
         attention::rotary_forward(&inputs, &heads, &rope, scale as f32, hidden).0
     }
 
+    fn bf16_train_linear(
+        x: FlexTensor,
+        w: FlexTensor,
+        out_in: bool,
+        path: bf16::Path,
+    ) -> FlexTensor {
+        let w = pack_weight(w, out_in, path);
+        bf16_product(x, &w.fwd, path)
+    }
+
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
         bf16_product(x, &w.fwd, w.path)
     }
@@ -214,9 +234,19 @@ impl FusedOps for Flex {
 /// RMSNorm's output and each row's 1 / rms (kept for the backward).
 pub(crate) fn rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexTensor, Vec<f32>) {
     let (x, w) = (contiguous(x), contiguous(w));
-    let mut out = vec![0.0; f32s(&x).len()];
+    let mut out = kernels::zeroed(f32s(&x).len());
     let inv = norm::rms_norm_forward(f32s(&x), f32s(&w), eps as f32, &mut out);
     (flex(out, x.shape()), inv)
+}
+
+/// An f32 weight, [in, out] or with `out_in` [out, in], packed for `path`.
+pub(crate) fn pack_weight(w: FlexTensor, out_in: bool, path: bf16::Path) -> Bf16Weight {
+    let w = contiguous(w);
+    let [rows, cols] = [0, 1].map(|i| w.shape()[i]);
+    match out_in {
+        true => Bf16Weight::out_in(f32s(&w), rows, cols, path),
+        false => Bf16Weight::in_out(f32s(&w), rows, cols, path),
+    }
 }
 
 /// [N, k] rows times a packed [k, n] operand on a bf16 path: [N, n].
@@ -325,6 +355,26 @@ pub fn bf16_linear<const N: usize>(x: Tensor<N>, w: &Arc<Bf16Weight>) -> Tensor<
     dims[N - 1] = w.d_out();
     let x = x.reshape([rows, w.d_in()]).into_dispatch();
     Tensor::<2>::from_dispatch(D::bf16_linear(x, w.clone())).reshape(dims)
+}
+
+/// x·W for x [.., in] and a trainable W ([in, out], or [out, in] with `out_in`) on the bf16
+/// kernels (`--bf16`). Only where `fusable` (callers check).
+pub fn bf16_train_linear<const N: usize>(
+    x: Tensor<N>,
+    w: Tensor<2>,
+    out_in: bool,
+    path: bf16::Path,
+) -> Tensor<N> {
+    let mut dims = x.dims();
+    let [d_in, d_out] = match out_in {
+        true => [w.dims()[1], w.dims()[0]],
+        false => w.dims(),
+    };
+    let rows = x.shape().num_elements() / d_in.max(1);
+    dims[N - 1] = d_out;
+    let x = x.reshape([rows, d_in]).into_dispatch();
+    let y = D::bf16_train_linear(x, w.into_dispatch(), out_in, path);
+    Tensor::<2>::from_dispatch(y).reshape(dims)
 }
 
 /// x·W + scale·(xd·a)·b for a frozen W packed in bf16 (`lora_linear`'s other base). Only where

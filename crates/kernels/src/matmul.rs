@@ -4,6 +4,7 @@
 //! it (7 % of a phi3-small LoRA step in `perf`, docs/benchmarks.md).
 
 use super::flex;
+use super::kernels::zeroed;
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{DType, Flex, TensorMetadata};
@@ -26,7 +27,7 @@ pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
     let (m, k, n) = (sa[rank - 2], sa[rank - 1], sb[rank - 1]);
     let batch: Vec<usize> = sa[..rank - 2].to_vec();
     let count: usize = batch.iter().product();
-    let mut out = vec![0f32; count * m * n];
+    let mut out = zeroed(count * m * n);
     let (la, lb) = (a.layout(), b.layout());
     let (da, db) = (a.storage::<f32>(), b.storage::<f32>());
     // Element offset of matrix `i` (row-major over the batch dims) in a layout.

@@ -2,6 +2,7 @@
 //! forward and one backward, where the composed version runs five ops with a tensor each
 //! (square, mean, add-sqrt-recip, two products) and their backward passes.
 
+use super::kernels::zeroed;
 use rayon::prelude::*;
 
 /// Rows per task.
@@ -62,7 +63,7 @@ pub fn rms_norm_backward(
     want_dw: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let d = w.len().max(1);
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeroed(x.len());
     let partial: Vec<Vec<f32>> = dx
         .par_chunks_mut(ROWS * d)
         .zip(x.par_chunks(ROWS * d))

@@ -266,3 +266,54 @@ fn rms_norm_matches_composed_in_both_gradients() {
     close(&dws[0], &dws[1], 1e-5, "rms_norm weight gradient");
     assert!(dws[0].iter().any(|v| *v != 0.0), "zero weight gradient");
 }
+
+/// A trainable weight on the bf16 kernels (`--bf16` full fine-tuning): output, input gradient
+/// and weight gradient equal f32 products of the bf16-rounded operands (x, W and the upstream
+/// gradient, as the kernels round them), for a weight stored [in, out] and [out, in].
+#[test]
+fn bf16_train_linear_is_the_f32_product_of_rounded_operands() {
+    use phi_kernels::bf16::{from_bf16, to_bf16};
+    let round =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| from_bf16(to_bf16(x))).collect() };
+    let host = |v: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<2>::from_data(TensorData::new(v, shape), &dev().autodiff())
+    };
+    let (n, d_in, d_out) = (37, 45, 50);
+    dev().seed(12);
+    let x = vals(rand([n, d_in], 1.0));
+    let w = vals(rand([d_in, d_out], 0.3));
+    let up = vals(rand([n, d_out], 1.0));
+    let (xr, wr, ur) = (round(x.clone()), round(w.clone()), round(up.clone()));
+    // The reference: f32 products of the rounded values.
+    let (x0, w0) = (host(xr, [n, d_in]), host(wr, [d_in, d_out]));
+    let y0 = x0.clone().matmul(w0.clone());
+    let dx0 = host(ur.clone(), [n, d_out]).matmul(w0.clone().transpose());
+    let dw0 = x0.transpose().matmul(host(ur, [n, d_out]));
+    for out_in in [false, true] {
+        let xt = host(x.clone(), [n, d_in]).require_grad();
+        let wt = match out_in {
+            false => host(w.clone(), [d_in, d_out]),
+            true => host(
+                vals(host(w.clone(), [d_in, d_out]).transpose()),
+                [d_out, d_in],
+            ),
+        }
+        .require_grad();
+        let y = fused::bf16_train_linear(xt.clone(), wt.clone(), out_in, Path::Scalar);
+        let g = (y.clone() * host(up.clone(), [n, d_out])).sum().backward();
+        let tag = if out_in { " ([out, in])" } else { "" };
+        close(&vals(y), &vals(y0.clone()), 1e-5, &format!("output{tag}"));
+        close(
+            &vals(xt.grad(&g).unwrap()),
+            &vals(dx0.clone()),
+            1e-5,
+            &format!("dx{tag}"),
+        );
+        let dw = vals(wt.grad(&g).unwrap());
+        let dw = match out_in {
+            false => dw,
+            true => vals(host(dw, [d_out, d_in]).transpose()),
+        };
+        close(&dw, &vals(dw0.clone()), 1e-5, &format!("dW{tag}"));
+    }
+}

@@ -2,8 +2,9 @@
 //! packed in bf16 for phi-kernels' GEMMs, which its forward and input gradient then run on,
 //! and its f32 copy is dropped: the frozen base is held in bf16, as LLaMA-Factory's `--bf16`
 //! loads it. A frozen tied head gets a packed copy beside the f32 table its embedding reads.
-//! Trainable weights (and LoRA factors) stay f32 on the f32 path, as the f32 masters autocast
-//! keeps. [`CausalLm::unpack_bf16`] brings the f32 weights back (as their bf16 values).
+//! Trainable linear weights keep their f32 masters and run on the same kernels, rounded and
+//! packed per call (forward, input and weight gradients); LoRA factors stay f32 on the f32
+//! path. [`CausalLm::unpack_bf16`] brings the f32 weights back (as their bf16 values).
 
 use crate::model::CausalLm;
 use crate::nn::Linear;
@@ -27,8 +28,10 @@ fn host(t: burn::tensor::Tensor<2>) -> Vec<f32> {
 fn pack_linear(l: &mut Linear, path: Path) -> bool {
     if l.weight.is_require_grad() {
         unpack_linear(l);
+        l.train_bf16 = Some(path);
         return false;
     }
+    l.train_bf16 = None;
     let (d_in, d_out) = (l.d_in(), l.d_out());
     let w = match l.bf16.take() {
         // Packed already: repack its bf16 values (the same ones) for this path.
@@ -42,6 +45,7 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
 
 /// The f32 weight back from its packing where that is all there is; the packing dropped.
 fn unpack_linear(l: &mut Linear) {
+    l.train_bf16 = None;
     if let Some(w) = l.bf16.take() {
         if l.f32_dropped_with(&w) {
             let data = TensorData::new(w.unpack(), [w.d_in(), w.d_out()]);
@@ -71,7 +75,9 @@ impl CausalLm {
         }
         let table = &self.model.embed_tokens.weight;
         self.head_bf16 = None;
-        if self.lm_head.is_none() && !table.is_require_grad() {
+        let tied = self.lm_head.is_none();
+        self.head_train_bf16 = (tied && table.is_require_grad()).then_some(path);
+        if tied && !table.is_require_grad() {
             let [v, h] = table.val().dims();
             let w = Bf16Weight::out_in(&host(table.val()), v, h, path);
             self.head_bf16 = Some(Arc::new(w));
@@ -80,6 +86,14 @@ impl CausalLm {
         // The dropped f32 weights: back to the system, not kept for reuse (`alloc::tune`).
         crate::alloc::release_free();
         n
+    }
+
+    /// How many trainable linear weights `pack_bf16` put on the bf16 kernels.
+    pub fn bf16_trainable(&self) -> usize {
+        let layers = self.model.layers.iter();
+        let linears = layers.flat_map(|l| l.block().linears().into_iter().map(|(_, l)| l));
+        let n = linears.chain(self.lm_head.as_ref());
+        n.filter(|l| l.train_bf16.is_some()).count() + usize::from(self.head_train_bf16.is_some())
     }
 
     /// Undoes `pack_bf16`: every weight back in f32 (its bf16 value where only that was
@@ -94,5 +108,6 @@ impl CausalLm {
             unpack_linear(h);
         }
         self.head_bf16 = None;
+        self.head_train_bf16 = None;
     }
 }

@@ -12,7 +12,7 @@ use crate::weights::TensorSource;
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use phi_kernels::bf16::Bf16Weight;
+use phi_kernels::bf16::{Bf16Weight, Path};
 use std::sync::Arc;
 
 #[derive(Module, Debug)]
@@ -48,6 +48,10 @@ pub struct CausalLm {
     /// The tied head's table in bf16 for the CPU's matrix units (see `bf16::pack`).
     #[module(skip)]
     pub head_bf16: Option<Arc<Bf16Weight>>,
+    /// `--bf16` with a trainable tied embedding: the head's bf16 path (the table rounded and
+    /// packed per call, as trainable linears are).
+    #[module(skip)]
+    pub head_train_bf16: Option<Path>,
 }
 
 /// A batch as the forward sees it: host ids (the masks are built on the host anyway).
@@ -133,6 +137,7 @@ impl CausalLm {
             sliding_window: cfg.sliding_window,
             max_positions: cfg.max_position_embeddings,
             head_bf16: None,
+            head_train_bf16: None,
         })
     }
 
@@ -190,6 +195,10 @@ impl CausalLm {
                 let packed = self.head_bf16.as_ref().filter(|_| !table.is_require_grad());
                 if let Some(w) = packed.filter(|_| phi_kernels::fusable(&h)) {
                     return phi_kernels::bf16_linear(h, w);
+                }
+                let trains = table.is_require_grad() && phi_kernels::fusable(&h);
+                if let Some(path) = self.head_train_bf16.filter(|_| trains) {
+                    return phi_kernels::bf16_train_linear(h, table.val(), true, path);
                 }
                 // W·hᵀ reads the [V, H] embedding in its stored layout; hᵀ·Wᵀ would make the
                 // backend copy the whole transposed table on every call.

@@ -10,7 +10,7 @@ use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use phi_kernels as fused;
-use phi_kernels::bf16::Bf16Weight;
+use phi_kernels::bf16::{Bf16Weight, Path};
 use phi_kernels::rotary::{Heads, Rotary};
 use std::sync::Arc;
 
@@ -53,6 +53,10 @@ pub struct Linear {
     /// f32 weight is then an empty [0, 0] tensor (see `f32_dropped`).
     #[module(skip)]
     pub bf16: Option<Arc<Bf16Weight>>,
+    /// Set by `--bf16` on a trainable weight: its products run on this bf16 path, the weight
+    /// rounded and packed per call from its f32 master.
+    #[module(skip)]
+    pub train_bf16: Option<Path>,
 }
 
 impl Linear {
@@ -78,6 +82,7 @@ impl Linear {
             bias,
             lora: None,
             bf16: None,
+            train_bf16: None,
         })
     }
 
@@ -98,6 +103,14 @@ impl Linear {
                 Some(l) => fused::bf16_linear(x.clone(), w) + l.forward(x),
                 None => fused::bf16_linear(x, w),
             };
+            return match &self.bias {
+                Some(b) => y + b.val().unsqueeze(),
+                None => y,
+            };
+        }
+        let trains = self.weight.is_require_grad() && self.lora.is_none();
+        if let Some(path) = self.train_bf16.filter(|_| trains && fused::fusable(&x)) {
+            let y = fused::bf16_train_linear(x, self.weight.val(), false, path);
             return match &self.bias {
                 Some(b) => y + b.val().unsqueeze(),
                 None => y,

@@ -303,6 +303,30 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
     out
 }
 
+/// Aᵀ's rows (A row-major [k×m]) rounded to bf16 and zero-padded to `k_pad` columns. A task
+/// takes 16 rows of Aᵀ, reading 16 consecutive floats of each of A's rows.
+fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Vec<u16> {
+    const ROWS_T: usize = 16;
+    let mut out: Vec<u16> = Vec::with_capacity(m * k_pad);
+    out.spare_capacity_mut()[..m * k_pad]
+        .par_chunks_mut(ROWS_T * k_pad)
+        .enumerate()
+        .for_each(|(blk, o)| {
+            let (i0, rows) = (blk * ROWS_T, o.len() / k_pad);
+            for r in 0..k {
+                for (i, &v) in a[r * m + i0..][..rows].iter().enumerate() {
+                    o[i * k_pad + r].write(to_bf16(v));
+                }
+            }
+            for i in 0..rows {
+                o[i * k_pad + k..(i + 1) * k_pad].fill(MaybeUninit::new(0));
+            }
+        });
+    // SAFETY: each of the m rows got its k values and its padding above.
+    unsafe { out.set_len(m * k_pad) };
+    out
+}
+
 /// Rows per task. The AMX kernel runs 32 at a time under one pair of B panels, so a task of
 /// 256 rows uses each pair (k·64 bytes, in L2) 8 times before the next.
 const ROWS: usize = 256;
@@ -354,16 +378,41 @@ pub fn product(path: Path, a: &[f32], m: usize, b: &PackedB) -> Vec<f32> {
     c
 }
 
+/// Aᵀ·B for row-major A [k×m] (Aᵀ is m×k): a weight's gradient xᵀ·dy, the transpose taken
+/// while rounding A to bf16 rather than as an f32 copy first.
+pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<f32> {
+    assert_eq!(a.len(), k * m, "A is not k×m");
+    assert_eq!(b.k, k, "B's rows are not A's");
+    let ap = pack_a_t(a, k, m, b.k_pad);
+    let mut c = Vec::with_capacity(m * b.n);
+    // SAFETY: the capacity is m·n floats, all of which `run` writes.
+    unsafe {
+        run(path, &ap, m, b, c.as_mut_ptr());
+        c.set_len(m * b.n);
+    }
+    c
+}
+
 /// # Safety
 /// `c` points at m·n writable floats.
 unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
-    let (k, n) = (b.k, b.n);
-    assert_eq!(a.len(), m * k, "A is not m×k");
+    assert_eq!(a.len(), m * b.k, "A is not m×k");
+    if m == 0 || b.n == 0 {
+        return;
+    }
+    run(path, &pack_a(a, m, b.k, b.k_pad), m, b, c)
+}
+
+/// C = A·B for A already in bf16 rows of `b.k_pad`.
+///
+/// # Safety
+/// `c` points at m·n writable floats.
+unsafe fn run(path: Path, ap: &[u16], m: usize, b: &PackedB, c: *mut f32) {
+    let n = b.n;
     if m == 0 || n == 0 {
         return;
     }
     let path = if path.available() { path } else { Path::Scalar };
-    let ap = pack_a(a, m, k, b.k_pad);
     let kp = b.k_pad;
     let row_blocks = m.div_ceil(ROWS);
     let pairs = b.panels / 2;
