@@ -10,8 +10,8 @@ use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
 use super::rotary::{Heads, Rotary};
 use super::{
-    bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim, lora_forward, norm,
-    owned, pack_weight, rms_norm_forward, FusedOps,
+    bf16_lora_forward, bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim,
+    lora_forward, norm, owned, pack_weight, rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -223,6 +223,29 @@ impl Backward<Flex, 4> for Bf16LoraLinear {
             b,
             scale: self.scale,
         };
+        if let (true, [Some(node_x), _, node_a, node_b]) = (shared, nodes) {
+            // dx = dy·Wᵀ + gs·aᵀ in one pass, gs = s·dy·bᵀ from the same packing of dy.
+            let dy = contiguous(dy);
+            let (d_in, d_out) = (w.d_in(), w.d_out());
+            let rows = f32s(&dy).len() / d_out.max(1);
+            let (a, b) = (
+                contiguous(low_rank.a.clone()),
+                contiguous(low_rank.b.clone()),
+            );
+            let r = last_dim(&a);
+            let pdy = bf16::PackedA::rows(f32s(&dy), rows, d_out);
+            let bt = PackedB::pack(d_out, r, |i, j| f32s(&b)[j * d_out + i]);
+            let mut gs = bf16::product_packed(w.path, &pdy, &bt, None);
+            kernels::scale_all(&mut gs, self.scale as f32);
+            let at = PackedB::pack(r, d_in, |i, j| f32s(&a)[j * r + i]);
+            let low = (bf16::PackedA::rows(&gs, rows, r), at);
+            let dx =
+                bf16::product_packed(w.path, &pdy, &w.fwd.transposed(), Some((&low.0, &low.1)));
+            grads.register::<Flex>(node_x, flex(dx, [rows, d_in].into()));
+            let gs = flex(gs, [rows, r].into());
+            low_rank.factor_grads(&dy, &gs, [node_a, node_b], Some(w.path), grads);
+            return;
+        }
         let base_dx = |dy| bf16_product(dy, &w.fwd.transposed(), w.path);
         low_rank.backward(dy, nodes, shared, base_dx, grads);
     }
@@ -238,6 +261,45 @@ struct LowRankGrads {
 }
 
 impl LowRankGrads {
+    /// da = xdᵀ·gs and db = hsᵀ·dy, for gs = s·dy·bᵀ (the gradient at xd·a); on a bf16
+    /// path as (xdᵀ·gs) and (dyᵀ·hs)ᵀ, the thin operand packed and the wide one transposed
+    /// while rounding (f32 GEMMs with an inner or outer size of r run far below their rate).
+    fn factor_grads(
+        self,
+        dy: &FlexTensor,
+        gs: &FlexTensor,
+        [node_a, node_b]: [Option<NodeId>; 2],
+        path: Option<bf16::Path>,
+        grads: &mut Gradients,
+    ) {
+        use burn::backend::ops::FloatTensorOps;
+        let t = Flex::float_transpose;
+        let Some(path) = path else {
+            if let Some(node) = node_b {
+                grads.register::<Flex>(node, matmul(t(self.hs), dy.clone()));
+            }
+            if let Some(node) = node_a {
+                grads.register::<Flex>(node, matmul(t(self.xd), gs.clone()));
+            }
+            return;
+        };
+        // Aᵀ·B for A [rows, m] and B [rows, n], both row-major: [m, n].
+        let at_b = |a: &FlexTensor, b: &FlexTensor| {
+            let (a, b) = (contiguous(a.clone()), contiguous(b.clone()));
+            let (m, n) = (last_dim(&a), last_dim(&b));
+            let rows = f32s(&a).len() / m.max(1);
+            let pb = PackedB::from_rows(f32s(&b), rows, n);
+            flex(bf16::product_t(path, f32s(&a), rows, m, &pb), [m, n].into())
+        };
+        if let Some(node) = node_b {
+            let dbt = at_b(dy, &self.hs);
+            grads.register::<Flex>(node, contiguous(t(dbt)));
+        }
+        if let Some(node) = node_a {
+            grads.register::<Flex>(node, at_b(&self.xd, gs));
+        }
+    }
+
     /// Registers db, da and the input gradients of x (`base_dx(dy)`, the base weight's term)
     /// and xd (the rank-r term), or their sum on x when xd is x (`shared`).
     fn backward(
@@ -257,17 +319,19 @@ impl LowRankGrads {
             scale,
         } = self;
         let t = Flex::float_transpose;
-        if let Some(node) = node_b {
-            grads.register::<Flex>(node, matmul(t(hs), dy.clone()));
-        }
         // gs = s·dy·bᵀ [N, r], the gradient at xd·a.
-        let gs = matmul(dy.clone(), t(b));
+        let gs = matmul(dy.clone(), t(b.clone()));
         let gs = contiguous(Flex::float_mul_scalar(gs, scale.into()));
         let shape = xd.shape();
-        if let Some(node) = node_a {
-            grads.register::<Flex>(node, matmul(t(xd), gs.clone()));
+        let at = contiguous(t(a.clone()));
+        LowRankGrads {
+            hs,
+            xd,
+            a,
+            b,
+            scale,
         }
-        let at = contiguous(t(a));
+        .factor_grads(&dy, &gs, [node_a, node_b], None, grads);
         let r = last_dim(&gs);
         // gs·aᵀ added in place onto dy·wᵀ (or zeros) rather than computed as a k = r GEMM.
         let add_low_rank = |mut base: FlexTensor| {
@@ -615,9 +679,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let shared = x.node().id() == xd.node().id();
                 let ids = [&xd, &a, &b].map(|t| prep.checkpoint(t));
-                let base = bf16_product(x.into_primitive(), &w.fwd, w.path);
+                let xd = (!shared).then(|| xd.into_primitive());
                 let (a, b) = (a.into_primitive(), b.into_primitive());
-                let (y, hs) = lora_forward(base, xd.into_primitive(), a, b, scale);
+                let (y, hs) = bf16_lora_forward(x.into_primitive(), xd, &w, a, b, scale);
                 prep.finish((ids, shared, hs, w), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_lora_linear(

@@ -191,7 +191,7 @@ impl FusedOps for Flex {
         b: FlexTensor,
         s: f64,
     ) -> FlexTensor {
-        lora_forward(bf16_product(x, &w.fwd, w.path), xd, a, b, s).0
+        bf16_lora_forward(x, Some(xd), &w, a, b, s).0
     }
 
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
@@ -279,6 +279,39 @@ pub(crate) fn lora_forward(
     (y, h)
 }
 
+/// x·W + s·(xd·a)·b on a packed W and s·(xd·a) (kept for the backward), xd None where it is
+/// x. x is rounded and packed once for both of its products, and the rank-r term is summed
+/// into the base's tiles before they are stored (a bf16 product of the rounded s·(xd·a) and
+/// b, as autocast's LoRA path computes it in bf16 too).
+pub(crate) fn bf16_lora_forward(
+    x: FlexTensor,
+    xd: Option<FlexTensor>,
+    w: &Bf16Weight,
+    a: FlexTensor,
+    b: FlexTensor,
+    s: f64,
+) -> (FlexTensor, FlexTensor) {
+    let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
+    let (d_in, d_out, r) = (w.d_in(), w.d_out(), last_dim(&a));
+    let rows = f32s(&x).len() / d_in.max(1);
+    let px = bf16::PackedA::rows(f32s(&x), rows, d_in);
+    let pa = bf16::PackedB::from_rows(f32s(&a), d_in, r);
+    let mut h = match xd.map(contiguous) {
+        None => bf16::product_packed(w.path, &px, &pa, None),
+        Some(xd) => {
+            let pxd = bf16::PackedA::rows(f32s(&xd), rows, d_in);
+            bf16::product_packed(w.path, &pxd, &pa, None)
+        }
+    };
+    kernels::scale_all(&mut h, s as f32);
+    let low = (
+        bf16::PackedA::rows(&h, rows, r),
+        bf16::PackedB::from_rows(f32s(&b), r, d_out),
+    );
+    let y = bf16::product_packed(w.path, &px, &w.fwd, Some((&low.0, &low.1)));
+    (flex(y, [rows, d_out].into()), flex(h, [rows, r].into()))
+}
+
 /// Whether the fused kernels can run this tensor: f32 on Flex (with or without autodiff),
 /// and not switched off by `PHI_FUSED=0`.
 pub fn fusable<const N: usize>(t: &Tensor<N>) -> bool {
@@ -315,6 +348,19 @@ pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
     reference::swiglu_packed(gate_up)
 }
 
+/// x and the adapter's input as [rows, in]. Without dropout xd is x itself, one reshape and
+/// so one autodiff node: the op sees them as one and sums both gradients in one pass (two
+/// reshapes are two nodes, whose gradients Burn adds up afterwards).
+fn flat_pair<const N: usize>(
+    x: Tensor<N>,
+    xd: Option<Tensor<N>>,
+    shape: [usize; 2],
+) -> (FloatTensor<D>, FloatTensor<D>) {
+    let x = x.reshape(shape);
+    let xd = xd.map_or_else(|| x.clone(), |xd| xd.reshape(shape));
+    (x.into_dispatch(), xd.into_dispatch())
+}
+
 /// x·w + scale·(xd·a)·b for x [.., in], w [in, out], a [in, r], b [r, out], with xd the
 /// adapter's input (x after dropout; None: x). Only where `fusable` (callers check).
 pub fn lora_linear<const N: usize>(
@@ -329,11 +375,7 @@ pub fn lora_linear<const N: usize>(
     let d_in = dims[N - 1];
     let rows = x.shape().num_elements() / d_in.max(1);
     dims[N - 1] = w.dims()[1];
-    let xd = xd
-        .unwrap_or_else(|| x.clone())
-        .reshape([rows, d_in])
-        .into_dispatch();
-    let x = x.reshape([rows, d_in]).into_dispatch();
+    let (x, xd) = flat_pair(x, xd, [rows, d_in]);
     let (w, a, b) = (w.into_dispatch(), a.into_dispatch(), b.into_dispatch());
     Tensor::<2>::from_dispatch(D::lora_linear(x, xd, w, a, b, scale)).reshape(dims)
 }
@@ -390,11 +432,9 @@ pub fn bf16_lora_linear<const N: usize>(
     let mut dims = x.dims();
     let rows = x.shape().num_elements() / w.d_in().max(1);
     dims[N - 1] = w.d_out();
-    let flat = |t: Tensor<N>| t.reshape([rows, w.d_in()]).into_dispatch();
-    let xd = flat(xd.unwrap_or_else(|| x.clone()));
+    let (x, xd) = flat_pair(x, xd, [rows, w.d_in()]);
     let (a, b) = (a.into_dispatch(), b.into_dispatch());
-    Tensor::<2>::from_dispatch(D::bf16_lora_linear(flat(x), xd, w.clone(), a, b, scale))
-        .reshape(dims)
+    Tensor::<2>::from_dispatch(D::bf16_lora_linear(x, xd, w.clone(), a, b, scale)).reshape(dims)
 }
 
 /// `FusedOps::rotary_attention` for inputs [B, T, width]. Only where `fusable` (callers check).

@@ -3,7 +3,9 @@
 //! makes such a path fail instead (for machines known to have it).
 
 use burn::tensor::bf16;
-use phi_kernels::bf16::{from_bf16, gemm, to_bf16, Bf16Weight, PackedB, Path};
+use phi_kernels::bf16::{
+    from_bf16, gemm, product_packed, product_t, to_bf16, Bf16Weight, PackedA, PackedB, Path,
+};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -75,14 +77,30 @@ fn every_path_this_cpu_has_matches_the_exact_sum() {
             gemm(path, &a, m, &packed, &mut c);
             let want = exact(&a, &b, m, k, n);
             // f32 sums of k products of size ≤ 1: each partial sum rounds by ≤ 2⁻²⁴·k.
-            let tol = k as f64 * 6e-8 + 1e-7;
-            for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-                let d = (*g as f64 - w).abs();
-                assert!(
-                    d <= tol,
-                    "{} {m}×{k}×{n}: C[{i}] = {g}, exact {w} (|diff| {d:e} > {tol:e})",
-                    path.name()
-                );
+            let check = |what: &str, c: &[f32], want: &[f64], k: usize| {
+                let tol = k as f64 * 6e-8 + 1e-7;
+                for (i, (g, w)) in c.iter().zip(want).enumerate() {
+                    let d = (*g as f64 - w).abs();
+                    assert!(
+                        d <= tol,
+                        "{} {what} {m}×{k}×{n}: C[{i}] = {g}, exact {w} (|diff| {d:e} > {tol:e})",
+                        path.name()
+                    );
+                }
+            };
+            check("gemm", &c, &want, k);
+            // Aᵀ·B from A stored transposed ([k×m]), the transpose taken while rounding.
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            check("product_t", &product_t(path, &at, k, m, &packed), &want, k);
+            // A·B + A2·B2 in one pass (a LoRA linear's base and rank-r term), r off 32.
+            for r in [5, 16] {
+                let (a2, b2) = (values(m * r, 7 + r as u64), values(r * n, 8 + r as u64));
+                let extra = (PackedA::rows(&a2, m, r), PackedB::from_rows(&b2, r, n));
+                let pa = PackedA::rows(&a, m, k);
+                let c = product_packed(path, &pa, &packed, Some((&extra.0, &extra.1)));
+                let low = exact(&a2, &b2, m, r, n);
+                let want: Vec<f64> = want.iter().zip(&low).map(|(x, y)| x + y).collect();
+                check(&format!("product_packed (+ rank {r})"), &c, &want, k + r);
             }
         }
         ran.push(path.name());

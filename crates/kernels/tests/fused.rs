@@ -28,6 +28,19 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     assert!(worst <= tol, "{what}: worst error {worst} > {tol}");
 }
 
+/// A fixed upstream gradient: the same for every path compared, whatever other tests draw
+/// from the device's shared generator meanwhile (reseeding it before a draw raced with them).
+fn upstream<const D: usize>(
+    shape: burn::tensor::Shape,
+    device: &burn::tensor::Device,
+) -> Tensor<D> {
+    let n = shape.num_elements();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
 /// Output and gradient of `op` at `x` for the fused and the reference version, compared
 /// under a random upstream gradient (so a wrong sign or transposition cannot cancel out).
 fn check<const D: usize>(
@@ -126,10 +139,11 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
         .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
         .collect();
     let mask = Tensor::<3>::from_data(TensorData::new(mask, [2, 5, 24]), &dev().autodiff());
-    // The frozen base in bf16 (--bf16): the same op on the packed weight, against the packed
-    // weight's own linear plus the composed adapter. The scalar path runs on every CPU.
+    // The frozen base in bf16 (--bf16) with dropout: the packed weight's own linear plus the
+    // composed f32 adapter, but for the rank-r term, which the op sums in bf16 (rounded
+    // operands: ~2⁻⁸ of that term). Without dropout: `bf16_lora_linear_is_..._rounded_operands`.
     let packed = Arc::new(Bf16Weight::in_out(&vals(w.clone()), 24, 40, Path::Scalar));
-    for (bf16, dropout) in [(false, false), (false, true), (true, false), (true, true)] {
+    for (bf16, dropout) in [(false, false), (false, true), (true, true)] {
         let mut results = Vec::new();
         for fused_path in [true, false] {
             let leaf = |t: &Tensor<2>| t.clone().detach().require_grad();
@@ -159,9 +173,7 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
                     base + lora * 1.7
                 }
             };
-            dev().seed(42);
-            let up = Tensor::<3>::random(y.shape(), Distribution::Normal(0.0, 1.0), &dev());
-            let g = (y.clone() * Tensor::from_data(up.into_data(), &y.device()))
+            let g = (y.clone() * upstream(y.shape(), &y.device()))
                 .sum()
                 .backward();
             // The packed base has no weight gradient: w is not in its graph.
@@ -175,15 +187,17 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
             if bf16 { " (bf16 base)" } else { "" },
             if dropout { " (dropout)" } else { "" }
         );
-        close(&f.0, &r.0, 1e-5, &format!("lora output{tag}"));
+        // The output and db (through s·xd·a) carry the rounded rank-r term; dx and da not.
+        let tol = if bf16 { 3e-2 } else { 1e-5 };
+        close(&f.0, &r.0, tol, &format!("lora output{tag}"));
         close(&f.1, &r.1, 1e-5, &format!("lora d x{tag}"));
-        let names: &[&str] = if bf16 {
-            &["d a", "d b"]
+        let names: &[(&str, f32)] = if bf16 {
+            &[("d a", 1e-5), ("d b", tol)]
         } else {
-            &["d w", "d a", "d b"]
+            &[("d w", 1e-5), ("d a", 1e-5), ("d b", 1e-5)]
         };
-        for (i, name) in names.iter().enumerate() {
-            close(&f.2[i], &r.2[i], 1e-5, &format!("lora {name}{tag}"));
+        for (i, (name, tol)) in names.iter().enumerate() {
+            close(&f.2[i], &r.2[i], *tol, &format!("lora {name}{tag}"));
         }
     }
 }
@@ -212,11 +226,7 @@ fn causal_attention_matches_composed_with_and_without_checkpointing() {
                 reference::causal_softmax(q.clone().matmul(k.clone().swap_dims(2, 3)), 0.35, 5, 2);
             p.matmul(v.clone())
         };
-        dev().seed(42);
-        let up = Tensor::<4>::random(o.shape(), Distribution::Normal(0.0, 1.0), &dev());
-        let g = (o.clone() * Tensor::from_data(up.into_data(), &device))
-            .sum()
-            .backward();
+        let g = (o.clone() * upstream(o.shape(), &device)).sum().backward();
         let grads: Vec<Vec<f32>> = [q, k, v]
             .iter()
             .map(|t| vals(t.grad(&g).unwrap()))
@@ -265,6 +275,88 @@ fn rms_norm_matches_composed_in_both_gradients() {
     }
     close(&dws[0], &dws[1], 1e-5, "rms_norm weight gradient");
     assert!(dws[0].iter().any(|v| *v != 0.0), "zero weight gradient");
+}
+
+/// Row-major [m×k]·[k×n] on the host, summed in f64.
+fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k)
+                .map(|x| a[i * k + x] as f64 * b[x * n + j] as f64)
+                .sum();
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+/// [rows×cols] → [cols×rows].
+fn tr(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| a[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+fn rounded(v: &[f32]) -> Vec<f32> {
+    use phi_kernels::bf16::{from_bf16, to_bf16};
+    v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
+}
+
+fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// The LoRA op on a bf16 base without dropout runs every product on the bf16 kernels: each
+/// output and gradient is the f32 product of bf16-rounded operands, the rank-r term summed
+/// into the base's: y = x·W + (s·x·A)·B, dx = dy·Wᵀ + gs·Aᵀ with gs = s·dy·Bᵀ, dA = xᵀ·gs,
+/// dB = hsᵀ·dy with hs = s·x·A (each operand rounded where the kernels round it).
+#[test]
+fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
+    let (n, d_in, d_out, r, s) = (10, 24, 40, 4, 1.7f32);
+    dev().seed(13);
+    let (x, w, a, b, up) = (
+        vals(rand([n, d_in], 1.0)),
+        vals(rand([d_in, d_out], 0.3)),
+        vals(rand([d_in, r], 0.3)),
+        vals(rand([r, d_out], 0.3)),
+        vals(rand([n, d_out], 1.0)),
+    );
+    let rr = rounded;
+    let scaled = |v: Vec<f32>| v.into_iter().map(|x| x * s).collect::<Vec<f32>>();
+    let hs = scaled(mm(&rr(&x), &rr(&a), n, d_in, r));
+    let y = add(
+        &mm(&rr(&x), &rr(&w), n, d_in, d_out),
+        &mm(&rr(&hs), &rr(&b), n, r, d_out),
+    );
+    let gs = scaled(mm(&rr(&up), &rr(&tr(&b, r, d_out)), n, d_out, r));
+    let dx = add(
+        &mm(&rr(&up), &rr(&tr(&w, d_in, d_out)), n, d_out, d_in),
+        &mm(&rr(&gs), &rr(&tr(&a, d_in, r)), n, r, d_in),
+    );
+    let da = mm(&rr(&tr(&x, n, d_in)), &rr(&gs), d_in, n, r);
+    let db = tr(
+        &mm(&rr(&tr(&up, n, d_out)), &rr(&hs), d_out, n, r),
+        d_out,
+        r,
+    );
+
+    let leaf = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &dev().autodiff()).require_grad()
+    };
+    let packed = Arc::new(Bf16Weight::in_out(&w, d_in, d_out, Path::Scalar));
+    let (xt, at, bt) = (
+        leaf(&x, [n, d_in]),
+        leaf(&a, [d_in, r]),
+        leaf(&b, [r, d_out]),
+    );
+    let yt = fused::bf16_lora_linear(xt.clone(), None, &packed, at.clone(), bt.clone(), 1.7);
+    let upt = Tensor::<2>::from_data(TensorData::new(up, [n, d_out]), &dev().autodiff());
+    let g = (yt.clone() * upt).sum().backward();
+    close(&vals(yt), &y, 1e-5, "bf16 lora output");
+    close(&vals(xt.grad(&g).unwrap()), &dx, 1e-5, "bf16 lora d x");
+    close(&vals(at.grad(&g).unwrap()), &da, 1e-5, "bf16 lora d a");
+    close(&vals(bt.grad(&g).unwrap()), &db, 1e-5, "bf16 lora d b");
 }
 
 /// A trainable weight on the bf16 kernels (`--bf16` full fine-tuning): output, input gradient

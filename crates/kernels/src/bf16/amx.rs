@@ -56,17 +56,27 @@ pub fn available() -> bool {
 /// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
 /// touches meanwhile.
 pub unsafe fn block(t: Block) {
-    let (a, rows, kp, b, c, n) = (t.a, t.rows, t.kp, t.b, t.c, t.n);
-    let panels = t.panels;
-    assert!(available() && kp.is_multiple_of(KSTEP) && panels.start.is_multiple_of(2));
+    let (rows, b, c, n) = (t.rows, t.b, t.c, t.n);
+    let panels = t.panels.clone();
+    let terms = t.terms();
+    assert!(available() && panels.start.is_multiple_of(2));
     assert!(panels.end <= b.panels && panels.len().is_multiple_of(2));
-    // Whole tiles only: a short last sub-block runs on a zero-padded copy.
+    assert!(terms
+        .iter()
+        .all(|&(_, kp, tb)| kp.is_multiple_of(KSTEP) && tb.panels == b.panels));
+    // Whole tiles only: a short last sub-block runs on zero-padded copies.
     let full = rows / 32 * 32;
-    let mut tail = Vec::new();
-    if full < rows {
-        tail = vec![0u16; 32 * kp];
-        tail[..(rows - full) * kp].copy_from_slice(&a[full * kp..rows * kp]);
-    }
+    let tails: Vec<Vec<u16>> = terms
+        .iter()
+        .map(|&(a, kp, _)| {
+            let mut tail = Vec::new();
+            if full < rows {
+                tail = vec![0u16; 32 * kp];
+                tail[..(rows - full) * kp].copy_from_slice(&a[full * kp..rows * kp]);
+            }
+            tail
+        })
+        .collect();
     let mut out = [0f32; 32 * 32];
     let cfg = TileConfig {
         palette: 1,
@@ -83,20 +93,29 @@ pub unsafe fn block(t: Block) {
     unsafe {
         asm!("ldtilecfg [{}]", in(reg) &cfg as *const TileConfig, options(nostack));
         for p in panels.step_by(2) {
-            let (b0, b1) = (b.panel(p).as_ptr(), b.panel(p + 1).as_ptr());
             let j0 = p * PANEL;
             if j0 >= n {
                 break;
             }
             let cols = (n - j0).min(2 * PANEL);
             for i0 in (0..rows).step_by(32) {
-                let src = if i0 < full { &a[i0 * kp..] } else { &tail[..] };
+                let mut ops = [(std::ptr::null(), 0, std::ptr::null(), std::ptr::null()); 2];
+                for (o, (&(a, kp, tb), tail)) in ops.iter_mut().zip(terms.iter().zip(&tails)) {
+                    let src = if i0 < full { &a[i0 * kp..] } else { &tail[..] };
+                    *o = (
+                        src.as_ptr(),
+                        kp,
+                        tb.panel(p).as_ptr(),
+                        tb.panel(p + 1).as_ptr(),
+                    );
+                }
+                let ops = &ops[..terms.len()];
                 if i0 < full && cols == 32 {
                     // A whole 32×32 block of C: the tiles store straight into it.
-                    tile_product(src.as_ptr(), kp, b0, b1, c.add(i0 * n + j0), n);
+                    tile_product(ops, c.add(i0 * n + j0), n);
                     continue;
                 }
-                tile_product(src.as_ptr(), kp, b0, b1, out.as_mut_ptr(), 32);
+                tile_product(ops, out.as_mut_ptr(), 32);
                 for i in 0..(rows - i0).min(32) {
                     let at = c.add((i0 + i) * n + j0);
                     std::ptr::copy_nonoverlapping(out.as_ptr().add(i * 32), at, cols);
@@ -107,14 +126,11 @@ pub unsafe fn block(t: Block) {
     }
 }
 
-/// out (32×32, row stride `ld` floats) = 32 rows of A (stride kp) · two panels, with tiles
-/// configured.
+/// out (32×32, row stride `ld` floats) = Σ over `ops` of 32 rows of A (stride kp) · two
+/// panels (b0, b1), with tiles configured.
 #[inline(always)]
 unsafe fn tile_product(
-    a: *const u16,
-    kp: usize,
-    b0: *const u16,
-    b1: *const u16,
+    ops: &[(*const u16, usize, *const u16, *const u16)],
     out: *mut f32,
     ld: usize,
 ) {
@@ -125,29 +141,31 @@ unsafe fn tile_product(
         "tilezero tmm3",
         options(nostack)
     );
-    for kb in 0..kp / KSTEP {
-        let a0 = a.add(kb * KSTEP);
-        let off = kb * KSTEP * PANEL;
-        asm!(
-            // Each load as late as its first product allows: the tile registers are not
-            // renamed, so a load waits for the products still reading the old tile
-            // (15 % over four loads up front, measured on one core).
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a0,
-            a1 = in(reg) a0.add(16 * kp),
-            b0 = in(reg) b0.add(off),
-            b1 = in(reg) b1.add(off),
-            sa = in(reg) kp * 2,
-            sb = in(reg) 64usize,
-            options(nostack)
-        );
+    for &(a, kp, b0, b1) in ops {
+        for kb in 0..kp / KSTEP {
+            let a0 = a.add(kb * KSTEP);
+            let off = kb * KSTEP * PANEL;
+            asm!(
+                // Each load as late as its first product allows: the tile registers are not
+                // renamed, so a load waits for the products still reading the old tile
+                // (15 % over four loads up front, measured on one core).
+                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm6, [{b0} + {sb}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {sb}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {sa}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a0.add(16 * kp),
+                b0 = in(reg) b0.add(off),
+                b1 = in(reg) b1.add(off),
+                sa = in(reg) kp * 2,
+                sb = in(reg) 64usize,
+                options(nostack)
+            );
+        }
     }
     asm!(
         "tilestored [{c0} + {s}*1], tmm0",

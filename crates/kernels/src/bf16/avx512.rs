@@ -22,6 +22,7 @@ pub fn available() -> bool {
 /// touches meanwhile.
 pub unsafe fn block(t: Block) {
     assert!(available() && t.panels.start.is_multiple_of(2) && t.panels.end <= t.b.panels);
+    assert!(t.extra.as_ref().is_none_or(|e| e.b.panels == t.b.panels));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has AVX512F and AVX512-BF16 (checked above); `c` is the caller's.
     unsafe {
@@ -38,10 +39,10 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn block(t: Block) {
-        let (a, rows, kp, b, c, n) = (t.a, t.rows, t.kp, t.b, t.c, t.n);
-        let panels = t.panels;
+        let (rows, c, n) = (t.rows, t.c, t.n);
+        let panels = t.panels.clone();
+        let terms = t.terms();
         for p in panels.step_by(2) {
-            let (b0, b1) = (b.panel(p), b.panel(p + 1));
             let j0 = p * PANEL;
             if j0 >= n {
                 break;
@@ -50,19 +51,22 @@ mod x86 {
             for i0 in (0..rows).step_by(MR) {
                 let mr = (rows - i0).min(MR);
                 let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-                for r in 0..kp / 2 {
-                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                        b0.as_ptr().add(r * 2 * PANEL) as *const __m512i,
-                    ));
-                    let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
-                        b1.as_ptr().add(r * 2 * PANEL) as *const __m512i,
-                    ));
-                    for (i, acc) in acc.iter_mut().enumerate().take(mr) {
-                        let pair =
-                            (a.as_ptr().add((i0 + i) * kp + 2 * r) as *const i32).read_unaligned();
-                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
-                        acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
-                        acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                for &(a, kp, b) in &terms {
+                    let (b0, b1) = (b.panel(p), b.panel(p + 1));
+                    for r in 0..kp / 2 {
+                        let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                            b0.as_ptr().add(r * 2 * PANEL) as *const __m512i,
+                        ));
+                        let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                            b1.as_ptr().add(r * 2 * PANEL) as *const __m512i,
+                        ));
+                        for (i, acc) in acc.iter_mut().enumerate().take(mr) {
+                            let pair = (a.as_ptr().add((i0 + i) * kp + 2 * r) as *const i32)
+                                .read_unaligned();
+                            let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                            acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                            acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                        }
                     }
                 }
                 for (i, acc) in acc.iter().enumerate().take(mr) {

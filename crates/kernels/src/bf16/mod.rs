@@ -332,15 +332,35 @@ fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Vec<u16> {
 const ROWS: usize = 256;
 
 /// One task of [`gemm`]: C rows [0, rows) at `c` (row stride `n`) = A's rows (bf16, `kp`
-/// columns) · B, in the columns of `panels` (whole pairs of panels).
+/// columns) · B, plus `extra`'s product where there is one, in the columns of `panels`
+/// (whole pairs of panels).
 pub(crate) struct Block<'a> {
     a: &'a [u16],
     rows: usize,
     kp: usize,
     b: &'a PackedB,
+    extra: Option<Term<'a>>,
     panels: Range<usize>,
     c: *mut f32,
     n: usize,
+}
+
+/// A second product summed into a block's: the same rows of another A (`kp` columns) times
+/// another B of the same width (a LoRA path's rank-r term, `s·(x·A)·B`).
+pub(crate) struct Term<'a> {
+    a: &'a [u16],
+    kp: usize,
+    b: &'a PackedB,
+}
+
+impl<'a> Block<'a> {
+    /// Each product's (A rows, kp, B).
+    fn terms(&self) -> Vec<(&'a [u16], usize, &'a PackedB)> {
+        let extra = self.extra.as_ref().map(|e| (e.a, e.kp, e.b));
+        std::iter::once((self.a, self.kp, self.b))
+            .chain(extra)
+            .collect()
+    }
 }
 
 /// C, shared by tasks that write disjoint (row range, panel range) blocks of it.
@@ -387,7 +407,7 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
     let mut c = Vec::with_capacity(m * b.n);
     // SAFETY: the capacity is m·n floats, all of which `run` writes.
     unsafe {
-        run(path, &ap, m, b, c.as_mut_ptr());
+        run(path, (&ap, b), None, m, c.as_mut_ptr());
         c.set_len(m * b.n);
     }
     c
@@ -400,14 +420,70 @@ unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
     if m == 0 || b.n == 0 {
         return;
     }
-    run(path, &pack_a(a, m, b.k, b.k_pad), m, b, c)
+    run(path, (&pack_a(a, m, b.k, b.k_pad), b), None, m, c)
 }
 
-/// C = A·B for A already in bf16 rows of `b.k_pad`.
+/// Rows of A rounded to bf16 and zero-padded to a multiple of 32 columns: one operand for
+/// several products (a LoRA linear's x·W and x·A).
+pub struct PackedA {
+    pub m: usize,
+    pub k: usize,
+    data: Vec<u16>,
+}
+
+impl PackedA {
+    /// A given row-major [m×k].
+    pub fn rows(a: &[f32], m: usize, k: usize) -> PackedA {
+        assert_eq!(a.len(), m * k, "A is not m×k");
+        let k_pad = round_up(k.max(1), KSTEP);
+        PackedA {
+            m,
+            k,
+            data: pack_a(a, m, k, k_pad),
+        }
+    }
+}
+
+/// A·B, plus A2·B2 for `extra` = (A2, B2) (A2 with A's rows, B2 as wide as B) summed into
+/// the same tiles before they are stored: a LoRA linear's x·W + (s·x·A)·B in one pass over C.
+pub fn product_packed(
+    path: Path,
+    a: &PackedA,
+    b: &PackedB,
+    extra: Option<(&PackedA, &PackedB)>,
+) -> Vec<f32> {
+    let m = a.m;
+    assert_eq!(a.k, b.k, "A's columns are not B's rows");
+    if let Some((a2, b2)) = extra {
+        assert!(
+            a2.m == m && a2.k == b2.k && b2.n == b.n,
+            "the extra product's shape"
+        );
+    }
+    let mut c = Vec::with_capacity(m * b.n);
+    if m == 0 {
+        return c;
+    }
+    let extra = extra.map(|(a2, b2)| (&a2.data[..], b2));
+    // SAFETY: the capacity is m·n floats, all of which `run` writes.
+    unsafe {
+        run(path, (&a.data, b), extra, m, c.as_mut_ptr());
+        c.set_len(m * b.n);
+    }
+    c
+}
+
+/// C = A·B (+ A2·B2) for A (and A2) already in bf16 rows padded as their B's k.
 ///
 /// # Safety
 /// `c` points at m·n writable floats.
-unsafe fn run(path: Path, ap: &[u16], m: usize, b: &PackedB, c: *mut f32) {
+unsafe fn run(
+    path: Path,
+    (ap, b): (&[u16], &PackedB),
+    extra: Option<(&[u16], &PackedB)>,
+    m: usize,
+    c: *mut f32,
+) {
     let n = b.n;
     if m == 0 || n == 0 {
         return;
@@ -429,11 +505,17 @@ unsafe fn run(path: Path, ap: &[u16], m: usize, b: &PackedB, c: *mut f32) {
         // SAFETY: C has m·n floats; this task writes rows r0..r0+rows of the columns under
         // `panels` only, and no two tasks share both a row block and a panel.
         unsafe {
+            let extra = extra.map(|(a2, b2)| Term {
+                a: &a2[r0 * b2.k_pad..(r0 + rows) * b2.k_pad],
+                kp: b2.k_pad,
+                b: b2,
+            });
             let task = Block {
                 a: ab,
                 rows,
                 kp,
                 b,
+                extra,
                 panels,
                 c: out.at(r0 * n),
                 n,
@@ -453,22 +535,23 @@ unsafe fn run(path: Path, ap: &[u16], m: usize, b: &PackedB, c: *mut f32) {
 /// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
 /// touches meanwhile.
 unsafe fn scalar_block(t: Block) {
-    let (a, rows, kp, b, c, n) = (t.a, t.rows, t.kp, t.b, t.c, t.n);
-    let panels = t.panels;
-    for p in panels {
-        let panel = b.panel(p);
+    let (rows, c, n) = (t.rows, t.c, t.n);
+    let terms = t.terms();
+    for p in t.panels.clone() {
         for i in 0..rows {
-            let ar = &a[i * kp..(i + 1) * kp];
             for cc in 0..PANEL {
                 let j = p * PANEL + cc;
                 if j >= n {
                     break;
                 }
                 let mut s = 0.0f32;
-                for r in 0..kp / 2 {
-                    let bp = &panel[r * 2 * PANEL + 2 * cc..];
-                    s += from_bf16(ar[2 * r]) * from_bf16(bp[0]);
-                    s += from_bf16(ar[2 * r + 1]) * from_bf16(bp[1]);
+                for &(a, kp, b) in &terms {
+                    let (ar, panel) = (&a[i * kp..(i + 1) * kp], b.panel(p));
+                    for r in 0..kp / 2 {
+                        let bp = &panel[r * 2 * PANEL + 2 * cc..];
+                        s += from_bf16(ar[2 * r]) * from_bf16(bp[0]);
+                        s += from_bf16(ar[2 * r + 1]) * from_bf16(bp[1]);
+                    }
                 }
                 *c.add(i * n + j) = s;
             }
