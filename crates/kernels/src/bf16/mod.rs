@@ -260,7 +260,7 @@ impl Bf16Weight {
     /// W stored [d_in, d_out] row-major (Burn's linear layout).
     pub fn in_out(w: &[f32], d_in: usize, d_out: usize, path: Path) -> Bf16Weight {
         Bf16Weight {
-            fwd: PackedB::pack(d_in, d_out, |r, c| w[r * d_out + c]),
+            fwd: PackedB::from_rows(w, d_in, d_out),
             path,
         }
     }
