@@ -444,8 +444,10 @@ pub fn rotary_attention(
         false => q.dims()[2] / heads,
     };
     // Training (no cache) runs as one fused op, which also takes a fused qkv whole: no
-    // slices, transposes or RoPE passes, forward or back.
-    if cache.is_none() && fused::fusable(&q) && ctx.rope.t == t {
+    // slices, transposes or RoPE passes, forward or back. It reads the host mask, so a
+    // context with only the tensor one takes the composed path.
+    let host_mask = ctx.mask.is_some() == ctx.hidden.is_some();
+    if cache.is_none() && host_mask && fused::fusable(&q) && ctx.rope.t == t {
         let layout = Heads {
             heads,
             kv_heads,

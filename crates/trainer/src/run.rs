@@ -144,9 +144,12 @@ impl<'a> Run<'a> {
         eprintln!("{counts}");
         if let Some(path) = step::cpu_bf16(a) {
             let n = model.pack_bf16(path);
-            let t = model.bf16_trainable();
+            let t = match model.bf16_trainable() {
+                0 => String::new(),
+                t => format!(", {t} trainable ones rounded per call from their f32 masters"),
+            };
             eprintln!(
-                "bf16: {n} frozen weights held in bf16 and {t} trainable ones rounded per step, run on the CPU's {} kernels; trainable parameters stay f32",
+                "bf16: {n} frozen weights held in bf16{t}, run on the CPU's {} kernels; trainable parameters stay f32",
                 path.name()
             );
         }
