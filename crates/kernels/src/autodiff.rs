@@ -311,27 +311,13 @@ impl LowRankGrads {
         grads: &mut Gradients,
     ) {
         use burn::backend::ops::FloatTensorOps;
-        let LowRankGrads {
-            hs,
-            xd,
-            a,
-            b,
-            scale,
-        } = self;
         let t = Flex::float_transpose;
         // gs = s·dy·bᵀ [N, r], the gradient at xd·a.
-        let gs = matmul(dy.clone(), t(b.clone()));
-        let gs = contiguous(Flex::float_mul_scalar(gs, scale.into()));
-        let shape = xd.shape();
-        let at = contiguous(t(a.clone()));
-        LowRankGrads {
-            hs,
-            xd,
-            a,
-            b,
-            scale,
-        }
-        .factor_grads(&dy, &gs, [node_a, node_b], None, grads);
+        let gs = matmul(dy.clone(), t(self.b.clone()));
+        let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
+        let shape = self.xd.shape();
+        let at = contiguous(t(self.a.clone()));
+        self.factor_grads(&dy, &gs, [node_a, node_b], None, grads);
         let r = last_dim(&gs);
         // gs·aᵀ added in place onto dy·wᵀ (or zeros) rather than computed as a k = r GEMM.
         let add_low_rank = |mut base: FlexTensor| {
