@@ -184,10 +184,8 @@ pub(crate) fn rotary_backward(
     let grads = backward(q, k, v, probs, d_o, (scale, causal, mask), [true; 3]);
     let [dq, dk, dv] = grads.map(|g| contiguous(g.expect("all three asked for")));
     let parts = [f32s(&dq), f32s(&dk), f32s(&dv)];
-    let widths = |j: usize| h.width[input.iter().position(|&x| x == j).unwrap()];
     rotary::scatter(parts, h, rope, b, input)
         .into_iter()
-        .enumerate()
-        .map(|(j, g)| flex(g, [b, t, widths(j)].into()))
+        .map(|(g, width)| flex(g, [b, t, width].into()))
         .collect()
 }

@@ -135,15 +135,15 @@ pub fn merge_heads(x: &[f32], heads: usize, t: usize, d: usize, to_heads: bool) 
 }
 
 /// `gather`'s backward: the gradients of q, k, v (as `gather` returns them) written into
-/// one gradient per distinct input. `input[p]` names which of them part p came from (parts
-/// of one fused qkv share one); `widths[j]` is input j's width. Columns no part covers are 0.
+/// one gradient per distinct input, with its width. `input[p]` names which of them part p
+/// came from (parts of one fused qkv share one). Columns no part covers are 0.
 pub fn scatter(
     grads: [&[f32]; 3],
     h: &Heads,
     rope_t: &Rotary,
     b: usize,
     input: [usize; 3],
-) -> Vec<Vec<f32>> {
+) -> Vec<(Vec<f32>, usize)> {
     let (t, d) = (rope_t.t, h.d);
     let inputs = input.iter().max().map_or(0, |m| m + 1);
     (0..inputs)
@@ -152,7 +152,7 @@ pub fn scatter(
                 .iter()
                 .position(|&x| x == j)
                 .expect("input j has a part")];
-            par_filled(b * t * width, width, |r, row| {
+            let grad = par_filled(b * t * width, width, |r, row| {
                 let (bi, pos) = (r / t, r % t);
                 for p in (0..3).filter(|&p| input[p] == j) {
                     let count = h.count(p);
@@ -167,7 +167,8 @@ pub fn scatter(
                         }
                     }
                 }
-            })
+            });
+            (grad, width)
         })
         .collect()
 }

@@ -328,8 +328,6 @@ fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
 
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
-    #[cfg(target_arch = "x86_64")]
-    let wide = std::arch::is_x86_feature_detected!("avx512bw");
     let mut out: Vec<u16> = Vec::with_capacity(m * k_pad);
     out.spare_capacity_mut()[..m * k_pad]
         .par_chunks_mut(k_pad)
@@ -337,13 +335,7 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
         .for_each(|(o, r)| {
             let (o, pad) = o.split_at_mut(k);
             pad.fill(MaybeUninit::new(0));
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the CPU has AVX512F and AVX512BW (checked above).
-                unsafe { round_row_avx512(r, o) };
-                return;
-            }
-            round_row(r, o);
+            round_into(r, o);
         });
     // SAFETY: each of the m rows is written whole: k rounded values, then the padding.
     unsafe { out.set_len(m * k_pad) };
