@@ -9,6 +9,7 @@ use super::bf16::{self, Bf16Weight, PackedB};
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
 use super::rotary::{Heads, Rotary};
+use super::thin;
 use super::{
     bf16_lora_forward, bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim,
     lora_forward, norm, owned, pack_weight, rms_norm_forward, FusedOps,
@@ -234,16 +235,16 @@ impl Backward<Flex, 4> for Bf16LoraLinear {
             );
             let r = last_dim(&a);
             let pdy = bf16::PackedA::rows(f32s(&dy), rows, d_out);
-            let bt = PackedB::pack(d_out, r, |i, j| f32s(&b)[j * d_out + i]);
+            let bt = PackedB::from_cols(f32s(&b), d_out, r);
             let mut gs = bf16::product_packed(w.path, &pdy, &bt, None);
             kernels::scale_all(&mut gs, self.scale as f32);
-            let at = PackedB::pack(r, d_in, |i, j| f32s(&a)[j * r + i]);
+            let at = PackedB::from_cols(f32s(&a), r, d_in);
             let low = (bf16::PackedA::rows(&gs, rows, r), at);
             let dx =
                 bf16::product_packed(w.path, &pdy, &w.fwd.transposed(), Some((&low.0, &low.1)));
             grads.register::<Flex>(node_x, flex(dx, [rows, d_in].into()));
             let gs = flex(gs, [rows, r].into());
-            low_rank.factor_grads(&dy, &gs, [node_a, node_b], Some(w.path), grads);
+            low_rank.factor_grads(&dy, &gs, [node_a, node_b], grads);
             return;
         }
         let base_dx = |dy| bf16_product(dy, &w.fwd.transposed(), w.path);
@@ -261,42 +262,27 @@ struct LowRankGrads {
 }
 
 impl LowRankGrads {
-    /// da = xdᵀ·gs and db = hsᵀ·dy, for gs = s·dy·bᵀ (the gradient at xd·a); on a bf16
-    /// path as (xdᵀ·gs) and (dyᵀ·hs)ᵀ, the thin operand packed and the wide one transposed
-    /// while rounding (f32 GEMMs with an inner or outer size of r run far below their rate).
+    /// da = xdᵀ·gs and db = hsᵀ·dy, for gs = s·dy·bᵀ (the gradient at xd·a), as sums of
+    /// outer products in f32 on every path ([`thin`]).
     fn factor_grads(
         self,
         dy: &FlexTensor,
         gs: &FlexTensor,
         [node_a, node_b]: [Option<NodeId>; 2],
-        path: Option<bf16::Path>,
         grads: &mut Gradients,
     ) {
-        use burn::backend::ops::FloatTensorOps;
-        let t = Flex::float_transpose;
-        let Some(path) = path else {
-            if let Some(node) = node_b {
-                grads.register::<Flex>(node, matmul(t(self.hs), dy.clone()));
-            }
-            if let Some(node) = node_a {
-                grads.register::<Flex>(node, matmul(t(self.xd), gs.clone()));
-            }
-            return;
-        };
-        // Aᵀ·B for A [rows, m] and B [rows, n], both row-major: [m, n].
-        let at_b = |a: &FlexTensor, b: &FlexTensor| {
-            let (a, b) = (contiguous(a.clone()), contiguous(b.clone()));
-            let (m, n) = (last_dim(&a), last_dim(&b));
-            let rows = f32s(&a).len() / m.max(1);
-            let pb = PackedB::from_rows(f32s(&b), rows, n);
-            flex(bf16::product_t(path, f32s(&a), rows, m, &pb), [m, n].into())
-        };
+        let r = last_dim(gs);
         if let Some(node) = node_b {
-            let dbt = at_b(dy, &self.hs);
-            grads.register::<Flex>(node, contiguous(t(dbt)));
+            let (hs, dy) = (contiguous(self.hs), contiguous(dy.clone()));
+            let d_out = last_dim(&dy);
+            let db = thin::thin_t_wide(f32s(&hs), r, f32s(&dy), d_out);
+            grads.register::<Flex>(node, flex(db, [r, d_out].into()));
         }
         if let Some(node) = node_a {
-            grads.register::<Flex>(node, at_b(&self.xd, gs));
+            let (xd, gs) = (contiguous(self.xd), contiguous(gs.clone()));
+            let d_in = last_dim(&xd);
+            let da = thin::wide_t_thin(f32s(&gs), r, f32s(&xd), d_in);
+            grads.register::<Flex>(node, flex(da, [d_in, r].into()));
         }
     }
 
@@ -317,7 +303,7 @@ impl LowRankGrads {
         let gs = contiguous(Flex::float_mul_scalar(gs, self.scale.into()));
         let shape = self.xd.shape();
         let at = contiguous(t(self.a.clone()));
-        self.factor_grads(&dy, &gs, [node_a, node_b], None, grads);
+        self.factor_grads(&dy, &gs, [node_a, node_b], grads);
         let r = last_dim(&gs);
         // gs·aᵀ added in place onto dy·wᵀ (or zeros) rather than computed as a k = r GEMM.
         let add_low_rank = |mut base: FlexTensor| {

@@ -35,9 +35,10 @@ macro_rules! simd {
         }
     };
 }
+pub(crate) use simd;
 
 #[cfg(target_arch = "x86_64")]
-static LEVEL: std::sync::LazyLock<u8> = std::sync::LazyLock::new(|| {
+pub(crate) static LEVEL: std::sync::LazyLock<u8> = std::sync::LazyLock::new(|| {
     use std::arch::is_x86_feature_detected as has;
     if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
         2

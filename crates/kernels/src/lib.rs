@@ -16,6 +16,7 @@ pub mod kernels;
 mod matmul;
 mod norm;
 pub mod rotary;
+pub mod thin;
 
 use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;

@@ -136,6 +136,17 @@ fn transposed_packing_is_the_packing_of_the_transpose() {
             (n, k, want.k_pad, want.panels)
         );
         assert!(got.data == want.data, "{k}×{n}: transposed packing differs");
+        // Packing from the columns (Wᵀ's rows, here w itself read as [k, n] → B = wᵀ).
+        let cols = PackedB::from_cols(&w, n, k);
+        assert!(
+            cols.data == want.data,
+            "{k}×{n}: packing from columns differs"
+        );
+        let rows = PackedB::from_rows(&w, k, n);
+        assert!(
+            rows.data == PackedB::pack(k, n, |r, c| w[r * n + c]).data,
+            "{k}×{n}: rows"
+        );
         // And the weight comes back as its bf16 rounding.
         let back = Bf16Weight::in_out(&w, k, n, Path::Scalar).unpack();
         let rounded: Vec<f32> = w.iter().map(|&x| from_bf16(to_bf16(x))).collect();

@@ -307,10 +307,10 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().zip(b).map(|(x, y)| x + y).collect()
 }
 
-/// The LoRA op on a bf16 base without dropout runs every product on the bf16 kernels: each
-/// output and gradient is the f32 product of bf16-rounded operands, the rank-r term summed
-/// into the base's: y = x·W + (s·x·A)·B, dx = dy·Wᵀ + gs·Aᵀ with gs = s·dy·Bᵀ, dA = xᵀ·gs,
-/// dB = hsᵀ·dy with hs = s·x·A (each operand rounded where the kernels round it).
+/// The LoRA op on a bf16 base without dropout runs its token-wide products on the bf16
+/// kernels: each is the f32 product of bf16-rounded operands, the rank-r term summed into the
+/// base's: y = x·W + (s·x·A)·B, dx = dy·Wᵀ + gs·Aᵀ with gs = s·dy·Bᵀ; the factors' gradients
+/// dA = xᵀ·gs and dB = hsᵀ·dy (hs = s·x·A) are f32 sums of the unrounded x and dy.
 #[test]
 fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
     let (n, d_in, d_out, r, s) = (10, 24, 40, 4, 1.7f32);
@@ -334,12 +334,8 @@ fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
         &mm(&rr(&up), &rr(&tr(&w, d_in, d_out)), n, d_out, d_in),
         &mm(&rr(&gs), &rr(&tr(&a, d_in, r)), n, r, d_in),
     );
-    let da = mm(&rr(&tr(&x, n, d_in)), &rr(&gs), d_in, n, r);
-    let db = tr(
-        &mm(&rr(&tr(&up, n, d_out)), &rr(&hs), d_out, n, r),
-        d_out,
-        r,
-    );
+    let da = mm(&tr(&x, n, d_in), &gs, d_in, n, r);
+    let db = mm(&tr(&hs, n, r), &up, r, n, d_out);
 
     let leaf = |v: &[f32], shape: [usize; 2]| {
         Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &dev().autodiff()).require_grad()

@@ -98,7 +98,23 @@ pub unsafe fn block(t: Block) {
                 break;
             }
             let cols = (n - j0).min(2 * PANEL);
+            // The next pair's panels (contiguous, kp·64 bytes) are fetched into L2 a few lines
+            // per k step while this pair runs: a frozen weight comes from DRAM, and its first
+            // use otherwise stalls every tile load on it.
+            let kp = b.k_pad;
+            let next =
+                (p + 2 < t.panels.end && (p + 2) * PANEL < n).then(|| b.panel(p + 2).as_ptr());
+            let steps = rows.div_ceil(32) * (kp / KSTEP);
+            let per = kp.div_ceil(steps.max(1));
             for i0 in (0..rows).step_by(32) {
+                let pf = next.map(|at| {
+                    let at = at as *const u8;
+                    Prefetch {
+                        at: at.add((i0 / 32) * (kp / KSTEP) * per * 64),
+                        end: at.add(kp * 64),
+                        per,
+                    }
+                });
                 let mut ops = [(std::ptr::null(), 0, std::ptr::null(), std::ptr::null()); 2];
                 for (o, (&(a, kp, tb), tail)) in ops.iter_mut().zip(terms.iter().zip(&tails)) {
                     let src = if i0 < full { &a[i0 * kp..] } else { &tail[..] };
@@ -112,10 +128,10 @@ pub unsafe fn block(t: Block) {
                 let ops = &ops[..terms.len()];
                 if i0 < full && cols == 32 {
                     // A whole 32×32 block of C: the tiles store straight into it.
-                    tile_product(ops, c.add(i0 * n + j0), n);
+                    tile_product(ops, c.add(i0 * n + j0), n, pf);
                     continue;
                 }
-                tile_product(ops, out.as_mut_ptr(), 32);
+                tile_product(ops, out.as_mut_ptr(), 32, pf);
                 for i in 0..(rows - i0).min(32) {
                     let at = c.add((i0 + i) * n + j0);
                     std::ptr::copy_nonoverlapping(out.as_ptr().add(i * 32), at, cols);
@@ -133,7 +149,13 @@ unsafe fn tile_product(
     ops: &[(*const u16, usize, *const u16, *const u16)],
     out: *mut f32,
     ld: usize,
+    pf: Option<Prefetch>,
 ) {
+    let mut pf = pf.unwrap_or(Prefetch {
+        at: std::ptr::null(),
+        end: std::ptr::null(),
+        per: 0,
+    });
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -143,6 +165,14 @@ unsafe fn tile_product(
     );
     for &(a, kp, b0, b1) in ops {
         for kb in 0..kp / KSTEP {
+            for _ in 0..pf.per {
+                if pf.at < pf.end {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        pf.at as *const i8,
+                    );
+                    pf.at = pf.at.add(64);
+                }
+            }
             let a0 = a.add(kb * KSTEP);
             let off = kb * KSTEP * PANEL;
             asm!(
@@ -179,4 +209,12 @@ unsafe fn tile_product(
         s = in(reg) ld * 4,
         options(nostack)
     );
+}
+
+/// Lines to fetch ahead: `per` a k step from `at` up to `end`.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    at: *const u8,
+    end: *const u8,
+    per: usize,
 }

@@ -162,7 +162,42 @@ impl PackedB {
         }
     }
 
-    fn panel(&self, p: usize) -> &[u16] {
+    /// B given as Bᵀ row-major [n×k] (B's columns contiguous: a weight stored [out, in], a
+    /// LoRA factor read transposed). A pair row's (k, k+1) values sit side by side in a
+    /// column, so each column is rounded whole and its 32-bit pairs dealt to the panel's rows.
+    pub fn from_cols(bt: &[f32], k: usize, n: usize) -> PackedB {
+        assert_eq!(bt.len(), k * n, "Bᵀ is not n×k");
+        let k_pad = round_up(k.max(1), KSTEP);
+        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
+        let per_panel = k_pad * PANEL;
+        let mut data = vec![0u16; panels * per_panel];
+        data.par_chunks_mut(per_panel)
+            .enumerate()
+            .for_each(|(p, out)| {
+                let mut col = vec![MaybeUninit::new(0u16); k_pad];
+                for c in 0..PANEL.min(n.saturating_sub(p * PANEL)) {
+                    let j = p * PANEL + c;
+                    round_into(&bt[j * k..(j + 1) * k], &mut col[..k]);
+                    for (r, pair) in col[..k].chunks(2).enumerate() {
+                        // SAFETY: the first k values were written by `round_into` above.
+                        let at = r * 2 * PANEL + 2 * c;
+                        out[at] = unsafe { pair[0].assume_init() };
+                        if let Some(v) = pair.get(1) {
+                            out[at + 1] = unsafe { v.assume_init() };
+                        }
+                    }
+                }
+            });
+        PackedB {
+            k,
+            n,
+            k_pad,
+            panels,
+            data,
+        }
+    }
+
+    pub(crate) fn panel(&self, p: usize) -> &[u16] {
         let len = self.k_pad * PANEL;
         &self.data[p * len..(p + 1) * len]
     }
@@ -268,7 +303,7 @@ impl Bf16Weight {
     /// W stored [d_out, d_in] row-major (HF's layout; the tied head's embedding table).
     pub fn out_in(w: &[f32], d_out: usize, d_in: usize, path: Path) -> Bf16Weight {
         Bf16Weight {
-            fwd: PackedB::pack(d_in, d_out, |r, c| w[c * d_in + r]),
+            fwd: PackedB::from_cols(w, d_in, d_out),
             path,
         }
     }

@@ -1,0 +1,55 @@
+//! The rank-r products of LoRA's factor gradients (`thin`) against plain sums in token order:
+//! each output is the same chain of fused multiply-adds, so the values must match exactly, on
+//! shapes with whole register blocks, ragged edges and more tokens than one pass.
+
+use phi_kernels::thin::{block_path, thin_t_wide, wide_t_thin};
+
+/// Deterministic values in [-1, 1) with no simple pattern across rows or columns.
+fn vals(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
+        .collect()
+}
+
+/// wideᵀ·thin [w × r], each sum a mul_add chain over t = 0..T.
+fn reference(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {
+    let t_len = thin.len() / r;
+    let mut out = vec![0f32; w * r];
+    for j in 0..w {
+        for i in 0..r {
+            let mut s = 0f32;
+            for t in 0..t_len {
+                s = thin[t * r + i].mul_add(wide[t * w + j], s);
+            }
+            out[j * r + i] = s;
+        }
+    }
+    out
+}
+
+#[test]
+fn thin_products_equal_sums_in_token_order() {
+    if block_path() != "avx512" {
+        eprintln!("thin: the AVX-512 register block was not run on this machine (no AVX-512F)");
+    }
+    // (tokens, r, w): whole 8 × 32 blocks, ragged r and w, one and several token passes.
+    for (t, r, w) in [
+        (64, 16, 64),
+        (300, 16, 96),
+        (257, 5, 70),
+        (513, 9, 33),
+        (3, 1, 1),
+    ] {
+        let (thin, wide) = (vals(t * r, 1), vals(t * w, 2));
+        let want = reference(&thin, r, &wide, w);
+        let got = wide_t_thin(&thin, r, &wide, w);
+        assert!(want.iter().all(|v| v.is_finite() && *v != 0.0) || t < 8);
+        assert_eq!(got, want, "wide_t_thin, T {t}, r {r}, w {w}");
+        let got_t = thin_t_wide(&thin, r, &wide, w);
+        for j in 0..w {
+            for i in 0..r {
+                assert_eq!(got_t[i * w + j], want[j * r + i], "thin_t_wide ({i}, {j})");
+            }
+        }
+    }
+}
