@@ -78,6 +78,13 @@ fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// (k_pad, panels, values a panel) of B [k×n]'s packing.
+fn layout(k: usize, n: usize) -> (usize, usize, usize) {
+    let k_pad = round_up(k.max(1), KSTEP);
+    let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
+    (k_pad, panels, k_pad * PANEL)
+}
+
 /// B [k×n] in panels of 16 columns, k/2 rows of (k, k+1) pairs each, zero-padded to an even
 /// number of whole panels (the kernels take two at a time) and a multiple of 32 in k.
 pub struct PackedB {
@@ -91,9 +98,7 @@ pub struct PackedB {
 impl PackedB {
     /// `b(kk, j)` gives B's element at row kk, column j (so any layout or transpose packs).
     pub fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
-        let k_pad = round_up(k.max(1), KSTEP);
-        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
-        let per_panel = k_pad * PANEL;
+        let (k_pad, panels, per_panel) = layout(k, n);
         let mut data = vec![0u16; panels * per_panel];
         data.par_chunks_mut(per_panel)
             .enumerate()
@@ -126,9 +131,7 @@ impl PackedB {
     /// 1024 × 2816 operand, which packing per call cannot afford).
     pub fn from_rows(b: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(b.len(), k * n, "B is not k×n");
-        let k_pad = round_up(k.max(1), KSTEP);
-        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
-        let per_panel = k_pad * PANEL;
+        let (k_pad, panels, per_panel) = layout(k, n);
         let mut data: Vec<u16> = Vec::with_capacity(panels * per_panel);
         data.spare_capacity_mut()[..panels * per_panel]
             .par_chunks_mut(per_panel)
@@ -167,9 +170,7 @@ impl PackedB {
     /// column, so each column is rounded whole and its 32-bit pairs dealt to the panel's rows.
     pub fn from_cols(bt: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(bt.len(), k * n, "Bᵀ is not n×k");
-        let k_pad = round_up(k.max(1), KSTEP);
-        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
-        let per_panel = k_pad * PANEL;
+        let (k_pad, panels, per_panel) = layout(k, n);
         let mut data = vec![0u16; panels * per_panel];
         data.par_chunks_mut(per_panel)
             .enumerate()
@@ -219,9 +220,7 @@ impl PackedB {
     /// whole (a block's 8 pair rows of one panel become 8 pair rows of another panel).
     pub fn transposed(&self) -> PackedB {
         let (k, n) = (self.n, self.k);
-        let k_pad = round_up(k.max(1), KSTEP);
-        let panels = round_up(n.max(1), 2 * PANEL) / PANEL;
-        let per_panel = k_pad * PANEL;
+        let (k_pad, panels, per_panel) = layout(k, n);
         // Every element is written below (whole 16×16 blocks cover both paddings), so the
         // buffer starts unfilled: no pass to zero it first.
         let mut data: Vec<u16> = Vec::with_capacity(panels * per_panel);
