@@ -5,7 +5,7 @@
 //! SmolLM2 shape that is 151 MB a layer, 4.5 GB a step, for one more q·kᵀ product.
 
 use super::kernels::{self, Causal};
-use super::matmul::matmul;
+use super::products::Products;
 use super::rotary::{self, Heads, Rotary};
 use super::{contiguous, f32s, flex, last_dim, owned};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -13,12 +13,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Flex, TensorMetadata};
-
-fn kt(k: FlexTensor) -> FlexTensor {
-    Flex::float_swap_dims(k, 2, 3)
-}
 
 /// A padding or packing mask, [B, t, S] (true = hidden), over scores whose rows hold
 /// `per_batch` rows a batch.
@@ -37,10 +32,9 @@ pub(crate) fn forward(
     k: FlexTensor,
     v: FlexTensor,
     scale: f32,
-    causal: Causal,
-    mask: Option<Masked>,
+    (causal, mask, mm): (Causal, Option<Masked>, Products),
 ) -> (FlexTensor, FlexTensor, Vec<f32>) {
-    let mut scores = owned(matmul(q, kt(k)));
+    let mut scores = owned(mm.a_bt(q, k));
     let s = last_dim(&scores);
     let shape = scores.shape();
     if let Some(m) = mask {
@@ -54,7 +48,7 @@ pub(crate) fn forward(
         kernels::fill_masked(&mut p, s, causal.t, m.per_batch, m.hidden, 0.0);
     }
     let p = flex(p, shape);
-    (matmul(p.clone(), v), p, lse)
+    (mm.a_b(p.clone(), v), p, lse)
 }
 
 /// What the backward has of the probabilities.
@@ -80,7 +74,15 @@ impl Backward<Flex, 3> for CausalAttention {
         let (ids, probs) = ops.state;
         let [q, k, v] = ids.map(|id| c.retrieve_node_output::<FlexTensor>(id));
         let want = [0, 1, 2].map(|i| nodes[i].is_some());
-        let dqkv = backward(q, k, v, probs, d_o, (self.scale, self.causal, None), want);
+        let dqkv = backward(
+            q,
+            k,
+            v,
+            probs,
+            d_o,
+            (self.scale, self.causal, None, Products(None)),
+            want,
+        );
         for (node, g) in nodes.into_iter().zip(dqkv) {
             if let (Some(node), Some(g)) = (node, g) {
                 grads.register::<Flex>(node.id, g);
@@ -96,13 +98,13 @@ pub(crate) fn backward(
     v: FlexTensor,
     probs: Probs,
     d_o: FlexTensor,
-    (scale, causal, mask): (f32, Causal, Option<Masked>),
+    (scale, causal, mask, mm): (f32, Causal, Option<Masked>, Products),
     want: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
     let p = match probs {
         Probs::Kept(p) => p,
         Probs::Lse(lse) => {
-            let mut p = owned(matmul(q.clone(), kt(k.clone())));
+            let mut p = owned(mm.a_bt(q.clone(), k.clone()));
             let s = last_dim(&p);
             let scores = p.storage_mut::<f32>();
             kernels::softmax_recompute(scores, s, scale, Some(causal), &lse);
@@ -114,15 +116,15 @@ pub(crate) fn backward(
             p
         }
     };
-    let dv = want[2].then(|| matmul(kt(p.clone()), d_o.clone()));
-    let dp = contiguous(matmul(d_o, kt(v)));
+    let dv = want[2].then(|| mm.at_b(p.clone(), d_o.clone()));
+    let dp = contiguous(mm.a_bt(d_o, v));
     let s = last_dim(&p);
     let p = contiguous(p);
     let ds = kernels::softmax_backward(f32s(&p), f32s(&dp), s, scale, Some(causal));
     let ds = flex(ds, p.shape());
     drop((p, dp));
-    let dk = want[1].then(|| matmul(kt(ds.clone()), q));
-    let dq = want[0].then(|| matmul(ds, k));
+    let dk = want[1].then(|| mm.at_b(ds.clone(), q));
+    let dq = want[0].then(|| mm.a_b(ds, k));
     [dq, dk, dv]
 }
 
@@ -160,7 +162,8 @@ pub(crate) fn rotary_forward(
         t: rope.t,
         offset: 0,
     };
-    let (o, p, lse) = forward(q, k, v, scale, causal, masked(mask, h, rope));
+    let mm = Products(h.bf16);
+    let (o, p, lse) = forward(q, k, v, scale, (causal, masked(mask, h, rope), mm));
     let o = contiguous(o);
     let out = rotary::merge_heads(f32s(&o), h.heads, rope.t, h.d, false);
     (flex(out, [b, rope.t, h.heads * h.d].into()), p, lse)
@@ -181,7 +184,15 @@ pub(crate) fn rotary_backward(
     let d_o = flex(d_o, q.shape());
     let causal = Causal { t, offset: 0 };
     let mask = masked(mask, h, rope);
-    let grads = backward(q, k, v, probs, d_o, (scale, causal, mask), [true; 3]);
+    let grads = backward(
+        q,
+        k,
+        v,
+        probs,
+        d_o,
+        (scale, causal, mask, Products(h.bf16)),
+        [true; 3],
+    );
     let [dq, dk, dv] = grads.map(|g| contiguous(g.expect("all three asked for")));
     let parts = [f32s(&dq), f32s(&dk), f32s(&dv)];
     rotary::scatter(parts, h, rope, b, input)

@@ -8,6 +8,7 @@ use super::attention::{self, CausalAttention, Probs};
 use super::bf16::{self, Bf16Weight, PackedB};
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
+use super::products::Products;
 use super::rotary::{Heads, Rotary};
 use super::thin;
 use super::{
@@ -488,7 +489,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
                 let causal = Causal { t, offset };
-                let (o, p, lse) = attention::forward(q, k, v, scale as f32, causal, None);
+                let (o, p, lse) =
+                    attention::forward(q, k, v, scale as f32, (causal, None, Products(None)));
                 prep.finish((ids, kept::<C>(p, lse)), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(

@@ -15,6 +15,7 @@ pub mod bf16;
 pub mod kernels;
 mod matmul;
 mod norm;
+mod products;
 pub mod rotary;
 pub mod thin;
 
@@ -170,7 +171,14 @@ impl FusedOps for Flex {
         t: usize,
         offset: usize,
     ) -> FlexTensor {
-        attention::forward(q, k, v, scale as f32, Causal { t, offset }, None).0
+        attention::forward(
+            q,
+            k,
+            v,
+            scale as f32,
+            (Causal { t, offset }, None, products::Products(None)),
+        )
+        .0
     }
 
     fn lora_linear(

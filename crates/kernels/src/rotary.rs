@@ -35,6 +35,8 @@ pub struct Heads {
     pub d: usize,
     pub width: [usize; 3],
     pub start: [usize; 3],
+    /// The bf16 kernel path attention's products run on (`--bf16`); None: f32.
+    pub bf16: Option<crate::bf16::Path>,
 }
 
 impl Heads {

@@ -77,6 +77,7 @@ impl CausalLm {
         self.head_bf16 = None;
         let tied = self.lm_head.is_none();
         self.head_train_bf16 = (tied && table.is_require_grad()).then_some(path);
+        self.attention_bf16 = Some(path);
         if tied && !table.is_require_grad() {
             let [v, h] = table.val().dims();
             let w = Bf16Weight::out_in(&host(table.val()), v, h, path);
@@ -109,5 +110,6 @@ impl CausalLm {
         }
         self.head_bf16 = None;
         self.head_train_bf16 = None;
+        self.attention_bf16 = None;
     }
 }

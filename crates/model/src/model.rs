@@ -52,6 +52,9 @@ pub struct CausalLm {
     /// packed per call, as trainable linears are).
     #[module(skip)]
     pub head_train_bf16: Option<Path>,
+    /// `--bf16`: attention's products on this bf16 path too (set by `pack_bf16`).
+    #[module(skip)]
+    pub attention_bf16: Option<Path>,
 }
 
 /// A batch as the forward sees it: host ids (the masks are built on the host anyway).
@@ -138,6 +141,7 @@ impl CausalLm {
             max_positions: cfg.max_position_embeddings,
             head_bf16: None,
             head_train_bf16: None,
+            attention_bf16: None,
         })
     }
 
@@ -262,6 +266,7 @@ impl CausalLm {
             rope,
             mask,
             hidden,
+            bf16: self.attention_bf16,
         };
 
         let mut taps = Taps::default();

@@ -325,6 +325,8 @@ pub struct LayerCtx {
     pub mask: Option<Tensor<4, Bool>>,
     /// The same mask on the host, for the fused attention.
     pub hidden: Option<Arc<Vec<bool>>>,
+    /// `--bf16` on a CPU with bf16 units: the kernel path of the fused attention's products.
+    pub bf16: Option<phi_kernels::bf16::Path>,
 }
 
 /// HF's rotate-half RoPE on the first `rot` dims of each head.
@@ -454,6 +456,7 @@ pub fn rotary_attention(
             d,
             width: [&q, &k, &v].map(|x| x.dims()[2]),
             start,
+            bf16: ctx.bf16,
         };
         let scale = 1.0 / (d as f64).sqrt();
         return fused::rotary_attention(q, k, v, layout, &ctx.rope, ctx.hidden.as_ref(), scale);

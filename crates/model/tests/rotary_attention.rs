@@ -64,6 +64,7 @@ fn ctx(rows: usize, t: usize, rot: usize, b: usize, keys: Option<&[i64]>) -> Lay
             .clone()
             .map(|m| Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), &dev())),
         hidden: hidden.map(Arc::new),
+        bf16: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn composed(p: Projected, heads: usize, kv: usize, ctx: &LayerCtx) -> Tensor<3> 
             Tensor::<4, Bool>::from_data(TensorData::new(causal, [b, 1, t, t]), &dev())
         })),
         hidden: None,
+        bf16: None,
     };
     let q = apply_rotary(split_heads(q, heads), &ctx.cos, &ctx.sin);
     let k = apply_rotary(split_heads(k, kv), &ctx.cos, &ctx.sin);
@@ -168,6 +170,55 @@ fn fused_rotary_attention_matches_the_composed_path() {
                 close(f, c, &format!("{what}: gradient of input {i}"));
                 let moved = f.iter().any(|v| *v != 0.0);
                 assert!(moved, "{what}: input {i} has a zero gradient");
+            }
+        }
+    }
+}
+
+/// Under `--bf16` the fused attention's products run on the bf16 kernels: on every path this
+/// CPU has, the output and gradients stay within bf16 rounding of the f32 composed path, and
+/// differ from the f32 fused op's (so the bf16 products did run), with masks and checkpointing.
+#[test]
+fn fused_rotary_attention_on_bf16_products() {
+    use phi_kernels::bf16::Path;
+    let (b, t, d, heads, kv) = (2, 37, 16, 4, 2);
+    let keys: Vec<i64> = (0..b * t)
+        .map(|i| i64::from(i % t < t - 3 * (i / t)))
+        .collect();
+    dev().seed(17);
+    let inputs = vec![Tensor::<3>::random(
+        [b, t, (heads + 2 * kv) * d],
+        Distribution::Normal(0.0, 1.0),
+        &dev(),
+    )
+    .detach()];
+    for path in Path::ALL {
+        if !path.available() {
+            eprintln!(
+                "bf16 attention on {}: NOT RUN (this CPU lacks it)",
+                path.name()
+            );
+            continue;
+        }
+        for (mask, checkpointing) in [(false, false), (true, false), (true, true)] {
+            let what = format!(
+                "{}, mask {mask}, checkpointing {checkpointing}",
+                path.name()
+            );
+            let mut ctx = ctx(1, t, d, b, mask.then_some(&keys[..]));
+            let want = run(&inputs, true, (heads, kv), &ctx, (false, false));
+            let f32_fused = run(&inputs, true, (heads, kv), &ctx, (true, checkpointing));
+            ctx.bf16 = Some(path);
+            let got = run(&inputs, true, (heads, kv), &ctx, (true, checkpointing));
+            let pairs = [
+                (&got.0, &want.0, &f32_fused.0),
+                (&got.1[0], &want.1[0], &f32_fused.1[0]),
+            ];
+            for ((g, w, f), part) in pairs.into_iter().zip(["output", "gradient"]) {
+                let worst = phi_testkit::oracle::max_scaled_diff(&what, g, w);
+                assert!(worst <= 3e-2, "{what}: {part} off f32 by {worst}");
+                let moved = phi_testkit::oracle::max_scaled_diff(&what, g, f);
+                assert!(moved > 1e-5, "{what}: {part} equals the f32 op's ({moved})");
             }
         }
     }

@@ -495,6 +495,16 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
     c
 }
 
+/// `product_t` into C [m×n] row-major.
+pub fn gemm_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB, c: &mut [f32]) {
+    assert_eq!(a.len(), k * m, "A is not k×m");
+    assert_eq!(b.k, k, "B's rows are not A's");
+    assert_eq!(c.len(), m * b.n, "C is not m×n");
+    let ap = pack_a_t(a, k, m, b.k_pad);
+    // SAFETY: c holds m·n floats.
+    unsafe { run(path, (&ap, b), None, m, c.as_mut_ptr()) }
+}
+
 /// # Safety
 /// `c` points at m·n writable floats.
 unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
