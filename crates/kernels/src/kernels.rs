@@ -8,6 +8,7 @@
 //! as compare-selects so a NaN input stays NaN (the trainer stops on non-finite losses).
 
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Elements per parallel task: big enough that rayon's overhead is noise.
 const CHUNK: usize = 1 << 14;
@@ -402,10 +403,10 @@ simd! {
 }
 
 simd! {
-    /// dx = k·e^(x − lse)
-    fn ce_grad_row(x: &[f32], lse: f32, k: f32, dx: &mut [f32]) {
+    /// dx = k·e^(x − lse), written into a fresh (unfilled) row.
+    fn ce_grad_row(x: &[f32], lse: f32, k: f32, dx: &mut [MaybeUninit<f32>]) {
         for (d, &v) in dx.iter_mut().zip(x) {
-            *d = k * exp(v - lse);
+            d.write(k * exp(v - lse));
         }
     }
 }
@@ -436,16 +437,25 @@ pub fn cross_entropy_backward(
     lse: &[f32],
     g: f32,
 ) -> Vec<f32> {
-    let mut dx = zeroed(x.len());
-    dx.par_chunks_mut(v)
+    // Every row is written whole below (the logits' gradient is a step's largest tensor:
+    // zeroing it first was a pass of its own).
+    let mut dx: Vec<f32> = Vec::with_capacity(x.len());
+    dx.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(v)
         .zip(x.par_chunks(v))
         .zip(targets.par_iter().zip(lse.par_iter()))
         .for_each(|((dx, row), (&t, &lse))| {
             if t >= 0 {
                 ce_grad_row(row, lse, g, dx);
-                dx[t as usize] -= g;
+                let at = &mut dx[t as usize];
+                // SAFETY: ce_grad_row wrote the whole row just above.
+                *at = MaybeUninit::new(unsafe { at.assume_init() } - g);
+            } else {
+                dx.fill(MaybeUninit::new(0.0));
             }
         });
+    // SAFETY: each of the rows (x.len() / v of them, v values each) was written above.
+    unsafe { dx.set_len(x.len()) };
     dx
 }
 

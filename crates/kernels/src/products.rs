@@ -64,18 +64,28 @@ fn items(path: Path, x: FlexTensor, y: FlexTensor, form: Form) -> FlexTensor {
         Form::AtB => ((x2, x1), y2),
     };
     let count = f32s(&x).len() / (x1 * x2).max(1);
-    let mut out = vec![0f32; count * m * n];
-    if m * n > 0 {
+    // Unfilled: every path stores each element of C.
+    let mut out: Vec<f32> = Vec::with_capacity(count * m * n);
+    if m * n > 0 && k > 0 {
         let (xv, yv) = (f32s(&x), f32s(&y));
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+        let cells = &mut out.spare_capacity_mut()[..count * m * n];
+        cells.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
             let a = &xv[i * x1 * x2..(i + 1) * x1 * x2];
             let b = &yv[i * y1 * y2..(i + 1) * y1 * y2];
-            match form {
-                Form::AB => bf16::gemm(path, a, m, &PackedB::from_rows(b, k, n), c),
-                Form::ABt => bf16::gemm(path, a, m, &PackedB::from_cols(b, k, n), c),
-                Form::AtB => bf16::gemm_t(path, a, k, m, &PackedB::from_rows(b, k, n), c),
+            let c = c.as_mut_ptr().cast::<f32>();
+            // SAFETY: c is this item's m·n floats.
+            unsafe {
+                match form {
+                    Form::AB => bf16::gemm_into(path, a, m, &PackedB::from_rows(b, k, n), c),
+                    Form::ABt => bf16::gemm_into(path, a, m, &PackedB::from_cols(b, k, n), c),
+                    Form::AtB => bf16::gemm_t_into(path, a, k, m, &PackedB::from_rows(b, k, n), c),
+                }
             }
         });
+        // SAFETY: all count·m·n elements were stored above.
+        unsafe { out.set_len(count * m * n) };
+    } else {
+        out.resize(count * m * n, 0.0);
     }
     let mut shape = xs.clone();
     shape[r - 2] = m;
