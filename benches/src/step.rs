@@ -113,9 +113,9 @@ pub fn run(a: &Args) -> Result<()> {
         if train {
             loss_val = scalar(loss.clone());
             let grads = loss.backward();
-            let mut g = optim::collect(&model, &grads);
+            let g = optim::collect(&model, &grads);
             drop(grads);
-            opt.clip(&mut g, MAX_GRAD_NORM);
+            opt.clip(&g, MAX_GRAD_NORM);
             model = opt.step(model, g, LR);
         } else {
             loss_val = scalar(loss);

@@ -499,6 +499,9 @@ pub struct AdamW {
     pub eps: f32,
     /// sqrt(1 - β2^t).
     pub bc2_sqrt: f32,
+    /// Gradient clipping's coefficient, applied to g first (torch scales the gradients in
+    /// place before the step; 1 leaves them as they are).
+    pub g_scale: f32,
 }
 
 impl AdamW {
@@ -512,28 +515,37 @@ impl AdamW {
             c2: (1.0 - beta2) as f32,
             eps: eps as f32,
             bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+            g_scale: 1.0,
         }
     }
 }
 
 simd! {
-    fn adamw_block(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) {
+    /// The update of a block; whether every updated p is finite.
+    fn adamw_block(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) -> bool {
+        let mut bad = 0u32;
         for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            let g = g * h.g_scale;
             *p *= h.keep;
             *m += (g - *m) * h.c1;
             *v = *v * h.beta2 + g * g * h.c2;
             let denom = v.sqrt() / h.bc2_sqrt + h.eps;
             *p -= *m / denom * h.step;
+            bad |= u32::from(p.to_bits() & 0x7f80_0000 == 0x7f80_0000);
         }
+        bad == 0
     }
 }
 
-pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) {
+/// One update in place; whether every updated parameter is finite (checked in the same pass:
+/// a separate check read the parameters again, serially, 12 % of a full fine-tuning step).
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamW) -> bool {
     p.par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| adamw_block(p, m, v, g, h));
+        .map(|(((p, m), v), g)| adamw_block(p, m, v, g, h))
+        .reduce(|| true, |a, b| a && b)
 }
 
 simd! {
@@ -549,7 +561,18 @@ simd! {
 /// No NaN and no infinity in `x` (squares would overflow for finite values above 1.8e19, so
 /// a sum of squares cannot tell).
 pub fn all_finite(x: &[f32]) -> bool {
-    x.iter().all(|v| v.is_finite())
+    x.par_chunks(CHUNK).all(finite_block)
+}
+
+simd! {
+    /// Branch-free, so it vectorises (an early exit per element does not).
+    fn finite_block(x: &[f32]) -> bool {
+        let mut bad = 0u32;
+        for v in x {
+            bad |= u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+        bad == 0
+    }
 }
 
 #[cfg(test)]

@@ -503,19 +503,20 @@ pub fn adamw_fusable(ts: [&Tensor<1>; 4]) -> bool {
     ts.iter().all(|t| fusable(*t) && !t.is_autodiff())
 }
 
-/// One AdamW update of a flat parameter in place on Flex: (p, m, v) after the step. Only
-/// where `adamw_fusable`; elsewhere the caller composes it from tensor ops.
+/// One AdamW update of a flat parameter in place on Flex: (p, m, v) after the step and
+/// whether p is all finite. Only where `adamw_fusable`; elsewhere the caller composes it from
+/// tensor ops.
 pub fn adamw(
     p: Tensor<1>,
     g: Tensor<1>,
     m: Tensor<1>,
     v: Tensor<1>,
     h: kernels::AdamW,
-) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+) -> (Tensor<1>, Tensor<1>, Tensor<1>, bool) {
     let prim = |t: Tensor<1>| contiguous(t.try_into_primitive::<Flex>().expect("a Flex tensor"));
     let own = |t: Tensor<1>| owned(prim(t));
     let (mut p, g, mut m, mut v) = (own(p), prim(g), own(m), own(v));
-    kernels::adamw(
+    let finite = kernels::adamw(
         p.storage_mut::<f32>(),
         m.storage_mut::<f32>(),
         v.storage_mut::<f32>(),
@@ -523,7 +524,7 @@ pub fn adamw(
         h,
     );
     let back = |t: FlexTensor| Tensor::<1>::from_primitive::<Flex>(t);
-    (back(p), back(m), back(v))
+    (back(p), back(m), back(v), finite)
 }
 
 /// `f` over the values of a flat f32 Flex tensor outside autodiff; None elsewhere.

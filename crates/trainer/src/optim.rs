@@ -127,6 +127,8 @@ pub struct Optimizer {
     /// The first parameter the last step left with a NaN or infinity, if any: the trainer
     /// stops before saving such weights.
     pub non_finite: Option<String>,
+    /// Set by `clip` for the next `step`.
+    clip_coef: Option<f64>,
 }
 
 impl Optimizer {
@@ -145,25 +147,25 @@ impl Optimizer {
             names: trainable.into_iter().map(|p| (p.id, p.name)).collect(),
             state: BTreeMap::new(),
             non_finite: None,
+            clip_coef: None,
         }
     }
 
-    /// `torch.nn.utils.clip_grad_norm_`: returns the total norm before clipping; scales the
-    /// gradients by max_norm / (norm + 1e-6) when that is below 1. `max_norm <= 0` only
-    /// measures.
-    pub fn clip(&self, grads: &mut Grads, max_norm: f64) -> f64 {
+    /// `torch.nn.utils.clip_grad_norm_`: returns the total norm before clipping; the next
+    /// `step` scales the gradients by max_norm / (norm + 1e-6) when that is below 1 (inside
+    /// the AdamW kernel: no pass of its own over them). `max_norm <= 0` only measures.
+    pub fn clip(&mut self, grads: &Grads, max_norm: f64) -> f64 {
         let sq = self
             .order
             .iter()
             .filter_map(|id| grads.get(id))
             .map(fused::sum_squares);
         let total = sq.sum::<f64>().sqrt();
+        self.clip_coef = None;
         if max_norm > 0.0 {
             let coef = max_norm / (total + 1e-6);
             if coef < 1.0 {
-                for g in grads.values_mut() {
-                    *g = g.clone() * coef;
-                }
+                self.clip_coef = Some(coef);
             }
         }
         total
@@ -178,13 +180,27 @@ impl Optimizer {
             grads,
             lr,
         };
-        model.map(&mut m)
+        let model = model.map(&mut m);
+        self.clip_coef = None;
+        model
     }
 
-    fn update(&mut self, name: &str, p: Tensor<1>, g: Tensor<1>, lr: f64) -> Tensor<1> {
+    /// The updated parameter and, where the fused kernel ran, whether it is all finite.
+    fn update(
+        &mut self,
+        name: &str,
+        p: Tensor<1>,
+        g: Tensor<1>,
+        lr: f64,
+    ) -> (Tensor<1>, Option<bool>) {
         let wd = if decays(name) { self.weight_decay } else { 0.0 };
-        match self.kind {
+        let clipped = |g: Tensor<1>| match self.clip_coef {
+            Some(c) => g * c,
+            None => g,
+        };
+        let p = match self.kind {
             Kind::Sgd => {
+                let g = clipped(g);
                 let g = if wd > 0.0 { g + p.clone() * wd } else { g };
                 p - g * lr
             }
@@ -194,12 +210,14 @@ impl Optimizer {
                     None => (g.zeros_like(), g.zeros_like()),
                 };
                 let t = self.step as i32;
-                let h = AdamW::new(lr, wd, beta1, beta2, eps, t);
+                let mut h = AdamW::new(lr, wd, beta1, beta2, eps, t);
                 if fused::adamw_fusable([&p, &g, &m, &v]) {
-                    let (p, m, v) = fused::adamw(p, g, m, v, h);
+                    h.g_scale = self.clip_coef.map_or(1.0, |c| c as f32);
+                    let (p, m, v, finite) = fused::adamw(p, g, m, v, h);
                     self.state.insert(name.to_string(), (m, v));
-                    return p;
+                    return (p, Some(finite));
                 }
+                let g = clipped(g);
                 let p = if wd > 0.0 { p * (1.0 - lr * wd) } else { p };
                 // torch: exp_avg.lerp_(grad, 1-β1); exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
                 let m = m.clone() + (g.clone() - m) * (1.0 - beta1);
@@ -211,7 +229,8 @@ impl Optimizer {
                 self.state.insert(name.to_string(), (m, v));
                 p
             }
-        }
+        };
+        (p, None)
     }
 
     /// `optimizer.safetensors`: `<name>.exp_avg` / `<name>.exp_avg_sq`, plus the step in
@@ -285,8 +304,9 @@ impl ModuleMapper for Mapper<'_> {
         let (autodiff, require_grad) = (t.is_autodiff(), t.is_require_grad());
         let strategy = t.gradient_checkpointing_strategy();
         let n = t.shape().num_elements();
-        let updated = self.opt.update(&name, t.inner().reshape([n]), g, self.lr);
-        if self.opt.non_finite.is_none() && !fused::all_finite(&updated) {
+        let (updated, finite) = self.opt.update(&name, t.inner().reshape([n]), g, self.lr);
+        let finite = || finite.unwrap_or_else(|| fused::all_finite(&updated));
+        if self.opt.non_finite.is_none() && !finite() {
             self.opt.non_finite = Some(name);
         }
         let mut t: Tensor<D> = updated.reshape(dims);

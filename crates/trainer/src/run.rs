@@ -261,7 +261,7 @@ impl<'a> Run<'a> {
         if let Some(sc) = &self.scaler {
             optim::unscale(&mut grads, sc.scale);
         }
-        let grad_norm = self.opt.clip(&mut grads, a.max_grad_norm);
+        let grad_norm = self.opt.clip(&grads, a.max_grad_norm);
         let mut skip = false;
         if let Some(sc) = &mut self.scaler {
             if loss.is_finite() && !sc.update(grad_norm.is_finite()) {
