@@ -4,16 +4,22 @@
 //! recomputed from q·kᵀ in the backward, as flash attention does: at 4 × 1024 tokens on the
 //! SmolLM2 shape that is 151 MB a layer, 4.5 GB a step, for one more q·kᵀ product.
 
+use super::attention_bf16::{self as items, Dims, Setup};
 use super::kernels::{self, Causal};
-use super::products::Products;
+use super::matmul::matmul;
 use super::rotary::{self, Heads, Rotary};
-use super::{contiguous, f32s, flex, last_dim, owned};
+use super::{bf16, contiguous, f32s, flex, last_dim, owned};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::NodeId;
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Flex, TensorMetadata};
+
+fn kt(k: FlexTensor) -> FlexTensor {
+    Flex::float_swap_dims(k, 2, 3)
+}
 
 /// A padding or packing mask, [B, t, S] (true = hidden), over scores whose rows hold
 /// `per_batch` rows a batch.
@@ -24,7 +30,7 @@ pub(crate) struct Masked<'a> {
 }
 
 /// A score far below any real one, finite so that a row with nothing visible stays finite.
-const HIDDEN: f32 = -1e30;
+pub(crate) const HIDDEN: f32 = -1e30;
 
 /// O, P and each row's logsumexp.
 pub(crate) fn forward(
@@ -32,9 +38,10 @@ pub(crate) fn forward(
     k: FlexTensor,
     v: FlexTensor,
     scale: f32,
-    (causal, mask, mm): (Causal, Option<Masked>, Products),
+    causal: Causal,
+    mask: Option<Masked>,
 ) -> (FlexTensor, FlexTensor, Vec<f32>) {
-    let mut scores = owned(mm.a_bt(q, k));
+    let mut scores = owned(matmul(q, kt(k)));
     let s = last_dim(&scores);
     let shape = scores.shape();
     if let Some(m) = mask {
@@ -48,7 +55,7 @@ pub(crate) fn forward(
         kernels::fill_masked(&mut p, s, causal.t, m.per_batch, m.hidden, 0.0);
     }
     let p = flex(p, shape);
-    (mm.a_b(p.clone(), v), p, lse)
+    (matmul(p.clone(), v), p, lse)
 }
 
 /// What the backward has of the probabilities.
@@ -74,15 +81,7 @@ impl Backward<Flex, 3> for CausalAttention {
         let (ids, probs) = ops.state;
         let [q, k, v] = ids.map(|id| c.retrieve_node_output::<FlexTensor>(id));
         let want = [0, 1, 2].map(|i| nodes[i].is_some());
-        let dqkv = backward(
-            q,
-            k,
-            v,
-            probs,
-            d_o,
-            (self.scale, self.causal, None, Products(None)),
-            want,
-        );
+        let dqkv = backward(q, k, v, probs, d_o, (self.scale, self.causal, None), want);
         for (node, g) in nodes.into_iter().zip(dqkv) {
             if let (Some(node), Some(g)) = (node, g) {
                 grads.register::<Flex>(node.id, g);
@@ -98,13 +97,13 @@ pub(crate) fn backward(
     v: FlexTensor,
     probs: Probs,
     d_o: FlexTensor,
-    (scale, causal, mask, mm): (f32, Causal, Option<Masked>, Products),
+    (scale, causal, mask): (f32, Causal, Option<Masked>),
     want: [bool; 3],
 ) -> [Option<FlexTensor>; 3] {
     let p = match probs {
         Probs::Kept(p) => p,
         Probs::Lse(lse) => {
-            let mut p = owned(mm.a_bt(q.clone(), k.clone()));
+            let mut p = owned(matmul(q.clone(), kt(k.clone())));
             let s = last_dim(&p);
             let scores = p.storage_mut::<f32>();
             kernels::softmax_recompute(scores, s, scale, Some(causal), &lse);
@@ -116,15 +115,15 @@ pub(crate) fn backward(
             p
         }
     };
-    let dv = want[2].then(|| mm.at_b(p.clone(), d_o.clone()));
-    let dp = contiguous(mm.a_bt(d_o, v));
+    let dv = want[2].then(|| matmul(kt(p.clone()), d_o.clone()));
+    let dp = contiguous(matmul(d_o, kt(v)));
     let s = last_dim(&p);
     let p = contiguous(p);
     let ds = kernels::softmax_backward(f32s(&p), f32s(&dp), s, scale, Some(causal));
     let ds = flex(ds, p.shape());
     drop((p, dp));
-    let dk = want[1].then(|| mm.at_b(ds.clone(), q));
-    let dq = want[0].then(|| mm.a_b(ds, k));
+    let dk = want[1].then(|| matmul(kt(ds.clone()), q));
+    let dq = want[0].then(|| matmul(ds, k));
     [dq, dk, dv]
 }
 
@@ -148,25 +147,39 @@ fn heads_from(inputs: &[FlexTensor; 3], h: &Heads, rope: &Rotary) -> [FlexTensor
     ]
 }
 
-/// `FusedOps::rotary_attention`'s forward: [B, T, heads·d], P and each row's logsumexp.
+/// `FusedOps::rotary_attention`'s forward: [B, T, heads·d] and what the backward needs of
+/// the probabilities (P itself where `keep` and the f32 path runs; else the logsumexps).
 pub(crate) fn rotary_forward(
     inputs: &[FlexTensor; 3],
     h: &Heads,
     rope: &Rotary,
-    scale: f32,
-    mask: Option<&[bool]>,
-) -> (FlexTensor, FlexTensor, Vec<f32>) {
+    (scale, mask): (f32, Option<&[bool]>),
+    keep: bool,
+) -> (FlexTensor, Probs) {
     let b = inputs[0].shape()[0];
     let [q, k, v] = heads_from(inputs, h, rope);
     let causal = Causal {
         t: rope.t,
         offset: 0,
     };
-    let mm = Products(h.bf16);
-    let (o, p, lse) = forward(q, k, v, scale, (causal, masked(mask, h, rope), mm));
-    let o = contiguous(o);
+    let (o, probs) = match h.bf16 {
+        Some(path) => {
+            let st = setup(h, rope, b, (scale, causal, masked(mask, h, rope)), path);
+            let (o, lse) = items::forward(f32s(&q), f32s(&k), f32s(&v), st);
+            (flex(o, q.shape()), Probs::Lse(lse))
+        }
+        None => {
+            let (o, p, lse) = forward(q, k, v, scale, causal, masked(mask, h, rope));
+            let probs = if keep {
+                Probs::Kept(p)
+            } else {
+                Probs::Lse(lse)
+            };
+            (contiguous(o), probs)
+        }
+    };
     let out = rotary::merge_heads(f32s(&o), h.heads, rope.t, h.d, false);
-    (flex(out, [b, rope.t, h.heads * h.d].into()), p, lse)
+    (flex(out, [b, rope.t, h.heads * h.d].into()), probs)
 }
 
 /// Its backward: one gradient per distinct input (`input[p]`: which input part p is in).
@@ -181,22 +194,49 @@ pub(crate) fn rotary_backward(
     let [q, k, v] = heads_from(inputs, h, rope);
     let d_out = contiguous(d_out);
     let d_o = rotary::merge_heads(f32s(&d_out), h.heads, t, h.d, true);
-    let d_o = flex(d_o, q.shape());
     let causal = Causal { t, offset: 0 };
     let mask = masked(mask, h, rope);
-    let grads = backward(
-        q,
-        k,
-        v,
-        probs,
-        d_o,
-        (scale, causal, mask, Products(h.bf16)),
-        [true; 3],
-    );
-    let [dq, dk, dv] = grads.map(|g| contiguous(g.expect("all three asked for")));
-    let parts = [f32s(&dq), f32s(&dk), f32s(&dv)];
-    rotary::scatter(parts, h, rope, b, input)
+    let [dq, dk, dv] = match (h.bf16, probs) {
+        (Some(path), Probs::Lse(lse)) => {
+            let st = setup(h, rope, b, (scale, causal, mask), path);
+            let shapes = [&q, &k, &v].map(|x| x.shape());
+            let grads = items::backward([&q, &k, &v].map(f32s), &lse, &d_o, st);
+            let [a, b, c] = shapes;
+            let [ga, gb, gc] = grads;
+            [flex(ga, a), flex(gb, b), flex(gc, c)]
+        }
+        (_, probs) => {
+            let d_o = flex(d_o, q.shape());
+            let grads = backward(q, k, v, probs, d_o, (scale, causal, mask), [true; 3]);
+            grads.map(|g| contiguous(g.expect("all three asked for")))
+        }
+    };
+    rotary::scatter([f32s(&dq), f32s(&dk), f32s(&dv)], h, rope, b, input)
         .into_iter()
         .map(|(g, width)| flex(g, [b, t, width].into()))
         .collect()
+}
+
+/// The per-item bf16 path's sizes for `heads_from`'s layout.
+fn setup<'a>(
+    h: &Heads,
+    rope: &Rotary,
+    b: usize,
+    (scale, causal, mask): (f32, Causal, Option<Masked<'a>>),
+    path: bf16::Path,
+) -> Setup<'a> {
+    let dims = Dims {
+        items: b * h.kv_heads,
+        kv: h.kv_heads,
+        rows: h.heads / h.kv_heads * rope.t,
+        s: rope.t,
+        d: h.d,
+    };
+    Setup {
+        dims,
+        scale,
+        causal,
+        mask,
+        path,
+    }
 }

@@ -8,7 +8,6 @@ use super::attention::{self, CausalAttention, Probs};
 use super::bf16::{self, Bf16Weight, PackedB};
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
-use super::products::Products;
 use super::rotary::{Heads, Rotary};
 use super::thin;
 use super::{
@@ -73,6 +72,30 @@ impl Backward<Flex, 2> for Bf16TrainLinear {
         }
         if let Some(node) = node_x {
             grads.register::<Flex>(node.id, bf16_product(dy, &w.fwd.transposed(), w.path));
+        }
+    }
+}
+
+/// `linear`: dx = dy·Wᵀ, dW = xᵀ·dy (each only where asked), the transposes as strides.
+#[derive(Debug)]
+struct F32Linear;
+
+impl Backward<Flex, 2> for F32Linear {
+    /// x and W (checkpointed).
+    type State = [NodeId; 2];
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
+        use burn::backend::ops::FloatTensorOps;
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [x, w] = ops.state;
+        if let Some(node) = node_w {
+            let x = retrieve(c, x);
+            grads.register::<Flex>(node.id, matmul(Flex::float_transpose(x), dy.clone()));
+        }
+        if let Some(node) = node_x {
+            let w = retrieve(c, w);
+            grads.register::<Flex>(node.id, matmul(dy, Flex::float_transpose(w)));
         }
     }
 }
@@ -489,8 +512,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
                 let causal = Causal { t, offset };
-                let (o, p, lse) =
-                    attention::forward(q, k, v, scale as f32, (causal, None, Products(None)));
+                let (o, p, lse) = attention::forward(q, k, v, scale as f32, causal, None);
                 prep.finish((ids, kept::<C>(p, lse)), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(
@@ -528,9 +550,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let inputs = [q, k, v].map(|t| contiguous(t.into_primitive()));
                 let hidden = mask.as_deref().map(|m| &m[..]);
-                let (o, p, lse) =
-                    attention::rotary_forward(&inputs, &heads, &rope, scale as f32, hidden);
-                prep.finish((ids, kept::<C>(p, lse)), o)
+                let keep = TypeId::of::<C>() != TypeId::of::<BalancedCheckpointing>();
+                let (o, probs) =
+                    attention::rotary_forward(&inputs, &heads, &rope, (scale as f32, hidden), keep);
+                prep.finish((ids, probs), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::rotary_attention(
                 q.into_primitive(),
@@ -594,6 +617,20 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => {
                 prep.finish(Flex::rms_norm(x.into_primitive(), w.into_primitive(), eps))
             }
+        }
+    }
+
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        match F32Linear
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [&x, &w].map(|t| prep.checkpoint(t));
+                prep.finish(ids, matmul(x.into_primitive(), w.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(matmul(x.into_primitive(), w.into_primitive())),
         }
     }
 

@@ -10,12 +10,12 @@
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
 mod attention;
+mod attention_bf16;
 mod autodiff;
 pub mod bf16;
 pub mod kernels;
 mod matmul;
 mod norm;
-mod products;
 pub mod rotary;
 pub mod thin;
 
@@ -64,6 +64,9 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// Σ over rows with a target ≥ 0 of −log softmax(logits[r])[target[r]], as a [1] tensor.
     fn cross_entropy_sum(logits: FloatTensor<Self>, targets: Vec<i64>) -> FloatTensor<Self>;
+    /// x·W over [N, in] rows for an f32 W [in, out]: the product and both gradients through
+    /// our matmul (Flex's zeroes each output and copies it before its GEMM writes it).
+    fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
     /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
     /// units): the input gradient flows, W has none.
     fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
@@ -171,14 +174,7 @@ impl FusedOps for Flex {
         t: usize,
         offset: usize,
     ) -> FlexTensor {
-        attention::forward(
-            q,
-            k,
-            v,
-            scale as f32,
-            (Causal { t, offset }, None, products::Products(None)),
-        )
-        .0
+        attention::forward(q, k, v, scale as f32, Causal { t, offset }, None).0
     }
 
     fn lora_linear(
@@ -218,7 +214,7 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         let inputs = [q, k, v].map(contiguous);
         let hidden = mask.as_deref().map(|m| &m[..]);
-        attention::rotary_forward(&inputs, &heads, &rope, scale as f32, hidden).0
+        attention::rotary_forward(&inputs, &heads, &rope, (scale as f32, hidden), false).0
     }
 
     fn bf16_train_linear(
@@ -233,6 +229,10 @@ impl FusedOps for Flex {
 
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
         bf16_product(x, &w.fwd, w.path)
+    }
+
+    fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        matmul(x, w)
     }
 
     fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> FlexTensor {
@@ -397,6 +397,16 @@ pub fn rms_norm<const N: usize>(x: Tensor<N>, w: Tensor<1>, eps: f64) -> Tensor<
     } else {
         reference::rms_norm(x, w, eps)
     }
+}
+
+/// x·W for x [.., in] and W [in, out] in f32. Only where `fusable` (callers check).
+pub fn linear<const N: usize>(x: Tensor<N>, w: Tensor<2>) -> Tensor<N> {
+    let mut dims = x.dims();
+    let [d_in, d_out] = w.dims();
+    let rows = x.shape().num_elements() / d_in.max(1);
+    dims[N - 1] = d_out;
+    let x = x.reshape([rows, d_in]).into_dispatch();
+    Tensor::<2>::from_dispatch(D::linear(x, w.into_dispatch())).reshape(dims)
 }
 
 /// x·W for x [.., in] and a frozen W packed in bf16. Only where `fusable` (callers check).

@@ -1,10 +1,10 @@
 //! f32 batched matmul into a buffer we own. Flex's matmul runs the same `gemm` calls, but its
 //! output comes from `FlexTensor::empty`, which zeroes a byte vector and then copies it into a
 //! 16-byte-aligned allocation: two passes over every product's output before the GEMM writes
-//! it (7 % of a phi3-small LoRA step in `perf`, docs/benchmarks.md).
+//! it (7 % of a phi3-small LoRA step in `perf`, docs/benchmarks.md). Here the buffer starts
+//! unfilled: gemm stores every element (it does not read C).
 
 use super::flex;
-use super::kernels::zeroed;
 use burn::backend::flex::FlexTensor;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{DType, Flex, TensorMetadata};
@@ -27,7 +27,7 @@ pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
     let (m, k, n) = (sa[rank - 2], sa[rank - 1], sb[rank - 1]);
     let batch: Vec<usize> = sa[..rank - 2].to_vec();
     let count: usize = batch.iter().product();
-    let mut out = zeroed(count * m * n);
+    let mut out: Vec<f32> = Vec::with_capacity(count * m * n);
     let (la, lb) = (a.layout(), b.layout());
     let (da, db) = (a.storage::<f32>(), b.storage::<f32>());
     // Element offset of matrix `i` (row-major over the batch dims) in a layout.
@@ -40,17 +40,17 @@ pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
         off
     };
     let (ta, tb) = (la.strides(), lb.strides());
-    let one = |i: usize, c: &mut [f32], par: gemm::Parallelism| {
+    let one = |i: usize, c: *mut f32, par: gemm::Parallelism| {
         let pa = offset(ta, la.start_offset(), i);
         let pb = offset(tb, lb.start_offset(), i);
         // SAFETY: the offsets and strides are the layouts' own, so every element gemm reads
-        // lies in `da` / `db`; `c` holds m·n floats, written row-major.
+        // lies in `da` / `db`; `c` points at m·n floats, written row-major.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                c.as_mut_ptr(),
+                c,
                 1,
                 n as isize,
                 false,
@@ -80,15 +80,23 @@ pub(crate) fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
     };
     let over_batch = !big && count > 1 && work * count >= BATCH;
     if work == 0 {
-        // Nothing to sum: the zeros stand.
-    } else if over_batch {
-        out.par_chunks_mut(m * n)
-            .enumerate()
-            .for_each(|(i, c)| one(i, c, inner));
+        // Nothing to sum (k = 0 or an empty side): zeros.
+        out.resize(count * m * n, 0.0);
     } else {
-        for (i, c) in out.chunks_mut(m * n).enumerate() {
-            one(i, c, inner);
+        let cells = &mut out.spare_capacity_mut()[..count * m * n];
+        let cell = |c: &mut [std::mem::MaybeUninit<f32>]| c.as_mut_ptr().cast::<f32>();
+        if over_batch {
+            cells
+                .par_chunks_mut(m * n)
+                .enumerate()
+                .for_each(|(i, c)| one(i, cell(c), inner));
+        } else {
+            for (i, c) in cells.chunks_mut(m * n).enumerate() {
+                one(i, cell(c), inner);
+            }
         }
+        // SAFETY: gemm stored all m·n elements of each of the count products.
+        unsafe { out.set_len(count * m * n) };
     }
     let mut dims = batch;
     dims.extend([m, n]);

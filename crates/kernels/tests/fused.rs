@@ -405,3 +405,49 @@ fn bf16_train_linear_is_the_f32_product_of_rounded_operands() {
         close(&dw, &vals(dw0.clone()), 1e-5, &format!("dW{tag}"));
     }
 }
+
+/// The f32 linear op (a trainable weight without bf16): output, dx = dy·Wᵀ and dW = xᵀ·dy
+/// against f64 sums on the host, on odd sizes and on one big enough for the threaded GEMM.
+#[test]
+fn f32_linear_matches_host_products_in_both_gradients() {
+    for (n, d_in, d_out) in [(21, 45, 50), (300, 200, 210)] {
+        dev().seed(14);
+        let x = vals(rand([n, d_in], 1.0));
+        let w = vals(rand([d_in, d_out], 0.3));
+        let up: Vec<f32> = (0..n * d_out)
+            .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+            .collect();
+        let leaf = |v: &[f32], shape: [usize; 2]| {
+            Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &dev().autodiff())
+                .require_grad()
+        };
+        let (xt, wt) = (leaf(&x, [n, d_in]), leaf(&w, [d_in, d_out]));
+        let y = fused::linear(xt.clone().reshape([1, n, d_in]), wt.clone());
+        let upt = Tensor::<3>::from_data(
+            TensorData::new(up.clone(), [1, n, d_out]),
+            &dev().autodiff(),
+        );
+        let g = (y.clone() * upt).sum().backward();
+        let what = format!("{n}×{d_in}×{d_out}");
+        close(
+            &vals(y),
+            &mm(&x, &w, n, d_in, d_out),
+            1e-5,
+            &format!("{what}: output"),
+        );
+        let dx = mm(&up, &tr(&w, d_in, d_out), n, d_out, d_in);
+        close(
+            &vals(xt.grad(&g).unwrap()),
+            &dx,
+            1e-5,
+            &format!("{what}: dx"),
+        );
+        let dw = mm(&tr(&x, n, d_in), &up, d_in, n, d_out);
+        close(
+            &vals(wt.grad(&g).unwrap()),
+            &dw,
+            1e-4,
+            &format!("{what}: dW"),
+        );
+    }
+}

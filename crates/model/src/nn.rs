@@ -131,6 +131,13 @@ impl Linear {
                 }
             }
             Some(l) => linear(x.clone(), self.weight.val(), bias) + l.forward(x),
+            None if fused::fusable(&x) => {
+                let y = fused::linear(x, self.weight.val());
+                match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                }
+            }
             None => linear(x, self.weight.val(), bias),
         }
     }

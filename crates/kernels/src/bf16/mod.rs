@@ -495,28 +495,9 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
     c
 }
 
-/// `product_t` into C [m×n] row-major.
-///
 /// # Safety
 /// `c` points at m·n writable floats.
-pub(crate) unsafe fn gemm_t_into(
-    path: Path,
-    a: &[f32],
-    k: usize,
-    m: usize,
-    b: &PackedB,
-    c: *mut f32,
-) {
-    assert_eq!(a.len(), k * m, "A is not k×m");
-    assert_eq!(b.k, k, "B's rows are not A's");
-    let ap = pack_a_t(a, k, m, b.k_pad);
-    // SAFETY: the caller's contract.
-    unsafe { run(path, (&ap, b), None, m, c) }
-}
-
-/// # Safety
-/// `c` points at m·n writable floats.
-pub(crate) unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
+unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
     assert_eq!(a.len(), m * b.k, "A is not m×k");
     if m == 0 || b.n == 0 {
         return;
