@@ -199,11 +199,9 @@ pub(crate) fn rotary_backward(
     let [dq, dk, dv] = match (h.bf16, probs) {
         (Some(path), Probs::Lse(lse)) => {
             let st = setup(h, rope, b, (scale, causal, mask), path);
-            let shapes = [&q, &k, &v].map(|x| x.shape());
-            let grads = items::backward([&q, &k, &v].map(f32s), &lse, &d_o, st);
-            let [a, b, c] = shapes;
-            let [ga, gb, gc] = grads;
-            [flex(ga, a), flex(gb, b), flex(gc, c)]
+            let [sq, sk, sv] = [&q, &k, &v].map(|x| x.shape());
+            let [gq, gk, gv] = items::backward([&q, &k, &v].map(f32s), &lse, &d_o, st);
+            [flex(gq, sq), flex(gk, sk), flex(gv, sv)]
         }
         (_, probs) => {
             let d_o = flex(d_o, q.shape());

@@ -45,24 +45,27 @@ impl Setup<'_> {
                 kernels::fill_masked(x, s, self.causal.t, usize::MAX, h, value);
             }
         };
-        let lse = match lse {
+        let (mut p, lse) = match lse {
             Some(lse) => {
                 kernels::softmax_recompute(&mut scores, s, self.scale, Some(self.causal), lse);
-                fill(&mut scores, 0.0);
-                return (scores, Vec::new());
+                (scores, Vec::new())
             }
             None => {
                 fill(&mut scores, HIDDEN);
                 let mut p = vec![0f32; rows * s];
                 let lse =
                     kernels::softmax_forward_lse(&scores, s, self.scale, Some(self.causal), &mut p);
-                scores = p;
-                lse
+                (p, lse)
             }
         };
-        fill(&mut scores, 0.0);
-        (scores, lse)
+        fill(&mut p, 0.0);
+        (p, lse)
     }
+}
+
+/// Item i of a tensor of items `len` values each.
+fn item(x: &[f32], i: usize, len: usize) -> &[f32] {
+    &x[i * len..][..len]
 }
 
 /// O [items, rows, d] and each row's logsumexp, for q [items, rows, d], k, v [items, s, d].
@@ -76,11 +79,7 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], st: Setup) -> (Vec<f32>, 
         .zip(lse.par_chunks_mut(rows))
         .enumerate()
         .for_each(|(i, (o, lse))| {
-            let (qi, ki, vi) = (
-                &q[i * rows * d..][..rows * d],
-                &k[i * s * d..][..s * d],
-                &v[i * s * d..][..s * d],
-            );
+            let (qi, ki, vi) = (item(q, i, rows * d), item(k, i, s * d), item(v, i, s * d));
             let (p, l) = st.probs(i, qi, ki, None);
             o.copy_from_slice(&bf16::product(
                 st.path,
@@ -111,13 +110,9 @@ pub(crate) fn backward(
         .zip(dk.par_chunks_mut(s * d).zip(dv.par_chunks_mut(s * d)))
         .enumerate()
         .for_each(|(i, (dq, (dk, dv)))| {
-            let (qi, ki, vi) = (
-                &q[i * rows * d..][..rows * d],
-                &k[i * s * d..][..s * d],
-                &v[i * s * d..][..s * d],
-            );
-            let doi = &d_o[i * rows * d..][..rows * d];
-            let (p, _) = st.probs(i, qi, ki, Some(&lse[i * rows..][..rows]));
+            let (qi, ki, vi) = (item(q, i, rows * d), item(k, i, s * d), item(v, i, s * d));
+            let doi = item(d_o, i, rows * d);
+            let (p, _) = st.probs(i, qi, ki, Some(item(lse, i, rows)));
             // dV = Pᵀ·dO, dP = dO·Vᵀ, dS from the softmax, dK = dSᵀ·Q, dQ = dS·K.
             dv.copy_from_slice(&bf16::product_t(
                 path,

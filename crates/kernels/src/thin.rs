@@ -4,7 +4,9 @@
 //! the wide operand took 13 % of a phi3-small step (docs/benchmarks.md); here the wide
 //! operand is read once, in f32, by rows, and each f32 sum runs in token order.
 
-use crate::kernels::{simd, LEVEL};
+use crate::kernels::simd;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::LEVEL;
 use rayon::prelude::*;
 
 /// Output columns (of the wide side) per register block, and thin rows per block: 8 × 32
@@ -36,9 +38,13 @@ simd! {
                             }
                         }
                     }
-                    if cw == CW && cr == CR && *LEVEL == 2 {
-                        // SAFETY: LEVEL 2 means AVX-512F (detected); the block is whole.
-                        unsafe { block_v512(Cols(thin, r, ic), Cols(wide, w, j0 + jc), rows.clone(), &mut acc) };
+                    if cw == CW && cr == CR && block_path() == "avx512" {
+                        // SAFETY: "avx512" means AVX-512F was detected; the block is whole.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            let (th, wi) = (Cols(thin, r, ic), Cols(wide, w, j0 + jc));
+                            block_v512(th, wi, rows.clone(), &mut acc)
+                        };
                     } else {
                         for t in rows.clone() {
                             let wr = &wide[t * w + j0 + jc..][..cw];

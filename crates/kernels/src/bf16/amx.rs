@@ -110,8 +110,8 @@ pub unsafe fn block(t: Block) {
                 let pf = next.map(|at| {
                     let at = at as *const u8;
                     Prefetch {
-                        at: at.add((i0 / 32) * (kp / KSTEP) * per * 64),
-                        end: at.add(kp * 64),
+                        at: at.wrapping_add((i0 / 32) * (kp / KSTEP) * per * 64),
+                        end: at.wrapping_add(kp * 64),
                         per,
                     }
                 });
@@ -170,7 +170,7 @@ unsafe fn tile_product(
                     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                         pf.at as *const i8,
                     );
-                    pf.at = pf.at.add(64);
+                    pf.at = pf.at.wrapping_add(64);
                 }
             }
             let a0 = a.add(kb * KSTEP);
@@ -211,7 +211,8 @@ unsafe fn tile_product(
     );
 }
 
-/// Lines to fetch ahead: `per` a k step from `at` up to `end`.
+/// Lines to fetch ahead: `per` a k step from `at` up to `end` (addresses only compared and
+/// prefetched, never read, so they are formed with wrapping arithmetic).
 #[derive(Clone, Copy)]
 struct Prefetch {
     at: *const u8,
