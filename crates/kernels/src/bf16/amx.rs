@@ -3,7 +3,7 @@
 //! rows × 16 columns) per step of 32 in k. Stable Rust has no AMX intrinsics, so the tile
 //! instructions are inline assembly; Linux hands out the tile state only on request.
 
-use super::{Block, KSTEP, PANEL};
+use super::{Bf16Buf, Block, KSTEP, PANEL};
 use std::arch::asm;
 use std::sync::OnceLock;
 
@@ -66,18 +66,22 @@ pub unsafe fn block(t: Block) {
         .all(|&(_, kp, tb)| kp.is_multiple_of(KSTEP) && tb.panels == b.panels));
     // Whole tiles only: a short last sub-block runs on zero-padded copies.
     let full = rows / 32 * 32;
-    let tails: Vec<Vec<u16>> = terms
+    let tails: Vec<Bf16Buf> = terms
         .iter()
         .map(|&(a, kp, _)| {
-            let mut tail = Vec::new();
+            let mut tail = Bf16Buf::zeroed(0);
             if full < rows {
-                tail = vec![0u16; 32 * kp];
+                tail = Bf16Buf::zeroed(32 * kp);
                 tail[..(rows - full) * kp].copy_from_slice(&a[full * kp..rows * kp]);
             }
             tail
         })
         .collect();
-    let mut out = [0f32; 32 * 32];
+    // Aligned as the operands, for the tile stores.
+    #[repr(align(64))]
+    struct Staging([f32; 32 * 32]);
+    let mut staging = Staging([0f32; 32 * 32]);
+    let out = &mut staging.0;
     let cfg = TileConfig {
         palette: 1,
         start_row: 0,

@@ -9,6 +9,9 @@
 
 mod amx;
 mod avx512;
+mod buf;
+
+pub use buf::Bf16Buf;
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -92,14 +95,14 @@ pub struct PackedB {
     pub n: usize,
     pub k_pad: usize,
     pub panels: usize,
-    pub data: Vec<u16>,
+    pub data: Bf16Buf,
 }
 
 impl PackedB {
     /// `b(kk, j)` gives B's element at row kk, column j (so any layout or transpose packs).
     pub fn pack(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
         let (k_pad, panels, per_panel) = layout(k, n);
-        let mut data = vec![0u16; panels * per_panel];
+        let mut data = Bf16Buf::zeroed(panels * per_panel);
         data.par_chunks_mut(per_panel)
             .enumerate()
             .for_each(|(p, out)| {
@@ -132,30 +135,30 @@ impl PackedB {
     pub fn from_rows(b: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(b.len(), k * n, "B is not k×n");
         let (k_pad, panels, per_panel) = layout(k, n);
-        let mut data: Vec<u16> = Vec::with_capacity(panels * per_panel);
-        data.spare_capacity_mut()[..panels * per_panel]
-            .par_chunks_mut(per_panel)
-            .enumerate()
-            .for_each(|(p, out)| {
-                let (j0, cols) = (p * PANEL, n.saturating_sub(p * PANEL).min(PANEL));
-                let mut pair = [[MaybeUninit::new(0u16); PANEL]; 2];
-                for (r, o) in out.chunks_exact_mut(2 * PANEL).enumerate() {
-                    for (t, row) in pair.iter_mut().enumerate() {
-                        let kk = 2 * r + t;
-                        if kk < k && cols > 0 {
-                            round_into(&b[kk * n + j0..kk * n + j0 + cols], &mut row[..cols]);
+        let fill = |data: &mut [MaybeUninit<u16>]| {
+            data.par_chunks_mut(per_panel)
+                .enumerate()
+                .for_each(|(p, out)| {
+                    let (j0, cols) = (p * PANEL, n.saturating_sub(p * PANEL).min(PANEL));
+                    let mut pair = [[MaybeUninit::new(0u16); PANEL]; 2];
+                    for (r, o) in out.chunks_exact_mut(2 * PANEL).enumerate() {
+                        for (t, row) in pair.iter_mut().enumerate() {
+                            let kk = 2 * r + t;
+                            if kk < k && cols > 0 {
+                                round_into(&b[kk * n + j0..kk * n + j0 + cols], &mut row[..cols]);
+                            }
+                            let from = if kk < k { cols } else { 0 };
+                            row[from..].fill(MaybeUninit::new(0));
                         }
-                        let from = if kk < k { cols } else { 0 };
-                        row[from..].fill(MaybeUninit::new(0));
+                        for c in 0..PANEL {
+                            o[2 * c] = pair[0][c];
+                            o[2 * c + 1] = pair[1][c];
+                        }
                     }
-                    for c in 0..PANEL {
-                        o[2 * c] = pair[0][c];
-                        o[2 * c + 1] = pair[1][c];
-                    }
-                }
-            });
-        // SAFETY: every panel's k_pad / 2 pair rows of 32 values were written above.
-        unsafe { data.set_len(panels * per_panel) };
+                })
+        };
+        // SAFETY: `fill` writes every panel's k_pad / 2 pair rows of 32 values.
+        let data = unsafe { Bf16Buf::filled_by(panels * per_panel, fill) };
         PackedB {
             k,
             n,
@@ -171,7 +174,7 @@ impl PackedB {
     pub fn from_cols(bt: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(bt.len(), k * n, "Bᵀ is not n×k");
         let (k_pad, panels, per_panel) = layout(k, n);
-        let mut data = vec![0u16; panels * per_panel];
+        let mut data = Bf16Buf::zeroed(panels * per_panel);
         data.par_chunks_mut(per_panel)
             .enumerate()
             .for_each(|(p, out)| {
@@ -221,9 +224,6 @@ impl PackedB {
     pub fn transposed(&self) -> PackedB {
         let (k, n) = (self.n, self.k);
         let (k_pad, panels, per_panel) = layout(k, n);
-        // Every element is written below (whole 16×16 blocks cover both paddings), so the
-        // buffer starts unfilled: no pass to zero it first.
-        let mut data: Vec<u16> = Vec::with_capacity(panels * per_panel);
         // Output panel q holds B's rows 16q..16q+16: pair rows 8q..8q+8 of every input
         // panel p, which become Bᵀ's pair rows 8p..8p+8 of panel q. In 32-bit words (one
         // bf16 pair each), input word (row rl, column c) holds B(16q+2rl+t, 16p+c) for
@@ -237,22 +237,27 @@ impl PackedB {
             k_pad,
             "input panels are the output's pair rows / 8"
         );
-        data.spare_capacity_mut()
-            .par_chunks_mut(GROUP * per_panel)
-            .enumerate()
-            .for_each(|(g, out)| {
-                for p in 0..blocks {
-                    let src = self.panel(p);
-                    for (qq, dst) in out.chunks_mut(per_panel).enumerate() {
-                        let q = g * GROUP + qq;
-                        let src = &src[8 * q * 2 * PANEL..(8 * q + 8) * 2 * PANEL];
-                        transpose_block(src, &mut dst[p * 8 * 2 * PANEL..(p + 1) * 8 * 2 * PANEL]);
+        let fill = |data: &mut [MaybeUninit<u16>]| {
+            data.par_chunks_mut(GROUP * per_panel)
+                .enumerate()
+                .for_each(|(g, out)| {
+                    for p in 0..blocks {
+                        let src = self.panel(p);
+                        for (qq, dst) in out.chunks_mut(per_panel).enumerate() {
+                            let q = g * GROUP + qq;
+                            let src = &src[8 * q * 2 * PANEL..(8 * q + 8) * 2 * PANEL];
+                            transpose_block(
+                                src,
+                                &mut dst[p * 8 * 2 * PANEL..(p + 1) * 8 * 2 * PANEL],
+                            );
+                        }
                     }
-                }
-            });
-        // SAFETY: each output panel is `blocks` runs of 8 pair rows (blocks · 16 = k_pad),
-        // each written whole by `transpose_block`: all panels · per_panel elements are set.
-        unsafe { data.set_len(panels * per_panel) };
+                })
+        };
+        // Every element is written (whole 16×16 blocks cover both paddings: each output panel
+        // is `blocks` runs of 8 pair rows, blocks · 16 = k_pad), so the buffer starts unfilled.
+        // SAFETY: as just said, `fill` sets all panels · per_panel values.
+        let data = unsafe { Bf16Buf::filled_by(panels * per_panel, fill) };
         PackedB {
             k,
             n,
@@ -361,29 +366,32 @@ fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
 }
 
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
-fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Vec<u16> {
-    let mut out: Vec<u16> = Vec::with_capacity(m * k_pad);
-    out.spare_capacity_mut()[..m * k_pad]
-        .par_chunks_mut(k_pad)
-        .zip(a.par_chunks(k))
-        .for_each(|(o, r)| {
-            let (o, pad) = o.split_at_mut(k);
-            pad.fill(MaybeUninit::new(0));
-            round_into(r, o);
-        });
-    // SAFETY: each of the m rows is written whole: k rounded values, then the padding.
-    unsafe { out.set_len(m * k_pad) };
-    out
+fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Bf16Buf {
+    let fill = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(k_pad)
+            .zip(a.par_chunks(k))
+            .for_each(|(o, r)| {
+                let (o, pad) = o.split_at_mut(k);
+                pad.fill(MaybeUninit::new(0));
+                round_into(r, o);
+            })
+    };
+    // SAFETY: `fill` writes each of the m rows whole: k rounded values, then the padding.
+    unsafe { Bf16Buf::filled_by(m * k_pad, fill) }
 }
 
 /// Aᵀ's rows (A row-major [k×m]) rounded to bf16 and zero-padded to `k_pad` columns. A task
 /// takes 16 rows of Aᵀ; 16×16 tiles of A are rounded a row (16 contiguous floats) at a time
 /// and written transposed as 16 contiguous values a row of Aᵀ.
-fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Vec<u16> {
+fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Bf16Buf {
+    // SAFETY: `pack_a_t_into` writes each of the m rows: its k values (tile by tile), then
+    // its padding.
+    unsafe { Bf16Buf::filled_by(m * k_pad, |out| pack_a_t_into(a, k, m, k_pad, out)) }
+}
+
+fn pack_a_t_into(a: &[f32], k: usize, m: usize, k_pad: usize, out: &mut [MaybeUninit<u16>]) {
     const T: usize = 16;
-    let mut out: Vec<u16> = Vec::with_capacity(m * k_pad);
-    out.spare_capacity_mut()[..m * k_pad]
-        .par_chunks_mut(T * k_pad)
+    out.par_chunks_mut(T * k_pad)
         .enumerate()
         .for_each(|(blk, o)| {
             let (i0, rows) = (blk * T, o.len() / k_pad);
@@ -404,9 +412,6 @@ fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Vec<u16> {
                 o[i * k_pad + k..(i + 1) * k_pad].fill(MaybeUninit::new(0));
             }
         });
-    // SAFETY: each of the m rows got its k values (tile by tile) and its padding above.
-    unsafe { out.set_len(m * k_pad) };
-    out
 }
 
 /// Rows per task. The AMX kernel runs 32 at a time under one pair of B panels, so a task of
@@ -510,7 +515,7 @@ unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
 pub struct PackedA {
     pub m: usize,
     pub k: usize,
-    data: Vec<u16>,
+    data: Bf16Buf,
 }
 
 impl PackedA {
