@@ -7,7 +7,6 @@ use anyhow::{bail, Result};
 use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
 use phi_adapters::{lora, LoraConfig};
-use phi_model::loss::causal_lm_loss_sum;
 use phi_model::weights::RandomSource;
 use phi_model::{CausalLm, Inputs, TapRequest};
 use phi_trainer::optim::{self, Kind, Optimizer};
@@ -106,8 +105,9 @@ pub fn run(a: &Args) -> Result<()> {
     let phased = phi_model::alloc::reset_peak_rss();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        let logits = model.forward(&inp, &TapRequest::none()).logits;
-        let (sum, count) = causal_lm_loss_sum(logits, &ids);
+        let emb = model.embed(&inp);
+        let (h, _) = model.forward_hidden(emb, &inp, &TapRequest::none(), None);
+        let (sum, count) = model.loss_sum(h, &ids);
         let loss = sum / count.max(1) as f64;
         let loss_val;
         if train {

@@ -11,8 +11,8 @@ use super::matmul::matmul;
 use super::rotary::{Heads, Rotary};
 use super::thin;
 use super::{
-    bf16_lora_forward, bf16_product, contiguous, cross_entropy_forward, f32s, flex, last_dim,
-    lora_forward, norm, owned, pack_weight, rms_norm_forward, FusedOps,
+    bf16_lora_forward, bf16_product, contiguous, cross_entropy_forward, f32s, flex, head_loss,
+    last_dim, lora_forward, norm, owned, pack_weight, rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -435,6 +435,26 @@ impl Backward<Flex, 1> for CrossEntropySum {
     }
 }
 
+/// `bf16_head_loss`: h's gradient of the summed loss was made in the forward (`head_loss`);
+/// the backward scales it by the loss's upstream gradient.
+#[derive(Debug)]
+struct Bf16HeadLoss;
+
+impl Backward<Flex, 1> for Bf16HeadLoss {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let g = f32s(&grad)[0];
+        if let Some(node) = node {
+            let mut dh = owned(ops.state);
+            kernels::scale_all(dh.storage_mut::<f32>(), g);
+            grads.register::<Flex>(node.id, dh);
+        }
+    }
+}
+
 /// What attention's backward keeps: P, or under gradient checkpointing only each row's
 /// logsumexp (P recomputed from q·kᵀ then).
 fn kept<C: CheckpointStrategy>(p: FlexTensor, lse: Vec<f32>) -> Probs {
@@ -660,6 +680,29 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(w, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_linear(x.into_primitive(), w)),
+        }
+    }
+
+    fn bf16_head_loss(
+        h: FloatTensor<Self>,
+        w: Arc<Bf16Weight>,
+        targets: Vec<i64>,
+    ) -> FloatTensor<Self> {
+        match Bf16HeadLoss
+            .prepare::<C>([h.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let h = contiguous(h.into_primitive());
+                let shape = h.shape();
+                let (sum, dh) = head_loss::head_loss(f32s(&h), &w, &targets, true);
+                let dh = dh.expect("asked for h's gradient");
+                prep.finish(flex(dh, shape), flex(vec![sum], [1].into()))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::bf16_head_loss(h.into_primitive(), w, targets))
+            }
         }
     }
 

@@ -335,7 +335,7 @@ pub fn fill_masked(
 }
 
 simd! {
-    fn exp_minus(x: &mut [f32], scale: f32, lse: f32) {
+    pub(crate) fn exp_minus(x: &mut [f32], scale: f32, lse: f32) {
         for v in x {
             *v = exp(*v * scale - lse);
         }

@@ -13,6 +13,7 @@ mod attention;
 mod attention_bf16;
 mod autodiff;
 pub mod bf16;
+mod head_loss;
 pub mod kernels;
 mod matmul;
 mod norm;
@@ -79,6 +80,14 @@ pub trait FusedOps: Backend {
         w: FloatTensor<Self>,
         out_in: bool,
         path: bf16::Path,
+    ) -> FloatTensor<Self>;
+    /// `cross_entropy_sum` of h·W for h [N, in] and a frozen head W held in bf16, a chunk of
+    /// counted rows at a time (the [N, vocab] logits never held); h's gradient is made in the
+    /// forward where one is wanted.
+    fn bf16_head_loss(
+        h: FloatTensor<Self>,
+        w: Arc<Bf16Weight>,
+        targets: Vec<i64>,
     ) -> FloatTensor<Self>;
     /// `lora_linear` on `bf16_linear`'s base: the adapter's factors and products stay f32.
     fn bf16_lora_linear(
@@ -229,6 +238,12 @@ impl FusedOps for Flex {
 
     fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
         bf16_product(x, &w.fwd, w.path)
+    }
+
+    fn bf16_head_loss(h: FlexTensor, w: Arc<Bf16Weight>, targets: Vec<i64>) -> FlexTensor {
+        let h = contiguous(h);
+        let (sum, _) = head_loss::head_loss(f32s(&h), &w, &targets, false);
+        flex(vec![sum], [1].into())
     }
 
     fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
@@ -416,6 +431,12 @@ pub fn bf16_linear<const N: usize>(x: Tensor<N>, w: &Arc<Bf16Weight>) -> Tensor<
     dims[N - 1] = w.d_out();
     let x = x.reshape([rows, w.d_in()]).into_dispatch();
     Tensor::<2>::from_dispatch(D::bf16_linear(x, w.clone())).reshape(dims)
+}
+
+/// Σ −log softmax(h[r]·W)[targets[r]] over rows with a target ≥ 0, for h [rows, in] and a
+/// frozen head W packed in bf16: [1]. Only where `fusable` (callers check).
+pub fn bf16_head_loss(h: Tensor<2>, w: &Arc<Bf16Weight>, targets: Vec<i64>) -> Tensor<1> {
+    Tensor::from_dispatch(D::bf16_head_loss(h.into_dispatch(), w.clone(), targets))
 }
 
 /// x·W for x [.., in] and a trainable W ([in, out], or [out, in] with `out_in`) on the bf16

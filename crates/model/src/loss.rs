@@ -10,8 +10,17 @@ pub const IGNORE_INDEX: i64 = -100;
 /// accumulation normalise over the whole accumulated batch.
 pub fn causal_lm_loss_sum(logits: Tensor<3>, labels: &[i64]) -> (Tensor<1>, usize) {
     let [b, t, v] = logits.dims();
-    // Row r·t+i predicts labels[r·t+i+1]; each sequence's last row predicts nothing. Keeping
-    // every row (rather than slicing logits[:, :-1]) keeps the [B·T, V] view free of copies.
+    let (targets, count) = shifted_targets(b, t, labels);
+    (
+        cross_entropy_sum(logits.reshape([b * t, v]), targets),
+        count,
+    )
+}
+
+/// Each of the B·T rows' target (−1 where none counts) and the number counted: row r·t+i
+/// predicts labels[r·t+i+1], and each sequence's last row predicts nothing. Keeping every row
+/// (rather than slicing logits[:, :-1]) keeps the [B·T, V] view free of copies.
+pub fn shifted_targets(b: usize, t: usize, labels: &[i64]) -> (Vec<i64>, usize) {
     let targets: Vec<i64> = (0..b * t)
         .map(|j| match labels.get(j + 1) {
             Some(&l) if (j + 1) % t != 0 && l != IGNORE_INDEX => l,
@@ -19,10 +28,7 @@ pub fn causal_lm_loss_sum(logits: Tensor<3>, labels: &[i64]) -> (Tensor<1>, usiz
         })
         .collect();
     let count = targets.iter().filter(|&&l| l >= 0).count();
-    (
-        cross_entropy_sum(logits.reshape([b * t, v]), targets),
-        count,
-    )
+    (targets, count)
 }
 
 /// Mean token loss; 0 (not NaN) when no token is counted.

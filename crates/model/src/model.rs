@@ -220,8 +220,51 @@ impl CausalLm {
         embeds: Tensor<3>,
         inp: &Inputs,
         req: &TapRequest,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Output {
+        let (h, taps) = self.forward_hidden(embeds, inp, req, cache);
+        Output {
+            logits: self.head(h),
+            taps,
+        }
+    }
+
+    /// The summed token loss of `labels` (HF's shifted cross-entropy, `loss`) from the final
+    /// hidden states [B, T, hidden], and the tokens it counts. A frozen head held in bf16 runs
+    /// with the loss on the bf16 kernels, a chunk of counted rows at a time, so the
+    /// [B·T, vocab] logits are never held (`bf16_head_loss`).
+    pub fn loss_sum(&self, h: Tensor<3>, labels: &[i64]) -> (Tensor<1>, usize) {
+        let [b, t, d] = h.dims();
+        match self.fused_head().filter(|_| phi_kernels::fusable(&h)) {
+            Some(w) => {
+                let (targets, count) = crate::loss::shifted_targets(b, t, labels);
+                let h = h.reshape([b * t, d]);
+                (phi_kernels::bf16_head_loss(h, w, targets), count)
+            }
+            None => crate::loss::causal_lm_loss_sum(self.head(h), labels),
+        }
+    }
+
+    /// The head's bf16 packing `loss_sum` runs with the loss: a frozen head without bias
+    /// or adapter, packed by `pack_bf16`.
+    pub fn fused_head(&self) -> Option<&Arc<Bf16Weight>> {
+        match &self.lm_head {
+            Some(l) => l.plain_bf16(),
+            None => self.head_bf16.as_ref().filter(|_| {
+                let table = &self.model.embed_tokens.weight;
+                !table.is_require_grad()
+            }),
+        }
+    }
+
+    /// The final norm's output [B, T, hidden] and the taps: the forward without its head.
+    pub fn forward_hidden(
+        &self,
+        embeds: Tensor<3>,
+        inp: &Inputs,
+        req: &TapRequest,
+        mut cache: Option<&mut KvCache>,
+    ) -> (Tensor<3>, Taps) {
         let (b, t) = (inp.batch, inp.seq);
         let past = cache.as_ref().map_or(0, |c| c.len);
         let positions: Vec<i64> = match &inp.position_ids {
@@ -296,10 +339,7 @@ impl CausalLm {
         if req.hidden_states {
             taps.hidden_states.push(h.clone());
         }
-        Output {
-            logits: self.head(h),
-            taps,
-        }
+        (h, taps)
     }
 }
 

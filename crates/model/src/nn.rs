@@ -178,6 +178,14 @@ impl Linear {
         self.bf16.as_ref().is_some_and(|w| self.f32_dropped_with(w))
     }
 
+    /// The bf16 packing `forward` multiplies by alone (frozen, no adapter, no bias): what a
+    /// head fused with its loss can read.
+    pub fn plain_bf16(&self) -> Option<&Arc<Bf16Weight>> {
+        let frozen = !self.weight.is_require_grad() || self.f32_dropped();
+        let plain = self.lora.is_none() && self.bias.is_none();
+        self.bf16.as_ref().filter(|_| frozen && plain)
+    }
+
     /// `f32_dropped` for a packing taken out of `bf16`.
     pub(crate) fn f32_dropped_with(&self, w: &Bf16Weight) -> bool {
         self.weight.val().dims() == [0, 0] && w.d_in() * w.d_out() > 0

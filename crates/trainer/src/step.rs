@@ -10,8 +10,8 @@ use burn::module::Module;
 use burn::tensor::{DType, Device, Tensor};
 use phi_data::encode::Encoded;
 use phi_data::Batch;
-use phi_model::loss::{causal_lm_loss_sum, IGNORE_INDEX};
-use phi_model::{CausalLm, Inputs, Output, TapRequest};
+use phi_model::loss::IGNORE_INDEX;
+use phi_model::{CausalLm, Inputs, Output, TapRequest, Taps};
 use phi_regularizers::{BosScale, NormTarget};
 
 /// The recipe's terms: what they add to the loss and how they edit the input.
@@ -30,11 +30,20 @@ impl Regs {
 
 /// The model's forward on `inp` with the BOS scaling applied to its embeddings.
 pub fn forward(model: &CausalLm, inp: &Inputs, regs: &Regs, req: &TapRequest) -> Output {
+    let (h, taps) = hidden(model, inp, regs, req);
+    Output {
+        logits: model.head(h),
+        taps,
+    }
+}
+
+/// `forward` without the head: the final hidden states, for `CausalLm::loss_sum`.
+fn hidden(model: &CausalLm, inp: &Inputs, regs: &Regs, req: &TapRequest) -> (Tensor<3>, Taps) {
     let mut emb = model.embed(inp);
     if let Some(bos) = &regs.bos {
         emb = bos.apply(emb, inp.position_ids.as_deref());
     }
-    model.forward_embeds(emb, inp, req, None)
+    model.forward_hidden(emb, inp, req, None)
 }
 
 /// One micro-batch's forward and backward. Returns its gradients, its summed token loss
@@ -50,13 +59,13 @@ pub fn micro_step(
 ) -> (Grads, f64, f64) {
     let inp = crate::inputs(b);
     let req = regs.norm.as_ref().map(NormTarget::taps).unwrap_or_default();
-    let out = forward(model, &inp, regs, &req);
-    let (sum, _) = causal_lm_loss_sum(out.logits, &b.labels);
+    let (h, taps) = hidden(model, &inp, regs, &req);
+    let (sum, _) = model.loss_sum(h, &b.labels);
     let sum_val = scalar(&sum);
     let mut loss = sum / denom;
     let mut reg_val = 0.0;
     if let Some(norm) = &regs.norm {
-        let r = norm.loss(&out.taps, Some(&b.attention_mask)) / parts;
+        let r = norm.loss(&taps, Some(&b.attention_mask)) / parts;
         reg_val = scalar(&r);
         loss = loss + r;
     }
@@ -84,8 +93,8 @@ pub fn evaluate(
     for chunk in idx.chunks(batch.max(1)) {
         let b = data::collate(examples, chunk, &ex.collator);
         let inp = crate::inputs(&b);
-        let logits = forward(&m, &inp, regs, &TapRequest::none()).logits;
-        let (s, c) = causal_lm_loss_sum(logits, &b.labels);
+        let (h, _) = hidden(&m, &inp, regs, &TapRequest::none());
+        let (s, c) = m.loss_sum(h, &b.labels);
         sum += scalar(&s);
         count += c;
     }

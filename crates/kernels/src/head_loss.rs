@@ -1,0 +1,62 @@
+//! The LM head and the cross-entropy together, on a frozen head packed in bf16 (`--bf16`):
+//! the counted rows run through head, loss and gradient a chunk at a time, so the
+//! [tokens, vocab] logits and their gradient (the largest tensors of a step: 131 MB each for
+//! 1024 tokens of Phi-3's vocabulary, 201 MB for SmolLM2's) are never held whole, and rows the
+//! loss ignores (masked prompts, each sequence's last position) cost nothing. As Liger's and
+//! Unsloth's fused losses do, the input gradient is made in the forward, from the gradient of
+//! the summed loss; the backward only scales it.
+
+use super::bf16::{self, Bf16Weight, PackedA};
+use super::kernels;
+use rayon::prelude::*;
+
+/// Rows a chunk: as many as the GEMM's row block, since each chunk streams the whole head
+/// weight from memory twice (forward and transposed); chunks of 64 rows were slower than
+/// the unfused head.
+const CHUNK: usize = 256;
+
+/// Σ over rows with a target ≥ 0 of −log softmax(h[r]·W)[target[r]] (summed in f64, in row
+/// order, as the unfused loss), and with `grad` d sum / d h [rows, d_in]: (softmax − onehot)
+/// rounded to bf16 (autocast's input to the backward GEMM) times Wᵀ, zero on ignored rows.
+pub(crate) fn head_loss(
+    h: &[f32],
+    w: &Bf16Weight,
+    targets: &[i64],
+    grad: bool,
+) -> (f32, Option<Vec<f32>>) {
+    let (d, v) = (w.d_in(), w.d_out());
+    assert_eq!(h.len(), targets.len() * d, "h is not [targets, d_in]");
+    let counted: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
+    let wt = grad.then(|| w.fwd.transposed());
+    let mut dh = grad.then(|| kernels::zeroed(h.len()));
+    let mut sum = 0f64;
+    let mut x = Vec::with_capacity(CHUNK.min(counted.len()) * d);
+    for rows in counted.chunks(CHUNK) {
+        x.clear();
+        for &r in rows {
+            x.extend_from_slice(&h[r * d..(r + 1) * d]);
+        }
+        let t: Vec<i64> = rows.iter().map(|&r| targets[r]).collect();
+        let mut logits = bf16::product(w.path, &x, rows.len(), &w.fwd);
+        let (loss, lse) = kernels::cross_entropy_forward(&logits, v, &t);
+        sum += loss.iter().map(|&l| l as f64).sum::<f64>();
+        if let (Some(dh), Some(wt)) = (dh.as_mut(), wt.as_ref()) {
+            // The logits become softmax − onehot in place (every row here is counted).
+            let rows_t = t.par_iter().zip(lse.par_iter());
+            logits
+                .par_chunks_mut(v)
+                .zip(rows_t)
+                .for_each(|(z, (&t, &lse))| {
+                    kernels::exp_minus(z, 1.0, lse);
+                    z[t as usize] -= 1.0;
+                });
+            let g = PackedA::rows(&logits, rows.len(), v);
+            drop(logits);
+            let dx = bf16::product_packed(w.path, &g, wt, None);
+            for (&r, src) in rows.iter().zip(dx.chunks(d)) {
+                dh[r * d..(r + 1) * d].copy_from_slice(src);
+            }
+        }
+    }
+    (sum as f32, dh)
+}
