@@ -38,9 +38,15 @@ impl Backward<Flex, 1> for Bf16Linear {
         let grad = grads.consume::<Flex>(&ops.node);
         if let Some(node) = node {
             let w = ops.state;
-            grads.register::<Flex>(node.id, bf16_product(grad, &w.fwd.transposed(), w.path));
+            grads.register::<Flex>(node.id, input_grad(grad, &w));
         }
     }
+}
+
+/// dx = dy·Wᵀ for a bf16-packed W, with Wᵀ repacked from W's packing for this call (a pass
+/// over W; a second packing kept for the backward would double the frozen base's memory).
+fn input_grad(dy: FlexTensor, w: &Bf16Weight) -> FlexTensor {
+    bf16_product(dy, &w.fwd.transposed(), w.path)
 }
 
 /// `bf16_train_linear`: dx = dy·Wᵀ on the forward's packing; dW = xᵀ·dy with dy packed, or
@@ -71,7 +77,7 @@ impl Backward<Flex, 2> for Bf16TrainLinear {
             grads.register::<Flex>(node.id, flex(dw, shape.into()));
         }
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, bf16_product(dy, &w.fwd.transposed(), w.path));
+            grads.register::<Flex>(node.id, input_grad(dy, &w));
         }
     }
 }
@@ -274,7 +280,7 @@ impl Backward<Flex, 4> for Bf16LoraLinear {
             register_factors(grads, [node_a, node_b], factors);
             return;
         }
-        let base_dx = |dy| bf16_product(dy, &w.fwd.transposed(), w.path);
+        let base_dx = |dy| input_grad(dy, &w);
         low_rank.backward(dy, nodes, shared, base_dx, grads);
     }
 }
@@ -458,11 +464,17 @@ impl Backward<Flex, 1> for Bf16HeadLoss {
 /// What attention's backward keeps: P, or under gradient checkpointing only each row's
 /// logsumexp (P recomputed from q·kᵀ then).
 fn kept<C: CheckpointStrategy>(p: FlexTensor, lse: Vec<f32>) -> Probs {
-    if TypeId::of::<C>() == TypeId::of::<BalancedCheckpointing>() {
-        Probs::Lse(lse)
-    } else {
+    if keeps_probs::<C>() {
         Probs::Kept(p)
+    } else {
+        Probs::Lse(lse)
     }
+}
+
+/// Whether attention's backward keeps P under checkpointing strategy C (not under balanced
+/// checkpointing, which recomputes it).
+fn keeps_probs<C: CheckpointStrategy>() -> bool {
+    TypeId::of::<C>() != TypeId::of::<BalancedCheckpointing>()
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
@@ -585,7 +597,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let inputs = [q, k, v].map(|t| contiguous(t.into_primitive()));
                 let hidden = mask.as_deref().map(|m| &m[..]);
-                let keep = TypeId::of::<C>() != TypeId::of::<BalancedCheckpointing>();
+                let keep = keeps_probs::<C>();
                 let (o, probs) =
                     attention::rotary_forward(&inputs, &heads, &rope, (scale as f32, hidden), keep);
                 prep.finish((ids, probs), o)

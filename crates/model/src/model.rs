@@ -196,8 +196,8 @@ impl CausalLm {
             Some(l) => l.forward(h),
             None => {
                 let table = &self.model.embed_tokens.weight;
-                let packed = self.head_bf16.as_ref().filter(|_| !table.is_require_grad());
-                if let Some(w) = packed.filter(|_| phi_kernels::fusable(&h)) {
+                // Without lm_head, `fused_head` is the tied table's packing while it is frozen.
+                if let Some(w) = self.fused_head().filter(|_| phi_kernels::fusable(&h)) {
                     return phi_kernels::bf16_linear(h, w);
                 }
                 let trains = table.is_require_grad() && phi_kernels::fusable(&h);

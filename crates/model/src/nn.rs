@@ -89,10 +89,7 @@ impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         // A weight that trains again (after `pack_bf16`) must get its gradient: f32 path,
         // where there still is an f32 weight (`pack_bf16` again restores it).
-        let packed = self
-            .bf16
-            .as_ref()
-            .filter(|_| !self.weight.is_require_grad() || self.f32_dropped());
+        let packed = self.frozen_bf16();
         // A dropped f32 weight has only this path (PHI_FUSED=0 included).
         if let Some(w) = packed.filter(|_| fused::fusable(&x) || self.f32_dropped()) {
             let y = match &self.lora {
@@ -181,9 +178,14 @@ impl Linear {
     /// The bf16 packing `forward` multiplies by alone (frozen, no adapter, no bias): what a
     /// head fused with its loss can read.
     pub fn plain_bf16(&self) -> Option<&Arc<Bf16Weight>> {
-        let frozen = !self.weight.is_require_grad() || self.f32_dropped();
         let plain = self.lora.is_none() && self.bias.is_none();
-        self.bf16.as_ref().filter(|_| frozen && plain)
+        self.frozen_bf16().filter(|_| plain)
+    }
+
+    /// The packing `forward` multiplies by: the weight is frozen, or lives only there.
+    fn frozen_bf16(&self) -> Option<&Arc<Bf16Weight>> {
+        let frozen = !self.weight.is_require_grad() || self.f32_dropped();
+        self.bf16.as_ref().filter(|_| frozen)
     }
 
     /// `f32_dropped` for a packing taken out of `bf16`.
