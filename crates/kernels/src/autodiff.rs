@@ -5,14 +5,16 @@
 //! kept; the ops are registered compute-bound, so they are never recomputed.
 
 use super::attention::{self, CausalAttention, Probs};
-use super::bf16::{self, Bf16Weight, PackedB};
+use super::bf16::{self, PackedB};
 use super::kernels::{self, Causal, Layout};
 use super::matmul::matmul;
+use super::packed::PackedWeight;
 use super::rotary::{Heads, Rotary};
 use super::thin;
 use super::{
-    bf16_lora_forward, bf16_product, contiguous, cross_entropy_forward, f32s, flex, head_loss,
-    last_dim, lora_forward, norm, owned, pack_weight, rms_norm_forward, FusedOps,
+    contiguous, cross_entropy_forward, f32s, flex, frozen_forward, frozen_input_grad,
+    frozen_lora_forward, head_loss, last_dim, lora_forward, norm, owned, pack_weight,
+    rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -26,27 +28,21 @@ use burn::backend::{Flex, TensorMetadata};
 use std::any::TypeId;
 use std::sync::Arc;
 
-/// dx = dy·Wᵀ on the weight's bf16 path; W is frozen, so x is not kept.
+/// dx = dy·Wᵀ on the weight's path; W is frozen, so x is not kept.
 #[derive(Debug)]
-struct Bf16Linear;
+struct FrozenLinear;
 
-impl Backward<Flex, 1> for Bf16Linear {
-    type State = Arc<Bf16Weight>;
+impl Backward<Flex, 1> for FrozenLinear {
+    type State = Arc<PackedWeight>;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node);
         if let Some(node) = node {
             let w = ops.state;
-            grads.register::<Flex>(node.id, input_grad(grad, &w));
+            grads.register::<Flex>(node.id, frozen_input_grad(grad, &w));
         }
     }
-}
-
-/// dx = dy·Wᵀ for a bf16-packed W, with Wᵀ repacked from W's packing for this call (a pass
-/// over W; a second packing kept for the backward would double the frozen base's memory).
-fn input_grad(dy: FlexTensor, w: &Bf16Weight) -> FlexTensor {
-    bf16_product(dy, &w.fwd.transposed(), w.path)
 }
 
 /// `bf16_train_linear`: dx = dy·Wᵀ on the forward's packing; dW = xᵀ·dy with dy packed, or
@@ -58,7 +54,7 @@ struct Bf16TrainLinear {
 
 impl Backward<Flex, 2> for Bf16TrainLinear {
     /// x (checkpointed) and W's packing from the forward.
-    type State = (NodeId, Arc<Bf16Weight>);
+    type State = (NodeId, Arc<PackedWeight>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
@@ -73,11 +69,14 @@ impl Backward<Flex, 2> for Bf16TrainLinear {
                 false => ((&x, d_in), (&dy, d_out), [d_in, d_out]),
             };
             let b = PackedB::from_rows(f32s(b.0), rows, b.1);
-            let dw = bf16::product_t(w.path, f32s(a.0), rows, a.1, &b);
+            let path = w
+                .path
+                .expect("a trainable weight's packing has a bf16 path");
+            let dw = bf16::product_t(path, f32s(a.0), rows, a.1, &b);
             grads.register::<Flex>(node.id, flex(dw, shape.into()));
         }
         if let Some(node) = node_x {
-            grads.register::<Flex>(node.id, input_grad(dy, &w));
+            grads.register::<Flex>(node.id, frozen_input_grad(dy, &w));
         }
     }
 }
@@ -232,15 +231,15 @@ impl Backward<Flex, 5> for LoraLinear {
     }
 }
 
-/// dx = dy·Wᵀ on the weight's bf16 path plus the adapter's terms, as `LoraLinear` (W frozen).
+/// dx = dy·Wᵀ on the weight's path plus the adapter's terms, as `LoraLinear` (W frozen).
 #[derive(Debug)]
-struct Bf16LoraLinear {
+struct FrozenLoraLinear {
     scale: f64,
 }
 
-impl Backward<Flex, 4> for Bf16LoraLinear {
+impl Backward<Flex, 4> for FrozenLoraLinear {
     /// xd, a, b (checkpointed; x is not read: W has no gradient), hs = s·(xd·a), W.
-    type State = ([NodeId; 3], bool, FlexTensor, Arc<Bf16Weight>);
+    type State = ([NodeId; 3], bool, FlexTensor, Arc<PackedWeight>);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
         let nodes = ops.parents.map(|n| n.map(|n| n.id));
@@ -254,7 +253,7 @@ impl Backward<Flex, 4> for Bf16LoraLinear {
             b,
             scale: self.scale,
         };
-        if let (true, [Some(node_x), _, node_a, node_b]) = (shared, nodes) {
+        if let (Some(path), true, [Some(node_x), _, node_a, node_b]) = (w.path, shared, nodes) {
             // dx = dy·Wᵀ + gs·aᵀ in one pass, gs = s·dy·bᵀ from the same packing of dy.
             let dy = contiguous(dy);
             let (d_in, d_out) = (w.d_in(), w.d_out());
@@ -266,21 +265,21 @@ impl Backward<Flex, 4> for Bf16LoraLinear {
             let r = last_dim(&a);
             let pdy = bf16::PackedA::rows(f32s(&dy), rows, d_out);
             let bt = PackedB::from_cols(f32s(&b), d_out, r);
-            let mut gs = bf16::product_packed(w.path, &pdy, &bt, None);
+            let mut gs = bf16::product_packed(path, &pdy, &bt, None);
             kernels::scale_all(&mut gs, self.scale as f32);
             let at = PackedB::from_cols(f32s(&a), r, d_in);
             let low = (bf16::PackedA::rows(&gs, rows, r), at);
             let gs = flex(gs, [rows, r].into());
             let want = [node_a.is_some(), node_b.is_some()];
             let (dx, factors) = rayon::join(
-                || bf16::product_packed(w.path, &pdy, &w.fwd.transposed(), Some((&low.0, &low.1))),
+                || w.input_grad_packed(&pdy, Some((&low.0, &low.1))),
                 || low_rank.factors(&dy, &gs, want),
             );
             grads.register::<Flex>(node_x, flex(dx, [rows, d_in].into()));
             register_factors(grads, [node_a, node_b], factors);
             return;
         }
-        let base_dx = |dy| input_grad(dy, &w);
+        let base_dx = |dy| frozen_input_grad(dy, &w);
         low_rank.backward(dy, nodes, shared, base_dx, grads);
     }
 }
@@ -444,9 +443,9 @@ impl Backward<Flex, 1> for CrossEntropySum {
 /// `bf16_head_loss`: h's gradient of the summed loss was made in the forward (`head_loss`);
 /// the backward scales it by the loss's upstream gradient.
 #[derive(Debug)]
-struct Bf16HeadLoss;
+struct FrozenHeadLoss;
 
-impl Backward<Flex, 1> for Bf16HeadLoss {
+impl Backward<Flex, 1> for FrozenHeadLoss {
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -681,26 +680,26 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self> {
-        match Bf16Linear
+    fn frozen_linear(x: FloatTensor<Self>, w: Arc<PackedWeight>) -> FloatTensor<Self> {
+        match FrozenLinear
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let y = Flex::bf16_linear(x.into_primitive(), w.clone());
+                let y = Flex::frozen_linear(x.into_primitive(), w.clone());
                 prep.finish(w, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_linear(x.into_primitive(), w)),
+            OpsKind::UnTracked(prep) => prep.finish(Flex::frozen_linear(x.into_primitive(), w)),
         }
     }
 
-    fn bf16_head_loss(
+    fn frozen_head_loss(
         h: FloatTensor<Self>,
-        w: Arc<Bf16Weight>,
+        w: Arc<PackedWeight>,
         targets: Vec<i64>,
     ) -> FloatTensor<Self> {
-        match Bf16HeadLoss
+        match FrozenHeadLoss
             .prepare::<C>([h.node()])
             .compute_bound()
             .stateful()
@@ -713,7 +712,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 prep.finish(flex(dh, shape), flex(vec![sum], [1].into()))
             }
             OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::bf16_head_loss(h.into_primitive(), w, targets))
+                prep.finish(Flex::frozen_head_loss(h.into_primitive(), w, targets))
             }
         }
     }
@@ -732,7 +731,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let id = prep.checkpoint(&x);
                 let w = Arc::new(pack_weight(w.into_primitive(), out_in, path));
-                let y = bf16_product(x.into_primitive(), &w.fwd, path);
+                let y = frozen_forward(x.into_primitive(), &w);
                 prep.finish((id, w), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_train_linear(
@@ -744,15 +743,15 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn bf16_lora_linear(
+    fn frozen_lora_linear(
         x: FloatTensor<Self>,
         xd: FloatTensor<Self>,
-        w: Arc<Bf16Weight>,
+        w: Arc<PackedWeight>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        match (Bf16LoraLinear { scale })
+        match (FrozenLoraLinear { scale })
             .prepare::<C>([x.node(), xd.node(), a.node(), b.node()])
             .compute_bound()
             .stateful()
@@ -762,10 +761,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&xd, &a, &b].map(|t| prep.checkpoint(t));
                 let xd = (!shared).then(|| xd.into_primitive());
                 let (a, b) = (a.into_primitive(), b.into_primitive());
-                let (y, hs) = bf16_lora_forward(x.into_primitive(), xd, &w, a, b, scale);
+                let (y, hs) = frozen_lora_forward(x.into_primitive(), xd, &w, a, b, scale);
                 prep.finish((ids, shared, hs, w), y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::bf16_lora_linear(
+            OpsKind::UnTracked(prep) => prep.finish(Flex::frozen_lora_linear(
                 x.into_primitive(),
                 xd.into_primitive(),
                 w,

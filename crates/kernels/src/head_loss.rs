@@ -1,4 +1,5 @@
-//! The LM head and the cross-entropy together, on a frozen head packed in bf16 (`--bf16`):
+//! The LM head and the cross-entropy together, on a frozen head packed in bf16 (`--bf16`) or
+//! quantized:
 //! the counted rows run through head, loss and gradient a chunk at a time, so the
 //! [tokens, vocab] logits and their gradient (the largest tensors of a step: 131 MB each for
 //! 1024 tokens of Phi-3's vocabulary, 201 MB for SmolLM2's) are never held whole, and rows the
@@ -6,8 +7,9 @@
 //! Unsloth's fused losses do, the input gradient is made in the forward, from the gradient of
 //! the summed loss; the backward only scales it.
 
-use super::bf16::{self, Bf16Weight, PackedA};
+use super::bf16::{self, PackedA};
 use super::kernels;
+use super::packed::{PackedWeight, Store};
 use rayon::prelude::*;
 
 /// Rows a chunk: as many as the GEMM's row block, since each chunk streams the whole head
@@ -17,17 +19,23 @@ const CHUNK: usize = 256;
 
 /// Σ over rows with a target ≥ 0 of −log softmax(h[r]·W)[target[r]] (summed in f64, in row
 /// order, as the unfused loss), and with `grad` d sum / d h [rows, d_in]: (softmax − onehot)
-/// rounded to bf16 (autocast's input to the backward GEMM) times Wᵀ, zero on ignored rows.
+/// times Wᵀ, zero on ignored rows; on a bf16 path the factor rounded to bf16 first
+/// (autocast's input to the backward GEMM).
 pub(crate) fn head_loss(
     h: &[f32],
-    w: &Bf16Weight,
+    w: &PackedWeight,
     targets: &[i64],
     grad: bool,
 ) -> (f32, Option<Vec<f32>>) {
     let (d, v) = (w.d_in(), w.d_out());
     assert_eq!(h.len(), targets.len() * d, "h is not [targets, d_in]");
     let counted: Vec<usize> = (0..targets.len()).filter(|&r| targets[r] >= 0).collect();
-    let wt = grad.then(|| w.fwd.transposed());
+    // A bf16 head's panels transposed once for all chunks (a quantized head decodes its
+    // blocks per product anyway).
+    let wt = match (&w.store, grad) {
+        (Store::Bf16(b), true) => Some(b.transposed()),
+        _ => None,
+    };
     let mut dh = grad.then(|| kernels::zeroed(h.len()));
     let mut sum = 0f64;
     let mut x = Vec::with_capacity(CHUNK.min(counted.len()) * d);
@@ -37,10 +45,10 @@ pub(crate) fn head_loss(
             x.extend_from_slice(&h[r * d..(r + 1) * d]);
         }
         let t: Vec<i64> = rows.iter().map(|&r| targets[r]).collect();
-        let mut logits = bf16::product(w.path, &x, rows.len(), &w.fwd);
+        let mut logits = w.forward(&x, rows.len());
         let (loss, lse) = kernels::cross_entropy_forward(&logits, v, &t);
         sum += loss.iter().map(|&l| l as f64).sum::<f64>();
-        if let (Some(dh), Some(wt)) = (dh.as_mut(), wt.as_ref()) {
+        if let Some(dh) = dh.as_mut() {
             // The logits become softmax − onehot in place (every row here is counted).
             let rows_t = t.par_iter().zip(lse.par_iter());
             logits
@@ -50,9 +58,17 @@ pub(crate) fn head_loss(
                     kernels::exp_minus(z, 1.0, lse);
                     z[t as usize] -= 1.0;
                 });
-            let g = PackedA::rows(&logits, rows.len(), v);
-            drop(logits);
-            let dx = bf16::product_packed(w.path, &g, wt, None);
+            let dx = match (w.path, &wt) {
+                (None, _) => w.input_grad(&logits, rows.len()),
+                (Some(path), wt) => {
+                    let g = PackedA::rows(&logits, rows.len(), v);
+                    drop(logits);
+                    match wt {
+                        Some(wt) => bf16::product_packed(path, &g, wt, None),
+                        None => w.input_grad_packed(&g, None),
+                    }
+                }
+            };
             for (&r, src) in rows.iter().zip(dx.chunks(d)) {
                 dh[r * d..(r + 1) * d].copy_from_slice(src);
             }

@@ -17,16 +17,18 @@ mod head_loss;
 pub mod kernels;
 mod matmul;
 mod norm;
+pub mod packed;
+pub mod quant;
 pub mod rotary;
 pub mod thin;
 
-use bf16::Bf16Weight;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, DispatchDevice, Flex, TensorMetadata};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kernels::{Causal, Layout};
 use matmul::matmul;
+use packed::PackedWeight;
 use rotary::{Heads, Rotary};
 use std::sync::Arc;
 
@@ -68,9 +70,9 @@ pub trait FusedOps: Backend {
     /// x·W over [N, in] rows for an f32 W [in, out]: the product and both gradients through
     /// our matmul (Flex's zeroes each output and copies it before its GEMM writes it).
     fn linear(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// x·W over [N, in] rows for a frozen W held in bf16 (`--bf16` on the CPU's matrix
-    /// units): the input gradient flows, W has none.
-    fn bf16_linear(x: FloatTensor<Self>, w: Arc<Bf16Weight>) -> FloatTensor<Self>;
+    /// x·W over [N, in] rows for a frozen W held packed (bf16 for `--bf16` on the CPU's
+    /// matrix units, or quantized): the input gradient flows, W has none.
+    fn frozen_linear(x: FloatTensor<Self>, w: Arc<PackedWeight>) -> FloatTensor<Self>;
     /// x·W over [N, in] rows for a trainable W under `--bf16`: W rounded and packed per call,
     /// the input gradient and W's gradient (xᵀ·dy) on the bf16 kernels too, all with f32
     /// accumulation and outputs (W's f32 master and its gradient stay f32). W is [in, out],
@@ -81,19 +83,20 @@ pub trait FusedOps: Backend {
         out_in: bool,
         path: bf16::Path,
     ) -> FloatTensor<Self>;
-    /// `cross_entropy_sum` of h·W for h [N, in] and a frozen head W held in bf16, a chunk of
+    /// `cross_entropy_sum` of h·W for h [N, in] and a frozen head W held packed, a chunk of
     /// counted rows at a time (the [N, vocab] logits never held); h's gradient is made in the
     /// forward where one is wanted.
-    fn bf16_head_loss(
+    fn frozen_head_loss(
         h: FloatTensor<Self>,
-        w: Arc<Bf16Weight>,
+        w: Arc<PackedWeight>,
         targets: Vec<i64>,
     ) -> FloatTensor<Self>;
-    /// `lora_linear` on `bf16_linear`'s base: the adapter's factors and products stay f32.
-    fn bf16_lora_linear(
+    /// `lora_linear` on `frozen_linear`'s base: the adapter's factors stay f32 (its products
+    /// on the weight's bf16 path where it has one).
+    fn frozen_lora_linear(
         x: FloatTensor<Self>,
         xd: FloatTensor<Self>,
-        w: Arc<Bf16Weight>,
+        w: Arc<PackedWeight>,
         a: FloatTensor<Self>,
         b: FloatTensor<Self>,
         scale: f64,
@@ -197,15 +200,15 @@ impl FusedOps for Flex {
         lora_forward(owned(matmul(x, w)), xd, a, b, s).0
     }
 
-    fn bf16_lora_linear(
+    fn frozen_lora_linear(
         x: FlexTensor,
         xd: FlexTensor,
-        w: Arc<Bf16Weight>,
+        w: Arc<PackedWeight>,
         a: FlexTensor,
         b: FlexTensor,
         s: f64,
     ) -> FlexTensor {
-        bf16_lora_forward(x, Some(xd), &w, a, b, s).0
+        frozen_lora_forward(x, Some(xd), &w, a, b, s).0
     }
 
     fn cross_entropy_sum(logits: FlexTensor, targets: Vec<i64>) -> FlexTensor {
@@ -232,15 +235,14 @@ impl FusedOps for Flex {
         out_in: bool,
         path: bf16::Path,
     ) -> FlexTensor {
-        let w = pack_weight(w, out_in, path);
-        bf16_product(x, &w.fwd, path)
+        frozen_forward(x, &pack_weight(w, out_in, path))
     }
 
-    fn bf16_linear(x: FlexTensor, w: Arc<Bf16Weight>) -> FlexTensor {
-        bf16_product(x, &w.fwd, w.path)
+    fn frozen_linear(x: FlexTensor, w: Arc<PackedWeight>) -> FlexTensor {
+        frozen_forward(x, &w)
     }
 
-    fn bf16_head_loss(h: FlexTensor, w: Arc<Bf16Weight>, targets: Vec<i64>) -> FlexTensor {
+    fn frozen_head_loss(h: FlexTensor, w: Arc<PackedWeight>, targets: Vec<i64>) -> FlexTensor {
         let h = contiguous(h);
         let (sum, _) = head_loss::head_loss(f32s(&h), &w, &targets, false);
         flex(vec![sum], [1].into())
@@ -264,20 +266,27 @@ pub(crate) fn rms_norm_forward(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexT
 }
 
 /// An f32 weight, [in, out] or with `out_in` [out, in], packed for `path`.
-pub(crate) fn pack_weight(w: FlexTensor, out_in: bool, path: bf16::Path) -> Bf16Weight {
+pub(crate) fn pack_weight(w: FlexTensor, out_in: bool, path: bf16::Path) -> PackedWeight {
     let w = contiguous(w);
     let [rows, cols] = [0, 1].map(|i| w.shape()[i]);
     match out_in {
-        true => Bf16Weight::out_in(f32s(&w), rows, cols, path),
-        false => Bf16Weight::in_out(f32s(&w), rows, cols, path),
+        true => PackedWeight::out_in(f32s(&w), rows, cols, path),
+        false => PackedWeight::in_out(f32s(&w), rows, cols, path),
     }
 }
 
-/// [N, k] rows times a packed [k, n] operand on a bf16 path: [N, n].
-pub(crate) fn bf16_product(x: FlexTensor, b: &bf16::PackedB, path: bf16::Path) -> FlexTensor {
+/// [N, in] rows times a packed W: [N, out].
+pub(crate) fn frozen_forward(x: FlexTensor, w: &PackedWeight) -> FlexTensor {
     let x = contiguous(x);
-    let rows = f32s(&x).len() / b.k.max(1);
-    flex(bf16::product(path, f32s(&x), rows, b), [rows, b.n].into())
+    let rows = f32s(&x).len() / w.d_in().max(1);
+    flex(w.forward(f32s(&x), rows), [rows, w.d_out()].into())
+}
+
+/// [N, out] rows times a packed W's transpose: [N, in] (the input gradient).
+pub(crate) fn frozen_input_grad(dy: FlexTensor, w: &PackedWeight) -> FlexTensor {
+    let dy = contiguous(dy);
+    let rows = f32s(&dy).len() / w.d_out().max(1);
+    flex(w.input_grad(f32s(&dy), rows), [rows, w.d_in()].into())
 }
 
 /// The summed loss as a [1] tensor and each row's logsumexp (kept for the backward).
@@ -304,27 +313,32 @@ pub(crate) fn lora_forward(
 }
 
 /// x·W + s·(xd·a)·b on a packed W and s·(xd·a) (kept for the backward), xd None where it is
-/// x. x is rounded and packed once for both of its products, and the rank-r term is summed
-/// into the base's tiles before they are stored (a bf16 product of the rounded s·(xd·a) and
-/// b, as autocast's LoRA path computes it in bf16 too).
-pub(crate) fn bf16_lora_forward(
+/// x. On a bf16 path x is rounded and packed once for both of its products, and the rank-r
+/// term is summed into the base's tiles before they are stored (a bf16 product of the
+/// rounded s·(xd·a) and b, as autocast's LoRA path computes it in bf16 too); a quantized
+/// weight in f32 adds the f32 term to its f32 product (`lora_forward`).
+pub(crate) fn frozen_lora_forward(
     x: FlexTensor,
     xd: Option<FlexTensor>,
-    w: &Bf16Weight,
+    w: &PackedWeight,
     a: FlexTensor,
     b: FlexTensor,
     s: f64,
 ) -> (FlexTensor, FlexTensor) {
+    let Some(path) = w.path else {
+        let xd = xd.unwrap_or_else(|| x.clone());
+        return lora_forward(frozen_forward(x, w), xd, a, b, s);
+    };
     let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
     let (d_in, d_out, r) = (w.d_in(), w.d_out(), last_dim(&a));
     let rows = f32s(&x).len() / d_in.max(1);
     let px = bf16::PackedA::rows(f32s(&x), rows, d_in);
     let pa = bf16::PackedB::from_rows(f32s(&a), d_in, r);
     let mut h = match xd.map(contiguous) {
-        None => bf16::product_packed(w.path, &px, &pa, None),
+        None => bf16::product_packed(path, &px, &pa, None),
         Some(xd) => {
             let pxd = bf16::PackedA::rows(f32s(&xd), rows, d_in);
-            bf16::product_packed(w.path, &pxd, &pa, None)
+            bf16::product_packed(path, &pxd, &pa, None)
         }
     };
     kernels::scale_all(&mut h, s as f32);
@@ -332,7 +346,7 @@ pub(crate) fn bf16_lora_forward(
         bf16::PackedA::rows(&h, rows, r),
         bf16::PackedB::from_rows(f32s(&b), r, d_out),
     );
-    let y = bf16::product_packed(w.path, &px, &w.fwd, Some((&low.0, &low.1)));
+    let y = w.forward_packed(&px, Some((&low.0, &low.1)));
     (flex(y, [rows, d_out].into()), flex(h, [rows, r].into()))
 }
 
@@ -424,19 +438,19 @@ pub fn linear<const N: usize>(x: Tensor<N>, w: Tensor<2>) -> Tensor<N> {
     Tensor::<2>::from_dispatch(D::linear(x, w.into_dispatch())).reshape(dims)
 }
 
-/// x·W for x [.., in] and a frozen W packed in bf16. Only where `fusable` (callers check).
-pub fn bf16_linear<const N: usize>(x: Tensor<N>, w: &Arc<Bf16Weight>) -> Tensor<N> {
+/// x·W for x [.., in] and a frozen packed W. Only where `fusable` (callers check).
+pub fn frozen_linear<const N: usize>(x: Tensor<N>, w: &Arc<PackedWeight>) -> Tensor<N> {
     let mut dims = x.dims();
     let rows = x.shape().num_elements() / w.d_in().max(1);
     dims[N - 1] = w.d_out();
     let x = x.reshape([rows, w.d_in()]).into_dispatch();
-    Tensor::<2>::from_dispatch(D::bf16_linear(x, w.clone())).reshape(dims)
+    Tensor::<2>::from_dispatch(D::frozen_linear(x, w.clone())).reshape(dims)
 }
 
 /// Σ −log softmax(h[r]·W)[targets[r]] over rows with a target ≥ 0, for h [rows, in] and a
-/// frozen head W packed in bf16: [1]. Only where `fusable` (callers check).
-pub fn bf16_head_loss(h: Tensor<2>, w: &Arc<Bf16Weight>, targets: Vec<i64>) -> Tensor<1> {
-    Tensor::from_dispatch(D::bf16_head_loss(h.into_dispatch(), w.clone(), targets))
+/// frozen packed head W: [1]. Only where `fusable` (callers check).
+pub fn frozen_head_loss(h: Tensor<2>, w: &Arc<PackedWeight>, targets: Vec<i64>) -> Tensor<1> {
+    Tensor::from_dispatch(D::frozen_head_loss(h.into_dispatch(), w.clone(), targets))
 }
 
 /// x·W for x [.., in] and a trainable W ([in, out], or [out, in] with `out_in`) on the bf16
@@ -459,12 +473,12 @@ pub fn bf16_train_linear<const N: usize>(
     Tensor::<2>::from_dispatch(y).reshape(dims)
 }
 
-/// x·W + scale·(xd·a)·b for a frozen W packed in bf16 (`lora_linear`'s other base). Only where
+/// x·W + scale·(xd·a)·b for a frozen packed W (`lora_linear`'s other base). Only where
 /// `fusable` (callers check).
-pub fn bf16_lora_linear<const N: usize>(
+pub fn frozen_lora_linear<const N: usize>(
     x: Tensor<N>,
     xd: Option<Tensor<N>>,
-    w: &Arc<Bf16Weight>,
+    w: &Arc<PackedWeight>,
     a: Tensor<2>,
     b: Tensor<2>,
     scale: f64,
@@ -474,7 +488,7 @@ pub fn bf16_lora_linear<const N: usize>(
     dims[N - 1] = w.d_out();
     let (x, xd) = flat_pair(x, xd, [rows, w.d_in()]);
     let (a, b) = (a.into_dispatch(), b.into_dispatch());
-    Tensor::<2>::from_dispatch(D::bf16_lora_linear(x, xd, w.clone(), a, b, scale)).reshape(dims)
+    Tensor::<2>::from_dispatch(D::frozen_lora_linear(x, xd, w.clone(), a, b, scale)).reshape(dims)
 }
 
 /// `FusedOps::rotary_attention` for inputs [B, T, width]. Only where `fusable` (callers check).

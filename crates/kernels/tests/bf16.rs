@@ -4,20 +4,10 @@
 
 use burn::tensor::bf16;
 use phi_kernels::bf16::{
-    from_bf16, gemm, product_packed, product_t, to_bf16, Bf16Weight, PackedA, PackedB, Path,
+    from_bf16, gemm, product_packed, product_t, to_bf16, PackedA, PackedB, Path,
 };
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect()
-}
+use phi_kernels::packed::PackedWeight;
+use phi_testkit::values;
 
 /// C in f64 from the bf16-rounded inputs: what every path approximates in f32.
 fn exact(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -162,7 +152,7 @@ fn transposed_packing_is_the_packing_of_the_transpose() {
             );
         }
         // And the weight comes back as its bf16 rounding.
-        let back = Bf16Weight::in_out(&w, k, n, Path::Scalar).unpack();
+        let back = PackedWeight::in_out(&w, k, n, Path::Scalar).unpack();
         let rounded: Vec<f32> = w.iter().map(|&x| from_bf16(to_bf16(x))).collect();
         assert_eq!(back, rounded, "{k}×{n}: unpack");
     }

@@ -3,7 +3,8 @@
 //! ignored cross-entropy rows.
 
 use burn::tensor::{Distribution, Tensor, TensorData};
-use phi_kernels::bf16::{Bf16Weight, Path};
+use phi_kernels::bf16::Path;
+use phi_kernels::packed::PackedWeight;
 use phi_kernels::{self as fused, reference};
 use std::sync::Arc;
 
@@ -142,7 +143,7 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
     // The frozen base in bf16 (--bf16) with dropout: the packed weight's own linear plus the
     // composed f32 adapter, but for the rank-r term, which the op sums in bf16 (rounded
     // operands: ~2⁻⁸ of that term). Without dropout: `bf16_lora_linear_is_..._rounded_operands`.
-    let packed = Arc::new(Bf16Weight::in_out(&vals(w.clone()), 24, 40, Path::Scalar));
+    let packed = Arc::new(PackedWeight::in_out(&vals(w.clone()), 24, 40, Path::Scalar));
     for (bf16, dropout) in [(false, false), (false, true), (true, true)] {
         let mut results = Vec::new();
         for fused_path in [true, false] {
@@ -159,7 +160,7 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
                     fused::lora_linear(x.clone(), xd, w.clone(), a.clone(), b.clone(), 1.7)
                 }
                 (true, true) => {
-                    fused::bf16_lora_linear(x.clone(), xd, &packed, a.clone(), b.clone(), 1.7)
+                    fused::frozen_lora_linear(x.clone(), xd, &packed, a.clone(), b.clone(), 1.7)
                 }
                 (false, _) => {
                     let xd = xd.unwrap_or_else(|| x.clone());
@@ -167,7 +168,7 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
                         .matmul(a.clone().unsqueeze())
                         .matmul(b.clone().unsqueeze());
                     let base = match bf16 {
-                        true => fused::bf16_linear(x.clone(), &packed),
+                        true => fused::frozen_linear(x.clone(), &packed),
                         false => x.clone().matmul(w.clone().unsqueeze()),
                     };
                     base + lora * 1.7
@@ -340,13 +341,13 @@ fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
     let leaf = |v: &[f32], shape: [usize; 2]| {
         Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &dev().autodiff()).require_grad()
     };
-    let packed = Arc::new(Bf16Weight::in_out(&w, d_in, d_out, Path::Scalar));
+    let packed = Arc::new(PackedWeight::in_out(&w, d_in, d_out, Path::Scalar));
     let (xt, at, bt) = (
         leaf(&x, [n, d_in]),
         leaf(&a, [d_in, r]),
         leaf(&b, [r, d_out]),
     );
-    let yt = fused::bf16_lora_linear(xt.clone(), None, &packed, at.clone(), bt.clone(), 1.7);
+    let yt = fused::frozen_lora_linear(xt.clone(), None, &packed, at.clone(), bt.clone(), 1.7);
     let upt = Tensor::<2>::from_data(TensorData::new(up, [n, d_out]), &dev().autodiff());
     let g = (yt.clone() * upt).sum().backward();
     close(&vals(yt), &y, 1e-5, "bf16 lora output");

@@ -5,7 +5,8 @@
 //! off every block edge; ignored rows lie among counted ones.
 
 use burn::tensor::{Distribution, Tensor, TensorData};
-use phi_kernels::bf16::{Bf16Weight, Path};
+use phi_kernels::bf16::Path;
+use phi_kernels::packed::PackedWeight;
 use phi_kernels::{self as fused};
 use std::sync::Arc;
 
@@ -57,10 +58,11 @@ fn fused_head_loss_equals_head_then_cross_entropy() {
             );
             continue;
         }
-        let w = Arc::new(Bf16Weight::in_out(&w, d, v, path));
+        let w = Arc::new(PackedWeight::in_out(&w, d, v, path));
         let t = targets.clone();
-        let fused = |h: Tensor<2>| fused::bf16_head_loss(h, &w, t.clone());
-        let unfused = |h: Tensor<2>| fused::cross_entropy_sum(fused::bf16_linear(h, &w), t.clone());
+        let fused = |h: Tensor<2>| fused::frozen_head_loss(h, &w, t.clone());
+        let unfused =
+            |h: Tensor<2>| fused::cross_entropy_sum(fused::frozen_linear(h, &w), t.clone());
         let name = path.name();
         let (lf, gf) = run(&h, 1.0, fused);
         let (lu, gu) = run(&h, 1.0, unfused);
@@ -81,7 +83,7 @@ fn fused_head_loss_equals_head_then_cross_entropy() {
         assert!(worst > 0.0 && worst < 1e-2, "{name}: {worst}");
         // Without a graph (evaluation) the loss alone, the same.
         let plain = Tensor::<2>::from_data(h.clone().into_data(), &dev());
-        let l = vals(fused::bf16_head_loss(plain, &w, targets.clone()))[0];
+        let l = vals(fused::frozen_head_loss(plain, &w, targets.clone()))[0];
         assert_eq!(l, lf, "{name}: loss without autodiff");
     }
 }
@@ -94,8 +96,8 @@ fn fused_head_loss_of_no_counted_row_is_zero() {
         TensorData::new((0..n * d).map(|i| i as f32 / 10.0).collect(), [n, d]),
         &dev().autodiff(),
     );
-    let w = Arc::new(Bf16Weight::in_out(&vec![0.5; d * v], d, v, Path::best()));
-    let (l, g) = run(&h, 1.0, |h| fused::bf16_head_loss(h, &w, vec![-1; n]));
+    let w = Arc::new(PackedWeight::in_out(&vec![0.5; d * v], d, v, Path::best()));
+    let (l, g) = run(&h, 1.0, |h| fused::frozen_head_loss(h, &w, vec![-1; n]));
     assert_eq!(l, 0.0);
     assert!(g.iter().all(|&x| x == 0.0), "{g:?}");
 }

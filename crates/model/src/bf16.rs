@@ -9,7 +9,8 @@
 use crate::model::CausalLm;
 use crate::nn::Linear;
 use burn::tensor::{Tensor, TensorData};
-use phi_kernels::bf16::{Bf16Weight, Path};
+use phi_kernels::bf16::Path;
+use phi_kernels::packed::PackedWeight;
 use std::sync::Arc;
 
 /// The matrix-unit path `--bf16` uses on this CPU: AMX; None elsewhere. The AVX512-BF16
@@ -38,7 +39,7 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
         Some(w) if l.f32_dropped_with(&w) => w.unpack(),
         _ => host(l.weight.val()),
     };
-    l.bf16 = Some(Arc::new(Bf16Weight::in_out(&w, d_in, d_out, path)));
+    l.bf16 = Some(Arc::new(PackedWeight::in_out(&w, d_in, d_out, path)));
     l.weight = l.weight.clone().map(|t| Tensor::zeros([0, 0], &t.device()));
     true
 }
@@ -80,7 +81,7 @@ impl CausalLm {
         self.attention_bf16 = Some(path);
         if tied && !table.is_require_grad() {
             let [v, h] = table.val().dims();
-            let w = Bf16Weight::out_in(&host(table.val()), v, h, path);
+            let w = PackedWeight::out_in(&host(table.val()), v, h, path);
             self.head_bf16 = Some(Arc::new(w));
             n += 1;
         }

@@ -1,7 +1,9 @@
 //! GGUF reader for Llama-architecture files: metadata, an HF-style config, and tensors under
-//! their HF names dequantized to f32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+//! their HF names, dequantized to f32 (F32, F16, BF16 and every block type `phi_kernels::quant`
+//! decodes: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) or kept in their blocks.
 
 use memmap2::Mmap;
+use phi_kernels::quant::{QType, QuantWeight, Scales};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -109,6 +111,9 @@ pub struct TensorInfo {
     /// Absolute byte offset in the file.
     pub start: usize,
 }
+
+/// A tensor's GGUF name, info, bytes and HF shape.
+type Raw<'a> = (&'a str, &'a TensorInfo, &'a [u8], Vec<usize>);
 
 pub struct GgufFile {
     path: PathBuf,
@@ -236,7 +241,7 @@ fn f16(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
-/// Dequantizes `n` values of type `ty` from `bytes`.
+/// Dequantizes `n` values of type `ty` from `bytes` (None: a type we do not decode).
 fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     let mut out = Vec::with_capacity(n);
     match ty {
@@ -251,30 +256,12 @@ fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
         ),
-        Q8_0 => {
-            for blk in bytes.chunks_exact(34) {
-                let d = f16(blk);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
-            }
+        ty => {
+            let q = QType::from_ggml(ty)?;
+            let per = q.block().0;
+            let w = QuantWeight::new(q, n / per, per, bytes.to_vec(), Scales::None).ok()?;
+            out = w.dequantize();
         }
-        Q4_0 | Q4_1 => {
-            let (size, qs_at) = if ty == Q4_0 { (18, 2) } else { (20, 4) };
-            for blk in bytes.chunks_exact(size) {
-                let d = f16(blk);
-                // -0.0 adds nothing, not even to a -0.0 product: llama.cpp's Q4_0 is just
-                // (q - 8)·d, whose zeros keep the scale's sign.
-                let (m, off) = if ty == Q4_0 {
-                    (-0.0, 8.0)
-                } else {
-                    (f16(&blk[2..]), 0.0)
-                };
-                let qs = &blk[qs_at..];
-                // Byte j holds element j in its low nibble and element j+16 in its high one.
-                out.extend(qs.iter().map(|q| ((q & 0x0F) as f32 - off) * d + m));
-                out.extend(qs.iter().map(|q| ((q >> 4) as f32 - off) * d + m));
-            }
-        }
-        _ => return None,
     }
     Some(out)
 }
@@ -471,12 +458,8 @@ impl GgufFile {
         }
     }
 
-    /// The tensor under its HF name as (HF shape, row-major f32).
-    pub fn tensor_f32(
-        &self,
-        hf: &str,
-        layout: &GgufLayout,
-    ) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
+    /// The tensor under its HF name as (GGUF name, info, bytes, HF shape).
+    fn raw(&self, hf: &str, layout: &GgufLayout) -> Result<Raw<'_>, GgufError> {
         let (name, info) = self
             .tensors
             .iter()
@@ -485,20 +468,77 @@ impl GgufFile {
         let n: usize = info.dims.iter().product();
         let (per, bytes) = block_layout(info.ggml_type).unwrap_or((1, 0));
         let raw = &self.mmap[info.start..info.start + n / per * bytes];
-        let data = dequantize(info.ggml_type, raw, n).ok_or_else(|| {
-            self.err(format!(
-                "tensor {name}: unsupported GGUF type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                type_name(info.ggml_type)
-            ))
-        })?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
+        Ok((name, info, raw, shape))
+    }
+
+    fn unsupported(&self, name: &str, ty: u32) -> GgufError {
+        self.err(format!(
+            "tensor {name}: unsupported GGUF type {} (supported: F32, F16, BF16, Q8_0, Q4_0, \
+             Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
+            type_name(ty)
+        ))
+    }
+
+    /// The tensor under its HF name as (HF shape, row-major f32).
+    pub fn tensor_f32(
+        &self,
+        hf: &str,
+        layout: &GgufLayout,
+    ) -> Result<(Vec<usize>, Vec<f32>), GgufError> {
+        let (name, info, raw, shape) = self.raw(hf, layout)?;
+        let n: usize = info.dims.iter().product();
+        let data = dequantize(info.ggml_type, raw, n)
+            .ok_or_else(|| self.unsupported(name, info.ggml_type))?;
+        let data = match self.heads(hf, name, &shape, layout)? {
+            Some(heads) => unpermute(&data, shape[0], shape[1], heads),
+            None => data,
+        };
+        Ok((shape, data))
+    }
+
+    /// A 2-D tensor kept in its block type (rows in HF's order), or None where it is stored
+    /// as F32 / F16 / BF16; a block type we do not decode is an error naming it.
+    pub fn tensor_quant(
+        &self,
+        hf: &str,
+        layout: &GgufLayout,
+    ) -> Result<Option<QuantWeight>, GgufError> {
+        let (name, info, raw, shape) = self.raw(hf, layout)?;
+        if matches!(info.ggml_type, F32 | F16 | BF16) || shape.len() != 2 {
+            return Ok(None);
+        }
+        let ty = QType::from_ggml(info.ggml_type)
+            .ok_or_else(|| self.unsupported(name, info.ggml_type))?;
+        let mut w = QuantWeight::new(ty, shape[0], shape[1], raw.to_vec(), Scales::None)
+            .map_err(|e| self.err(format!("tensor {name}: {e}")))?;
+        if let Some(heads) = self.heads(hf, name, &shape, layout)? {
+            let d = shape[0] / heads;
+            // HF row (h, j·d/2 + i) is GGUF row (h, 2i + j): `unpermute`'s map.
+            w.permute_rows(|dst| {
+                let (h, within) = (dst / d, dst % d);
+                let (j, i) = (within / (d / 2), within % (d / 2));
+                h * d + 2 * i + j
+            });
+        }
+        Ok(Some(w))
+    }
+
+    /// The head count of a tensor whose rows llama.cpp interleaved for its rotary.
+    fn heads(
+        &self,
+        hf: &str,
+        name: &str,
+        shape: &[usize],
+        layout: &GgufLayout,
+    ) -> Result<Option<usize>, GgufError> {
         let heads_key = layout
             .permuted
             .iter()
             .find(|(n, _)| hf.ends_with(&format!(".{n}")))
             .map(|(_, k)| format!("{}.{k}", layout.name));
         let all_heads = format!("{}.attention.head_count", layout.name);
-        let data = match heads_key {
+        match heads_key {
             Some(k) if shape.len() == 2 => {
                 let heads = self
                     .metadata
@@ -513,10 +553,9 @@ impl GgufFile {
                         shape[0]
                     )));
                 }
-                unpermute(&data, shape[0], shape[1], heads)
+                Ok(Some(heads))
             }
-            _ => data,
-        };
-        Ok((shape, data))
+            _ => Ok(None),
+        }
     }
 }

@@ -12,7 +12,8 @@ use crate::weights::TensorSource;
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use phi_kernels::bf16::{Bf16Weight, Path};
+use phi_kernels::bf16::Path;
+use phi_kernels::packed::PackedWeight;
 use std::sync::Arc;
 
 #[derive(Module, Debug)]
@@ -47,7 +48,7 @@ pub struct CausalLm {
     pub max_positions: usize,
     /// The tied head's table in bf16 for the CPU's matrix units (see `bf16::pack`).
     #[module(skip)]
-    pub head_bf16: Option<Arc<Bf16Weight>>,
+    pub head_bf16: Option<Arc<PackedWeight>>,
     /// `--bf16` with a trainable tied embedding: the head's bf16 path (the table rounded and
     /// packed per call, as trainable linears are).
     #[module(skip)]
@@ -198,7 +199,7 @@ impl CausalLm {
                 let table = &self.model.embed_tokens.weight;
                 // Without lm_head, `fused_head` is the tied table's packing while it is frozen.
                 if let Some(w) = self.fused_head().filter(|_| phi_kernels::fusable(&h)) {
-                    return phi_kernels::bf16_linear(h, w);
+                    return phi_kernels::frozen_linear(h, w);
                 }
                 let trains = table.is_require_grad() && phi_kernels::fusable(&h);
                 if let Some(path) = self.head_train_bf16.filter(|_| trains) {
@@ -239,7 +240,7 @@ impl CausalLm {
             Some(w) => {
                 let (targets, count) = crate::loss::shifted_targets(b, t, labels);
                 let h = h.reshape([b * t, d]);
-                (phi_kernels::bf16_head_loss(h, w, targets), count)
+                (phi_kernels::frozen_head_loss(h, w, targets), count)
             }
             None => crate::loss::causal_lm_loss_sum(self.head(h), labels),
         }
@@ -247,7 +248,7 @@ impl CausalLm {
 
     /// The head's bf16 packing `loss_sum` runs with the loss: a frozen head without bias
     /// or adapter, packed by `pack_bf16`.
-    pub fn fused_head(&self) -> Option<&Arc<Bf16Weight>> {
+    pub fn fused_head(&self) -> Option<&Arc<PackedWeight>> {
         match &self.lm_head {
             Some(l) => l.plain_bf16(),
             None => self.head_bf16.as_ref().filter(|_| {

@@ -10,7 +10,8 @@ use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 use phi_kernels as fused;
-use phi_kernels::bf16::{Bf16Weight, Path};
+use phi_kernels::bf16::Path;
+use phi_kernels::packed::PackedWeight;
 use phi_kernels::rotary::{Heads, Rotary};
 use std::sync::Arc;
 
@@ -52,7 +53,7 @@ pub struct Linear {
     /// The weight in bf16 for the CPU's matrix units (`--bf16`), set while it is frozen; the
     /// f32 weight is then an empty [0, 0] tensor (see `f32_dropped`).
     #[module(skip)]
-    pub bf16: Option<Arc<Bf16Weight>>,
+    pub bf16: Option<Arc<PackedWeight>>,
     /// Set by `--bf16` on a trainable weight: its products run on this bf16 path, the weight
     /// rounded and packed per call from its f32 master.
     #[module(skip)]
@@ -95,10 +96,10 @@ impl Linear {
             let y = match &self.lora {
                 Some(l) if fused::fusable(&x) => {
                     let xd = (l.dropout.prob > 0.0).then(|| l.dropout.forward(x.clone()));
-                    fused::bf16_lora_linear(x, xd, w, l.a.val(), l.b.val(), l.scale)
+                    fused::frozen_lora_linear(x, xd, w, l.a.val(), l.b.val(), l.scale)
                 }
-                Some(l) => fused::bf16_linear(x.clone(), w) + l.forward(x),
-                None => fused::bf16_linear(x, w),
+                Some(l) => fused::frozen_linear(x.clone(), w) + l.forward(x),
+                None => fused::frozen_linear(x, w),
             };
             return match &self.bias {
                 Some(b) => y + b.val().unsqueeze(),
@@ -177,19 +178,19 @@ impl Linear {
 
     /// The bf16 packing `forward` multiplies by alone (frozen, no adapter, no bias): what a
     /// head fused with its loss can read.
-    pub fn plain_bf16(&self) -> Option<&Arc<Bf16Weight>> {
+    pub fn plain_bf16(&self) -> Option<&Arc<PackedWeight>> {
         let plain = self.lora.is_none() && self.bias.is_none();
         self.frozen_bf16().filter(|_| plain)
     }
 
     /// The packing `forward` multiplies by: the weight is frozen, or lives only there.
-    fn frozen_bf16(&self) -> Option<&Arc<Bf16Weight>> {
+    fn frozen_bf16(&self) -> Option<&Arc<PackedWeight>> {
         let frozen = !self.weight.is_require_grad() || self.f32_dropped();
         self.bf16.as_ref().filter(|_| frozen)
     }
 
     /// `f32_dropped` for a packing taken out of `bf16`.
-    pub(crate) fn f32_dropped_with(&self, w: &Bf16Weight) -> bool {
+    pub(crate) fn f32_dropped_with(&self, w: &PackedWeight) -> bool {
         self.weight.val().dims() == [0, 0] && w.d_in() * w.d_out() > 0
     }
 }

@@ -8,7 +8,7 @@ use crate::nn::Linear;
 use crate::weights::HostTensor;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
-use phi_kernels::bf16::Bf16Weight;
+use phi_kernels::packed::PackedWeight;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -101,7 +101,7 @@ struct Namer<F> {
     at: Tracker,
     /// Linear weights held only in bf16 (`pack_bf16`), by HF name: walked as their unpacked
     /// values, so names, shapes and exports see the weight and not its empty f32 slot.
-    dropped: BTreeMap<String, Arc<Bf16Weight>>,
+    dropped: BTreeMap<String, Arc<PackedWeight>>,
     f: F,
 }
 
@@ -118,7 +118,7 @@ struct Seen {
 /// A parameter's value, or the bf16 weight that stands for it (unpacked only when read).
 enum Value {
     F32(Tensor<2>),
-    Bf16(Arc<Bf16Weight>, Device),
+    Bf16(Arc<PackedWeight>, Device),
 }
 
 impl Value {

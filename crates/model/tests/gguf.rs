@@ -201,28 +201,35 @@ fn bad_files_name_the_file_and_the_tensor() {
         "{err}"
     );
 
-    // A Q4_K tensor (type 12: 144 bytes per 256 values) is listed but cannot be decoded.
+    // A Q3_K tensor (type 11: 110 bytes per 256 values) is listed but cannot be decoded.
     let mut m = meta();
     m.truncate(9);
     let t = vec![(
         "blk.0.attn_q.weight",
         vec![HIDDEN, 256],
-        12u32,
-        vec![0u8; HIDDEN * 144],
+        11u32,
+        vec![0u8; HIDDEN * 110],
     )];
-    let k = tmp_file("q4k", &gguf_bytes(&m, &t));
+    let k = tmp_file("q3k", &gguf_bytes(&m, &t));
     let g = GgufFile::open(&k).unwrap();
     let err = g
         .tensor_f32(
             "model.layers.0.self_attn.q_proj.weight",
             &Arch::gguf_layout(&g).unwrap(),
         )
-        .expect_err("q4k")
+        .expect_err("q3k")
         .to_string();
     assert!(
-        err.contains("q4k.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("Q4_K"),
+        err.contains("q3k.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("Q3_K"),
         "{err}"
     );
+    // Kept in its blocks, the same one line.
+    let layout = Arch::gguf_layout(&g).unwrap();
+    let err = g
+        .tensor_quant("model.layers.0.self_attn.q_proj.weight", &layout)
+        .expect_err("q3k kept")
+        .to_string();
+    assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q3_K"), "{err}");
 }
 
 /// llama.cpp's vocab-only Llama-2 GGUF (tests/fixtures/vocab-gguf): a real file's metadata,

@@ -1,5 +1,19 @@
 //! Test support, kept out of the library crates: oracle case discovery with NaN-strict
-//! comparisons (`oracle`), and a small GGUF writer for fixtures built in tests (`gguf_write`).
+//! comparisons (`oracle`), a small GGUF writer for fixtures built in tests (`gguf_write`), and
+//! reproducible test values (`values`).
 
 pub mod gguf_write;
 pub mod oracle;
+
+/// `n` values in [-1, 1) from an xorshift stream seeded by `seed`: the same on every machine.
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}

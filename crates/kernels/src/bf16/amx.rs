@@ -53,10 +53,10 @@ pub fn available() -> bool {
 /// `panels` (whole pairs): two panels at a time, 32 rows at a time under each pair.
 ///
 /// # Safety
-/// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
-/// touches meanwhile.
+/// `c` points at `rows` rows `ld` floats apart, whose columns under `panels` (below `n`) no
+/// one else touches meanwhile.
 pub unsafe fn block(t: Block) {
-    let (rows, b, c, n) = (t.rows, t.b, t.c, t.n);
+    let (rows, b, c, n, ld) = (t.rows, t.b, t.c, t.n, t.ld);
     let panels = t.panels.clone();
     let terms = t.terms();
     assert!(available() && panels.start.is_multiple_of(2));
@@ -132,12 +132,12 @@ pub unsafe fn block(t: Block) {
                 let ops = &ops[..terms.len()];
                 if i0 < full && cols == 32 {
                     // A whole 32×32 block of C: the tiles store straight into it.
-                    tile_product(ops, c.add(i0 * n + j0), n, pf);
+                    tile_product(ops, c.add(i0 * ld + j0), ld, pf);
                     continue;
                 }
                 tile_product(ops, out.as_mut_ptr(), 32, pf);
                 for i in 0..(rows - i0).min(32) {
-                    let at = c.add((i0 + i) * n + j0);
+                    let at = c.add((i0 + i) * ld + j0);
                     std::ptr::copy_nonoverlapping(out.as_ptr().add(i * 32), at, cols);
                 }
             }

@@ -18,8 +18,8 @@ pub fn available() -> bool {
 /// (whole pairs).
 ///
 /// # Safety
-/// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
-/// touches meanwhile.
+/// `c` points at `rows` rows `ld` floats apart, whose columns under `panels` (below `n`) no
+/// one else touches meanwhile.
 pub unsafe fn block(t: Block) {
     assert!(available() && t.panels.start.is_multiple_of(2) && t.panels.end <= t.b.panels);
     assert!(t.extra.as_ref().is_none_or(|e| e.b.panels == t.b.panels));
@@ -39,7 +39,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn block(t: Block) {
-        let (rows, c, n) = (t.rows, t.c, t.n);
+        let (rows, c, n, ld) = (t.rows, t.c, t.n, t.ld);
         let panels = t.panels.clone();
         let terms = t.terms();
         for p in panels.step_by(2) {
@@ -73,7 +73,7 @@ mod x86 {
                     let mut row = [0f32; 2 * PANEL];
                     _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
                     _mm512_storeu_ps(row.as_mut_ptr().add(PANEL), acc[1]);
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), c.add((i0 + i) * n + j0), cols);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), c.add((i0 + i) * ld + j0), cols);
                 }
             }
         }

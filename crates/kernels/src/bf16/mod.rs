@@ -77,7 +77,7 @@ pub fn from_bf16(x: u16) -> f32 {
 pub const PANEL: usize = 16;
 pub const KSTEP: usize = 32;
 
-fn round_up(x: usize, to: usize) -> usize {
+pub(crate) fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
@@ -205,6 +205,41 @@ impl PackedB {
         let len = self.k_pad * PANEL;
         &self.data[p * len..(p + 1) * len]
     }
+
+    /// All panels, as the kernels read them.
+    pub(crate) fn view(&self) -> Panels<'_> {
+        Panels {
+            data: &self.data,
+            k_pad: self.k_pad,
+            panels: self.panels,
+        }
+    }
+
+    /// Panels p and p + 1 alone (a pair's columns), as panels 0 and 1.
+    pub(crate) fn pair(&self, p: usize) -> Panels<'_> {
+        let len = self.k_pad * PANEL;
+        Panels {
+            data: &self.data[p * len..(p + 2) * len],
+            k_pad: self.k_pad,
+            panels: 2,
+        }
+    }
+}
+
+/// Packed panels as the kernels read them: all of a [`PackedB`], or a pair of its panels, or a
+/// pair decoded just now from a quantized weight (`quant`).
+#[derive(Clone, Copy)]
+pub(crate) struct Panels<'a> {
+    pub data: &'a [u16],
+    pub k_pad: usize,
+    pub panels: usize,
+}
+
+impl<'a> Panels<'a> {
+    pub(crate) fn panel(&self, p: usize) -> &'a [u16] {
+        let len = self.k_pad * PANEL;
+        &self.data[p * len..(p + 1) * len]
+    }
 }
 
 impl std::fmt::Debug for PackedB {
@@ -282,54 +317,6 @@ fn transpose_block(src: &[u16], dst: &mut [MaybeUninit<u16>]) {
             dst[at + 2].write((a >> 16) as u16);
             dst[at + 3].write((b >> 16) as u16);
         }
-    }
-}
-
-/// A frozen weight in bf16, packed for y = x·W (`fwd`) on `path`, as the one copy of it the
-/// model keeps. The input gradient dx = dy·Wᵀ repacks it per call ([`PackedB::transposed`]):
-/// a pass over the weight against the product's m passes, to keep the base at half its f32
-/// size.
-#[derive(Debug)]
-pub struct Bf16Weight {
-    pub fwd: PackedB,
-    pub path: Path,
-}
-
-impl Bf16Weight {
-    /// W stored [d_in, d_out] row-major (Burn's linear layout).
-    pub fn in_out(w: &[f32], d_in: usize, d_out: usize, path: Path) -> Bf16Weight {
-        Bf16Weight {
-            fwd: PackedB::from_rows(w, d_in, d_out),
-            path,
-        }
-    }
-
-    /// W stored [d_out, d_in] row-major (HF's layout; the tied head's embedding table).
-    pub fn out_in(w: &[f32], d_out: usize, d_in: usize, path: Path) -> Bf16Weight {
-        Bf16Weight {
-            fwd: PackedB::from_cols(w, d_in, d_out),
-            path,
-        }
-    }
-
-    pub fn d_in(&self) -> usize {
-        self.fwd.k
-    }
-
-    pub fn d_out(&self) -> usize {
-        self.fwd.n
-    }
-
-    /// W back in f32, [d_in, d_out] row-major (each value as its bf16 rounding).
-    pub fn unpack(&self) -> Vec<f32> {
-        let (k, n) = (self.fwd.k, self.fwd.n);
-        let mut w = vec![0f32; k * n];
-        w.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, row)| {
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = from_bf16(self.fwd.get(r, j));
-            }
-        });
-        w
     }
 }
 
@@ -418,31 +405,32 @@ fn pack_a_t_into(a: &[f32], k: usize, m: usize, k_pad: usize, out: &mut [MaybeUn
 /// 256 rows uses each pair (k·64 bytes, in L2) 8 times before the next.
 const ROWS: usize = 256;
 
-/// One task of [`gemm`]: C rows [0, rows) at `c` (row stride `n`) = A's rows (bf16, `kp`
+/// One task of [`gemm`]: C rows [0, rows) at `c` (row stride `ld`) = A's rows (bf16, `kp`
 /// columns) · B, plus `extra`'s product where there is one, in the columns of `panels`
-/// (whole pairs of panels).
+/// (whole pairs of panels) below `n` (C's columns from panel 0's first on).
 pub(crate) struct Block<'a> {
-    a: &'a [u16],
-    rows: usize,
-    kp: usize,
-    b: &'a PackedB,
-    extra: Option<Term<'a>>,
-    panels: Range<usize>,
-    c: *mut f32,
-    n: usize,
+    pub a: &'a [u16],
+    pub rows: usize,
+    pub kp: usize,
+    pub b: Panels<'a>,
+    pub extra: Option<Term<'a>>,
+    pub panels: Range<usize>,
+    pub c: *mut f32,
+    pub n: usize,
+    pub ld: usize,
 }
 
 /// A second product summed into a block's: the same rows of another A (`kp` columns) times
 /// another B of the same width (a LoRA path's rank-r term, `s·(x·A)·B`).
 pub(crate) struct Term<'a> {
-    a: &'a [u16],
-    kp: usize,
-    b: &'a PackedB,
+    pub a: &'a [u16],
+    pub kp: usize,
+    pub b: Panels<'a>,
 }
 
 impl<'a> Block<'a> {
     /// Each product's (A rows, kp, B).
-    fn terms(&self) -> Vec<(&'a [u16], usize, &'a PackedB)> {
+    fn terms(&self) -> Vec<(&'a [u16], usize, Panels<'a>)> {
         let extra = self.extra.as_ref().map(|e| (e.a, e.kp, e.b));
         std::iter::once((self.a, self.kp, self.b))
             .chain(extra)
@@ -452,14 +440,14 @@ impl<'a> Block<'a> {
 
 /// C, shared by tasks that write disjoint (row range, panel range) blocks of it.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub *mut f32);
 // SAFETY: tasks write disjoint elements only (see `gemm`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// Element `i`'s address (a method, so closures capture the Send wrapper, not the pointer).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -529,6 +517,11 @@ impl PackedA {
             data: pack_a(a, m, k, k_pad),
         }
     }
+
+    /// The rows, each padded to a multiple of 32 values.
+    pub(crate) fn data(&self) -> &[u16] {
+        &self.data
+    }
 }
 
 /// A·B, plus A2·B2 for `extra` = (A2, B2) (A2 with A's rows, B2 as wide as B) summed into
@@ -595,34 +588,43 @@ unsafe fn run(
             let extra = extra.map(|(a2, b2)| Term {
                 a: &a2[r0 * b2.k_pad..(r0 + rows) * b2.k_pad],
                 kp: b2.k_pad,
-                b: b2,
+                b: b2.view(),
             });
             let task = Block {
                 a: ab,
                 rows,
                 kp,
-                b,
+                b: b.view(),
                 extra,
                 panels,
                 c: out.at(r0 * n),
                 n,
+                ld: n,
             };
-            match path {
-                Path::Amx => amx::block(task),
-                Path::Avx512Bf16 => avx512::block(task),
-                Path::Scalar => scalar_block(task),
-            }
+            run_block(path, task)
         }
     });
+}
+
+/// One block on `path` (which this CPU runs).
+///
+/// # Safety
+/// As [`amx::block`]'s: the block's rows and columns of C are the caller's alone.
+pub(crate) unsafe fn run_block(path: Path, task: Block) {
+    match path {
+        Path::Amx => amx::block(task),
+        Path::Avx512Bf16 => avx512::block(task),
+        Path::Scalar => scalar_block(task),
+    }
 }
 
 /// The reference: every product widened to f32 and summed in k order.
 ///
 /// # Safety
-/// `c` points at `rows` rows of `n` floats each, whose columns under `panels` no one else
-/// touches meanwhile.
+/// `c` points at `rows` rows `ld` floats apart, whose columns under `panels` (below `n`) no
+/// one else touches meanwhile.
 unsafe fn scalar_block(t: Block) {
-    let (rows, c, n) = (t.rows, t.c, t.n);
+    let (rows, c, n, ld) = (t.rows, t.c, t.n, t.ld);
     let terms = t.terms();
     for p in t.panels.clone() {
         for i in 0..rows {
@@ -640,7 +642,7 @@ unsafe fn scalar_block(t: Block) {
                         s += from_bf16(ar[2 * r + 1]) * from_bf16(bp[1]);
                     }
                 }
-                *c.add(i * n + j) = s;
+                *c.add(i * ld + j) = s;
             }
         }
     }
