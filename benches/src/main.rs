@@ -1,7 +1,7 @@
 //! phi-bench: times full training steps (forward, loss, backward, clipping, AdamW update, as
 //! phi-train does them) or the forward of a randomly initialised model of a named shape, and
 //! prints one JSON line per run. `--gemm` measures the machine's f32 GEMM rate instead, and
-//! `--save-random` writes the shape's random model as a checkpoint folder.
+//! `--save-random` writes the shape's random model as a checkpoint folder (f32 or bf16 shards).
 
 mod gemm;
 mod profile;
@@ -45,6 +45,11 @@ pub struct Args {
     /// there: the frozen weights on our bf16 kernels, the rest f32.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// How the frozen base is held: f32, bf16 (needs --dtype bf16 on a CPU with bf16 matrix
+    /// units), nf4 (= q4: bitsandbytes' NF4 with double-quantized scales, QLoRA), fp4, or
+    /// int8 (= q8: LLM.int8's rows). With --save-random: the checkpoint's dtype (f32, bf16).
+    #[arg(long, default_value = "f32")]
+    base: String,
     /// In forward mode, attach the LoRA adapter too (to time its forward overhead).
     #[arg(long)]
     lora: bool,
@@ -73,7 +78,7 @@ fn main() -> Result<()> {
     let a: Args = phi_cli::parse();
     if let Some(dir) = &a.save_random {
         let json = shapes::shape_json(&a.shape)?;
-        let files = phi_model::export::write_random_model(dir, json, 0)?;
+        let files = phi_model::export::write_random_model(dir, json, 0, step::save_dtype(&a)?)?;
         println!("{}: {}", dir.display(), files.join(", "));
         return Ok(());
     }

@@ -68,7 +68,7 @@ fn linear(din: usize, dout: usize, trainable: bool, rank: usize, dev: &Device) -
         weight: w.set_require_grad(trainable),
         bias: None,
         lora,
-        bf16: None,
+        packed: None,
         train_bf16: None,
     }
 }

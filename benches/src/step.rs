@@ -7,6 +7,9 @@ use anyhow::{bail, Result};
 use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
 use phi_adapters::{lora, LoraConfig};
+use phi_kernels::quant::QType;
+use phi_model::export::OutDtype;
+use phi_model::quantize::{QuantSpec, Quantizing};
 use phi_model::weights::RandomSource;
 use phi_model::{CausalLm, Inputs, TapRequest};
 use phi_trainer::optim::{self, Kind, Optimizer};
@@ -23,6 +26,27 @@ fn scalar(t: Tensor<1>) -> f64 {
     t.inner()
         .try_into_vec_as::<f32>()
         .map_or(f64::NAN, |v| v[0] as f64)
+}
+
+/// `--base` as a quantization of the frozen base (None: f32, or bf16 packing).
+fn base_quant(a: &Args) -> Result<Option<QuantSpec>> {
+    let (ty, nested) = match a.base.as_str() {
+        "f32" | "bf16" => return Ok(None),
+        "nf4" | "q4" => (QType::Nf4, true),
+        "fp4" => (QType::Fp4, true),
+        "int8" | "q8" => (QType::Int8, false),
+        b => bail!("--base {b}: expected f32, bf16, nf4 (q4), fp4 or int8 (q8)"),
+    };
+    Ok(Some(QuantSpec { ty, nested }))
+}
+
+/// `--base` as the dtype `--save-random` writes.
+pub fn save_dtype(a: &Args) -> Result<OutDtype> {
+    match a.base.as_str() {
+        "f32" => Ok(OutDtype::F32),
+        "bf16" => Ok(OutDtype::BF16),
+        b => bail!("--base {b} with --save-random: expected f32 or bf16"),
+    }
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -62,7 +86,22 @@ pub fn run(a: &Args) -> Result<()> {
         d => bail!("--dtype {d}: expected f32, bf16 or f16"),
     };
     let _autocast = phi_model::precision::autocast(compute);
-    let mut model = CausalLm::load(&cfg, &RandomSource { seed: 0 }, &device)?;
+    let quant = base_quant(a)?;
+    if a.base == "bf16" && kernels.is_none() {
+        bail!("--base bf16: needs --dtype bf16 on a CPU with bf16 matrix units (AMX)");
+    }
+    if quant.is_some() && a.mode == "full" {
+        bail!(
+            "--base {}: a quantized base is not fully fine-tuned (lora, norm-only)",
+            a.base
+        );
+    }
+    let src = RandomSource { seed: 0 };
+    let mut model = match quant {
+        Some(spec) => CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &device)?,
+        None => CausalLm::load(&cfg, &src, &device)?,
+    };
+    let quant_mb = model.quant_summary().bytes as f64 / 1e6;
     let with_lora = a.mode == "lora" || a.lora;
     if with_lora {
         let lora_cfg = LoraConfig {
@@ -142,6 +181,7 @@ pub fn run(a: &Args) -> Result<()> {
         "gflop_per_step": flops.per_step / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },
         "gradient_checkpointing": a.gradient_checkpointing, "dtype": a.dtype,
+        "base": a.base, "quantized_base_mb": quant_mb,
         "trainable_params": counts.trainable, "all_params": counts.all,
         "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,
         "step_s": times, "losses": losses, "impl": "phi-tune/burn-flex",

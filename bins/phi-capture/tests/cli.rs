@@ -238,15 +238,15 @@ fn truncated_and_unsupported_gguf_are_named() {
         &inputs,
         &["model.gguf", "token_embd.weight", "truncated"],
     );
-    // Q6_K (type 14): 210 bytes per 256 values, a valid file this reader cannot decode.
-    let k = gguf_with("gguf-q6k", 14, vec![0u8; 8 * 210]);
+    // Q3_K (type 11): 110 bytes per 256 values, a valid file this reader cannot decode.
+    let k = gguf_with("gguf-q3k", 11, vec![0u8; 8 * 110]);
     fails_with(
         &k,
         &inputs,
         &[
             "model.gguf",
             "token_embd.weight",
-            "unsupported GGUF type Q6_K",
+            "unsupported GGUF type Q3_K",
         ],
     );
 }

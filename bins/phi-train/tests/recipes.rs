@@ -63,7 +63,8 @@ fn every_example_recipe_trains() {
         let (config, tok) =
             stand_in(&name).unwrap_or_else(|| panic!("{name}: no stand-in model in this test"));
         let model = tmp.join(format!("{name}-model"));
-        phi_model::export::write_random_model(&model, config, 7).unwrap();
+        phi_model::export::write_random_model(&model, config, 7, phi_model::export::OutDtype::F32)
+            .unwrap();
         let out = tmp.join(&name);
         let p = |x: &Path| x.display().to_string();
         let args: Vec<String> = [

@@ -9,6 +9,7 @@
 //! take the composed path, which is also the reference the tests compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
+pub mod adam8;
 mod attention;
 mod attention_bf16;
 mod autodiff;

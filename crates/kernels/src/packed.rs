@@ -6,13 +6,15 @@
 use crate::bf16::{self, PackedA, PackedB, Path};
 use crate::quant::gemm::{self as qgemm, Side};
 use crate::quant::QuantWeight;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub enum Store {
     /// bf16 panels of W [d_in, d_out] as B (`bf16::PackedB`).
     Bf16(PackedB),
-    /// Blocks of W [d_out, d_in] (HF's layout).
-    Quant(QuantWeight),
+    /// Blocks of W [d_out, d_in] (HF's layout), shared by copies of the model that run
+    /// them on different paths.
+    Quant(Arc<QuantWeight>),
 }
 
 #[derive(Debug)]
@@ -43,8 +45,19 @@ impl PackedWeight {
     /// A quantized weight, its products on `path` (None: f32).
     pub fn quantized(q: QuantWeight, path: Option<Path>) -> PackedWeight {
         PackedWeight {
-            store: Store::Quant(q),
+            store: Store::Quant(Arc::new(q)),
             path,
+        }
+    }
+
+    /// The same quantized blocks with products on `path`; None for a bf16 weight.
+    pub fn on_path(&self, path: Option<Path>) -> Option<PackedWeight> {
+        match &self.store {
+            Store::Quant(q) => Some(PackedWeight {
+                store: Store::Quant(q.clone()),
+                path,
+            }),
+            Store::Bf16(_) => None,
         }
     }
 

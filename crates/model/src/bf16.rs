@@ -1,7 +1,7 @@
 //! `--bf16` on the CPU's matrix units (AMX, AVX512-BF16): every frozen linear weight is
 //! packed in bf16 for phi-kernels' GEMMs, which its forward and input gradient then run on,
 //! and its f32 copy is dropped: the frozen base is held in bf16, as LLaMA-Factory's `--bf16`
-//! loads it. A frozen tied head gets a packed copy beside the f32 table its embedding reads.
+//! loads it. A quantized base weight keeps its blocks and runs on the same kernels. A frozen tied head gets a packed copy beside the f32 table its embedding reads.
 //! Trainable linear weights keep their f32 masters and run on the same kernels, rounded and
 //! packed per call (forward, input and weight gradients); LoRA factors stay f32 on the f32
 //! path. [`CausalLm::unpack_bf16`] brings the f32 weights back (as their bf16 values).
@@ -33,13 +33,18 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
         return false;
     }
     l.train_bf16 = None;
+    if let Some(w) = l.packed.as_ref().and_then(|w| w.on_path(Some(path))) {
+        // A quantized base stays in its blocks: only its products move to the bf16 kernels.
+        l.packed = Some(Arc::new(w));
+        return true;
+    }
     let (d_in, d_out) = (l.d_in(), l.d_out());
-    let w = match l.bf16.take() {
+    let w = match l.packed.take() {
         // Packed already: repack its bf16 values (the same ones) for this path.
         Some(w) if l.f32_dropped_with(&w) => w.unpack(),
         _ => host(l.weight.val()),
     };
-    l.bf16 = Some(Arc::new(PackedWeight::in_out(&w, d_in, d_out, path)));
+    l.packed = Some(Arc::new(PackedWeight::in_out(&w, d_in, d_out, path)));
     l.weight = l.weight.clone().map(|t| Tensor::zeros([0, 0], &t.device()));
     true
 }
@@ -47,7 +52,7 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
 /// The f32 weight back from its packing where that is all there is; the packing dropped.
 fn unpack_linear(l: &mut Linear) {
     l.train_bf16 = None;
-    if let Some(w) = l.bf16.take() {
+    if let Some(w) = l.packed.take() {
         if l.f32_dropped_with(&w) {
             let data = TensorData::new(w.unpack(), [w.d_in(), w.d_out()]);
             let trains = l.weight.is_require_grad();

@@ -101,10 +101,27 @@ pub fn write_checkpoint(
     dtype: OutDtype,
     shard_bytes: u64,
 ) -> Result<Vec<String>, ModelError> {
+    let specs: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .collect();
+    let values = |i: usize| Ok(std::borrow::Cow::Borrowed(&tensors[i].1.data[..]));
+    write_checkpoint_with(dir, &specs, dtype, shard_bytes, values)
+}
+
+/// `write_checkpoint` for tensors given by name and shape, their values fetched a shard at a
+/// time by index (a model larger than memory in f32 is written without holding it).
+pub fn write_checkpoint_with<'a>(
+    dir: &Path,
+    specs: &[(String, Vec<usize>)],
+    dtype: OutDtype,
+    shard_bytes: u64,
+    values: impl Fn(usize) -> Result<std::borrow::Cow<'a, [f32]>, ModelError>,
+) -> Result<Vec<String>, ModelError> {
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
     let mut used = 0u64;
-    for (i, (_, t)) in tensors.iter().enumerate() {
-        let bytes = (t.data.len() * dtype.size()) as u64;
+    for (i, (_, shape)) in specs.iter().enumerate() {
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
         if used > 0 && used + bytes > shard_bytes {
             shards.push(Vec::new());
             used = 0;
@@ -127,10 +144,10 @@ pub fn write_checkpoint(
         let encoded: Vec<(&str, Vec<u8>, &[usize])> = shard
             .iter()
             .map(|&i| {
-                let (k, t) = &tensors[i];
-                (k.as_str(), dtype.encode(&t.data), t.shape.as_slice())
+                let (k, shape) = &specs[i];
+                Ok((k.as_str(), dtype.encode(&values(i)?), shape.as_slice()))
             })
-            .collect();
+            .collect::<Result<_, ModelError>>()?;
         let mut views = Vec::with_capacity(encoded.len());
         for (k, b, shape) in &encoded {
             total += b.len() as u64;
@@ -274,24 +291,47 @@ pub fn write_model_folder(
     Ok(files)
 }
 
-/// A model folder of random weights (`RandomSource`'s init) for `config`, as transformers
-/// would save it: for benchmarks and for running recipes without downloading a checkpoint.
+/// A model folder of random weights (`RandomSource`'s init) for `config` in `dtype`, as
+/// transformers would save it (2 GB shards): for benchmarks and for running recipes without
+/// downloading a checkpoint. Tensors are made a shard at a time, so a seed-size model is
+/// written without holding it in f32.
 pub fn write_random_model(
     out: &Path,
-    config: serde_json::Value,
+    mut config: serde_json::Value,
     seed: u64,
+    dtype: OutDtype,
 ) -> Result<Vec<String>, ModelError> {
+    use crate::quantize::{QuantSpec, Quantizing};
+    use crate::weights::TensorSource;
     let cfg = crate::ModelConfig::from_value(config.clone(), &out.display().to_string())?;
     let src = crate::weights::RandomSource { seed };
-    let model = crate::CausalLm::load(&cfg, &src, &crate::cpu_device())?;
+    // Names and shapes from the model itself, its linears held in 4 bits meanwhile (in f32
+    // where rows are not whole blocks of 64: tiny test shapes).
+    let spec = QuantSpec {
+        ty: phi_kernels::quant::QType::Nf4,
+        nested: false,
+    };
+    let dev = crate::cpu_device();
+    let shapes = match crate::CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &dev) {
+        Ok(m) => m,
+        Err(_) => crate::CausalLm::load(&cfg, &src, &dev)?,
+    };
+    let specs: Vec<(String, Vec<usize>)> = shapes
+        .params()
+        .into_iter()
+        .map(|p| (p.name, p.shape))
+        .collect();
+    drop(shapes);
     std::fs::create_dir_all(out)
         .map_err(|e| ModelError::io(out.display(), format!("cannot create: {e}")))?;
-    write_model_folder(
-        out,
-        &model.hf_tensors(),
-        config,
-        OutDtype::F32,
-        5 << 30,
-        None,
-    )
+    let values = |i: usize| {
+        let (name, shape) = &specs[i];
+        Ok(std::borrow::Cow::Owned(src.load_shaped(name, shape)?.data))
+    };
+    let mut files = write_checkpoint_with(out, &specs, dtype, 2_000_000_000, values)?;
+    config["dtype"] = serde_json::Value::from(dtype.hf_name());
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    write_atomic(&out.join("config.json"), text.as_bytes())?;
+    files.push("config.json".into());
+    Ok(files)
 }

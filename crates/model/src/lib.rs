@@ -17,6 +17,7 @@ pub mod model;
 pub mod nn;
 pub mod params;
 pub mod precision;
+pub mod quantize;
 pub mod resolve;
 pub mod rng;
 pub mod rope;
@@ -115,10 +116,35 @@ impl Loaded {
     }
 }
 
-/// Resolves `spec` (folder, .gguf file or hub id) and loads it onto `device`.
+/// How [`load_with`] holds the base's linear weights.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LoadOptions {
+    /// Quantize a safetensors base's decoder-layer linears as they load (QLoRA).
+    pub quantize: Option<quantize::QuantSpec>,
+    /// Decode a GGUF file's quantized linears to f32 (training that updates them); by
+    /// default they stay in their blocks.
+    pub widen: bool,
+}
+
+/// Resolves `spec` (folder, .gguf file or hub id) and loads it onto `device`, a GGUF file's
+/// quantized linears kept in their blocks.
 pub fn load(spec: &str, device: &Device) -> Result<Loaded, ModelError> {
+    load_with(spec, device, LoadOptions::default())
+}
+
+/// [`load`] with the base's weights held as `opts` says.
+pub fn load_with(spec: &str, device: &Device, opts: LoadOptions) -> Result<Loaded, ModelError> {
     let r = resolve::resolve(spec)?;
-    let model = CausalLm::load(&r.config, r.source.as_ref(), device)?;
+    let src = r.source.as_ref();
+    let model = match (opts.quantize, opts.widen) {
+        (_, true) => CausalLm::load(&r.config, &weights::Widening(src), device)?,
+        (Some(spec), false) => CausalLm::load(
+            &r.config,
+            &quantize::Quantizing { inner: src, spec },
+            device,
+        )?,
+        (None, false) => CausalLm::load(&r.config, src, device)?,
+    };
     Ok(Loaded {
         model,
         config: r.config,

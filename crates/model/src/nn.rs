@@ -4,7 +4,7 @@
 use crate::error::ModelError;
 use crate::lowrank::LowRank;
 use crate::precision::{self, to_compute, to_f32};
-use crate::weights::{HostTensor, TensorSource};
+use crate::weights::{HostTensor, LinearWeight, TensorSource};
 use burn::module::{Module, Param};
 use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -50,10 +50,11 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// An adapter's side path (see `lowrank`); None for a plain layer.
     pub lora: Option<LowRank>,
-    /// The weight in bf16 for the CPU's matrix units (`--bf16`), set while it is frozen; the
-    /// f32 weight is then an empty [0, 0] tensor (see `f32_dropped`).
+    /// The frozen weight in the form its products read: bf16 panels for the CPU's matrix
+    /// units (`--bf16`), or a quantized base's blocks; the f32 weight is then an empty [0, 0]
+    /// tensor (see `f32_dropped`).
     #[module(skip)]
-    pub bf16: Option<Arc<PackedWeight>>,
+    pub packed: Option<Arc<PackedWeight>>,
     /// Set by `--bf16` on a trainable weight: its products run on this bf16 path, the weight
     /// rounded and packed per call from its f32 master.
     #[module(skip)]
@@ -69,7 +70,7 @@ impl Linear {
         bias: bool,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let w = src.load_shaped(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let w = src.load_linear(&format!("{prefix}.weight"), d_out, d_in)?;
         let bias = if bias {
             Some(param1(
                 src.load_shaped(&format!("{prefix}.bias"), &[d_out])?,
@@ -78,11 +79,20 @@ impl Linear {
         } else {
             None
         };
+        let (weight, packed) = match w {
+            LinearWeight::F32(w) => (param2(transpose_host(&w), device), None),
+            // Held only in its blocks, f32 slot empty (as a `--bf16` packing); products in f32
+            // until `pack_bf16` moves them to the matrix units.
+            LinearWeight::Quant(q) => (
+                Param::from_tensor(Tensor::zeros([0, 0], device)),
+                Some(Arc::new(PackedWeight::quantized(q, None))),
+            ),
+        };
         Ok(Linear {
-            weight: param2(transpose_host(&w), device),
+            weight,
             bias,
             lora: None,
-            bf16: None,
+            packed,
             train_bf16: None,
         })
     }
@@ -157,14 +167,14 @@ impl Linear {
     }
 
     pub fn d_in(&self) -> usize {
-        match &self.bf16 {
+        match &self.packed {
             Some(w) => w.d_in(),
             None => self.weight.val().dims()[0],
         }
     }
 
     pub fn d_out(&self) -> usize {
-        match &self.bf16 {
+        match &self.packed {
             Some(w) => w.d_out(),
             None => self.weight.val().dims()[1],
         }
@@ -173,7 +183,9 @@ impl Linear {
     /// Whether the weight lives only in its bf16 packing (`CausalLm::pack_bf16`), its f32
     /// slot left empty.
     pub fn f32_dropped(&self) -> bool {
-        self.bf16.as_ref().is_some_and(|w| self.f32_dropped_with(w))
+        self.packed
+            .as_ref()
+            .is_some_and(|w| self.f32_dropped_with(w))
     }
 
     /// The bf16 packing `forward` multiplies by alone (frozen, no adapter, no bias): what a
@@ -186,7 +198,7 @@ impl Linear {
     /// The packing `forward` multiplies by: the weight is frozen, or lives only there.
     fn frozen_bf16(&self) -> Option<&Arc<PackedWeight>> {
         let frozen = !self.weight.is_require_grad() || self.f32_dropped();
-        self.bf16.as_ref().filter(|_| frozen)
+        self.packed.as_ref().filter(|_| frozen)
     }
 
     /// `f32_dropped` for a packing taken out of `bf16`.

@@ -245,7 +245,7 @@ fn walk(model: &CausalLm, f: impl FnMut(Seen)) {
         .linears()
         .into_iter()
         .filter(|(_, l)| l.f32_dropped())
-        .filter_map(|(p, l)| Some((format!("{p}.weight"), l.bf16.clone()?)))
+        .filter_map(|(p, l)| Some((format!("{p}.weight"), l.packed.clone()?)))
         .collect();
     let mut namer = Namer {
         at: Tracker::new(model),

@@ -44,7 +44,13 @@ fn half_matmuls_move_the_loss_on_every_config() {
             "phi-autocast-{arch}-{heads}-{kv}-{hidden}-{}",
             std::process::id()
         ));
-        phi_model::export::write_random_model(&dir, config(arch, heads, kv, hidden), 3).unwrap();
+        phi_model::export::write_random_model(
+            &dir,
+            config(arch, heads, kv, hidden),
+            3,
+            phi_model::export::OutDtype::F32,
+        )
+        .unwrap();
         let m = phi_model::load(&dir.display().to_string(), &cpu_device().autodiff())
             .unwrap()
             .model;

@@ -97,7 +97,7 @@ fn check(case: &Case, r: &mut Report) {
     let back = model
         .linears()
         .iter()
-        .filter(|(_, l)| l.f32_dropped() || l.bf16.is_some())
+        .filter(|(_, l)| l.f32_dropped() || l.packed.is_some())
         .count();
     r.equal(name, "unpacked: packings left", &[back], &[0]);
     r.equal(

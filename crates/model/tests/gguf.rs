@@ -229,7 +229,10 @@ fn bad_files_name_the_file_and_the_tensor() {
         .tensor_quant("model.layers.0.self_attn.q_proj.weight", &layout)
         .expect_err("q3k kept")
         .to_string();
-    assert!(err.contains("blk.0.attn_q.weight") && err.contains("Q3_K"), "{err}");
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("Q3_K"),
+        "{err}"
+    );
 }
 
 /// llama.cpp's vocab-only Llama-2 GGUF (tests/fixtures/vocab-gguf): a real file's metadata,

@@ -191,6 +191,16 @@ pub struct TrainArgs {
     pub bf16: bool,
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub fp16: bool,
+    /// QLoRA: the base's decoder-layer linears quantized at load, 4 or 8 bits
+    /// (bitsandbytes' formats), and kept so. A GGUF base keeps its own blocks without it.
+    #[arg(long)]
+    pub quantization_bit: Option<u32>,
+    /// The 4-bit format.
+    #[arg(long, default_value = "nf4")]
+    pub quantization_type: QuantizationType,
+    /// Quantize the 4-bit scales too (LLaMA-Factory's default).
+    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub double_quantization: bool,
     /// Recompute memory-bound activations in the backward pass instead of keeping them
     /// (Burn's balanced checkpointing): less memory, a little more time. Unset: on for
     /// LoRA (as LLaMA-Factory), off otherwise.
@@ -286,6 +296,14 @@ pub enum Optim {
     #[serde(alias = "adamw", alias = "adamw_hf", alias = "adamw_torch_fused")]
     AdamwTorch,
     Sgd,
+}
+
+#[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizationType {
+    Nf4,
+    Fp4,
 }
 
 #[derive(ValueEnum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,7 +38,12 @@ pub fn load_model(a: &TrainArgs, trained: bool) -> Result<EvalModel, TrainError>
         _ => spec,
     };
     let device = phi_model::device_from_name(&a.device)?;
-    let loaded = phi_model::load(&spec, &device)?;
+    let opts = match saved_full {
+        // A saved full / freeze run is f32 safetensors already.
+        true => phi_model::LoadOptions::default(),
+        false => crate::setup::load_options(a)?,
+    };
+    let loaded = phi_model::load_with(&spec, &device, opts)?;
     let eos = loaded.eos_token_ids();
     let model_dir = loaded.files_dir();
     let mut model = loaded.model;

@@ -103,7 +103,16 @@ impl<'a> Run<'a> {
         let scaler = (compute == Some(DType::F16)).then(LossScaler::default);
 
         // Model, regularizers and data.
-        let loaded = phi_model::load(spec, &device)?;
+        let loaded = phi_model::load_with(spec, &device, setup::load_options(a)?)?;
+        let q = loaded.model.quant_summary();
+        if q.weights > 0 {
+            eprintln!(
+                "base: {} linear weights held quantized ({}), {:.0} MB",
+                q.weights,
+                q.types.join(", "),
+                q.bytes as f64 / 1e6
+            );
+        }
         let eos = loaded.eos_token_ids();
         let cfg = loaded.config.clone();
         let files_dir = loaded.files_dir();

@@ -1,10 +1,11 @@
 //! From settings to a model ready to train: base weights, adapter (new, continued or resumed),
 //! which parameters train, and the regularizers checked against the architecture.
 
-use crate::args::{FinetuningType, NormSurgery, TrainArgs};
+use crate::args::{FinetuningType, NormSurgery, QuantizationType, TrainArgs};
 use crate::error::TrainError;
 use phi_adapters::freeze::{self, Counts, LayerSel, Selection};
 use phi_adapters::{lora, peft, LoraConfig, Targets};
+use phi_model::quantize::QuantSpec;
 use phi_model::CausalLm;
 use phi_regularizers::{BosScale, NormTarget};
 use std::path::Path;
@@ -104,6 +105,12 @@ pub fn prepare(
     }
     let counts = Counts::of(&model, &trainable);
     let model = freeze::apply(model, &trainable);
+    if let Some(name) = model.trainable_quantized().first() {
+        return Err(TrainError::Msg(format!(
+            "{name} is held quantized and cannot train: a quantized base trains LoRA adapters \
+             or norms only (finetuning_type lora, or rmsnorm_only_training)"
+        )));
+    }
     Ok(Prepared {
         model,
         lora,
@@ -278,5 +285,36 @@ pub fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
             "at most one of bf16 and fp16",
         ));
     }
+    if let Some(bits) = a.quantization_bit {
+        load_options(a)?;
+        if a.finetuning_type == FinetuningType::Full {
+            return Err(TrainError::arg(
+                "quantization_bit",
+                bits,
+                "no quantization with finetuning_type full (a quantized base trains LoRA \
+                 adapters or norms, as LLaMA-Factory's)",
+            ));
+        }
+    }
     Ok(())
+}
+
+/// How the base is held: quantized at load under `quantization_bit`; a GGUF base's blocks
+/// kept unless its linear weights may train (full or freeze tuning), which needs them in f32.
+pub fn load_options(a: &TrainArgs) -> Result<phi_model::LoadOptions, TrainError> {
+    let quantize = match a.quantization_bit {
+        None => None,
+        Some(bits) => {
+            let kind = match a.quantization_type {
+                QuantizationType::Nf4 => "nf4",
+                QuantizationType::Fp4 => "fp4",
+            };
+            let spec =
+                QuantSpec::from_lf(bits, kind, a.double_quantization).map_err(TrainError::Msg)?;
+            Some(spec)
+        }
+    };
+    let lora = a.finetuning_type == FinetuningType::Lora;
+    let widen = quantize.is_none() && !lora && !a.rmsnorm_only_training;
+    Ok(phi_model::LoadOptions { quantize, widen })
 }

@@ -149,38 +149,50 @@ fn nest(absmax: &[f32]) -> Scales {
 /// resolution is 2/65535; the optimizer states and the nested scales depend on it). Returns
 /// (codes, absmax per block).
 pub fn quantize_blockwise(x: &[f32], map: &[f32; 256], block: usize) -> (Vec<u8>, Vec<f32>) {
-    let lut = code_table(map);
+    let q = Quantizer8::new(map);
     let mut codes = vec![0u8; x.len()];
-    let mut absmax = vec![0f32; x.len().div_ceil(block)];
-    for ((am, xs), out) in absmax
-        .iter_mut()
-        .zip(x.chunks(block))
+    let absmax = x
+        .chunks(block)
         .zip(codes.chunks_mut(block))
-    {
-        *am = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if *am == 0.0 {
-            continue;
-        }
-        let inv = 1.0 / *am;
-        for (o, &v) in out.iter_mut().zip(xs) {
-            let t = ((v * inv).clamp(-1.0, 1.0) + 1.0) * 0.5;
-            let idx = t.mul_add(65535.0, 0.5) as usize;
-            *o = lut[idx & 0xFFFF];
-        }
-    }
+        .map(|(xs, out)| q.block(xs, out))
+        .collect();
     (codes, absmax)
 }
 
-/// Code of each of 65536 evenly spaced values in [-1, 1]: how many midpoints of the sorted
-/// map lie below it.
-fn code_table(map: &[f32; 256]) -> Vec<u8> {
-    let mids: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
-    (0..65536u32)
-        .map(|i| {
-            let v = (i as f32 + i as f32) / 65535.0 - 1.0;
-            mids.partition_point(|&m| m < v) as u8
-        })
-        .collect()
+/// A map with its code table, for quantizing many blocks.
+pub struct Quantizer8 {
+    lut: Vec<u8>,
+}
+
+impl Quantizer8 {
+    /// The code of each of 65536 evenly spaced values in [-1, 1]: how many midpoints of the
+    /// sorted map lie below it.
+    pub fn new(map: &[f32; 256]) -> Quantizer8 {
+        let mids: Vec<f32> = map.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+        let lut = (0..65536u32)
+            .map(|i| {
+                let v = (i as f32 + i as f32) / 65535.0 - 1.0;
+                mids.partition_point(|&m| m < v) as u8
+            })
+            .collect();
+        Quantizer8 { lut }
+    }
+
+    /// One block's codes into `out`; returns its absmax (codes 0 for an all-zero block).
+    pub fn block(&self, xs: &[f32], out: &mut [u8]) -> f32 {
+        let am = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if am == 0.0 {
+            out.fill(0);
+            return am;
+        }
+        let inv = 1.0 / am;
+        for (o, &v) in out.iter_mut().zip(xs) {
+            let t = ((v * inv).clamp(-1.0, 1.0) + 1.0) * 0.5;
+            let idx = t.mul_add(65535.0, 0.5) as usize;
+            *o = self.lut[idx & 0xFFFF];
+        }
+        am
+    }
 }
 
 /// bitsandbytes' dynamic map (`create_dynamic_map(signed, max_exponent_bits=7)`), ascending:
