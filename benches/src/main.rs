@@ -40,6 +40,10 @@ pub struct Args {
     /// Burn's gradient checkpointing (`Device::gradient_checkpointing`, balanced strategy).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// transformers' per-layer gradient checkpointing instead (phi-train's
+    /// checkpoint_layers): only each layer's input kept, layers recomputed in the backward.
+    #[arg(long)]
+    checkpoint_layers: bool,
     /// Matmul dtype: f32, or bf16 / f16 autocast with f32 master weights (phi-train's
     /// --bf16 / --fp16; no loss scaling here). bf16 on a CPU with AMX is phi-train's --bf16
     /// there: the frozen weights on our bf16 kernels, the rest f32.
@@ -50,6 +54,9 @@ pub struct Args {
     /// int8 (= q8: LLM.int8's rows). With --save-random: the checkpoint's dtype (f32, bf16).
     #[arg(long, default_value = "f32")]
     base: String,
+    /// The optimizer: adamw_torch, or adamw_8bit (bitsandbytes' 8-bit moments).
+    #[arg(long, default_value = "adamw_torch")]
+    optim: String,
     /// In forward mode, attach the LoRA adapter too (to time its forward overhead).
     #[arg(long)]
     lora: bool,

@@ -12,6 +12,7 @@ use phi_model::export::OutDtype;
 use phi_model::quantize::{QuantSpec, Quantizing};
 use phi_model::weights::RandomSource;
 use phi_model::{CausalLm, Inputs, TapRequest};
+use phi_trainer::layerwise;
 use phi_trainer::optim::{self, Kind, Optimizer};
 use serde_json::json;
 use std::time::Instant;
@@ -31,7 +32,8 @@ fn scalar(t: Tensor<1>) -> f64 {
 /// `--base` as a quantization of the frozen base (None: f32, or bf16 packing).
 fn base_quant(a: &Args) -> Result<Option<QuantSpec>> {
     let (ty, nested) = match a.base.as_str() {
-        "f32" | "bf16" => return Ok(None),
+        "f32" => return Ok(None),
+        "bf16" => (QType::Bf16, false),
         "nf4" | "q4" => (QType::Nf4, true),
         "fp4" => (QType::Fp4, true),
         "int8" | "q8" => (QType::Int8, false),
@@ -64,8 +66,11 @@ pub fn run(a: &Args) -> Result<()> {
         ),
         m => bail!("--mode {m}: expected lora, full, norm-only or forward"),
     };
-    if a.gradient_checkpointing && !train {
+    if (a.gradient_checkpointing || a.checkpoint_layers) && !train {
         bail!("--gradient-checkpointing needs a training mode (lora, full, norm-only)");
+    }
+    if a.gradient_checkpointing && a.checkpoint_layers {
+        bail!("--checkpoint-layers: instead of --gradient-checkpointing, not with it");
     }
     let device: Device = match (train, a.gradient_checkpointing) {
         (false, _) => base,
@@ -125,10 +130,18 @@ pub fn run(a: &Args) -> Result<()> {
     let flops = step_flops(&model, &cfg, a.batch, a.seq, train, a.mode == "full");
     let mut opt = Optimizer::new(
         &model,
-        Kind::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+        match a.optim.as_str() {
+            "adamw_torch" => Kind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            "adamw_8bit" => Kind::AdamW8 {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            o => bail!("--optim {o}: expected adamw_torch or adamw_8bit"),
         },
         WEIGHT_DECAY,
     );
@@ -144,6 +157,21 @@ pub fn run(a: &Args) -> Result<()> {
     let phased = phi_model::alloc::reset_peak_rss();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
+        if train && a.checkpoint_layers {
+            let count = phi_model::loss::shifted_targets(a.batch, a.seq, &ids).1;
+            let (g, sum) = layerwise::grads(&model, &inp, &ids, None, count.max(1) as f64, 1.0);
+            opt.clip(&g, MAX_GRAD_NORM);
+            model = opt.step(model, g, LR);
+            let dt = t0.elapsed().as_secs_f64();
+            if a.verbose {
+                eprintln!("step {step}: {dt:.3} s, loss {:.5}", sum / count as f64);
+            }
+            losses.push(sum / count.max(1) as f64);
+            if step >= a.warmup {
+                times.push(dt);
+            }
+            continue;
+        }
         let emb = model.embed(&inp);
         let (h, _) = model.forward_hidden(emb, &inp, &TapRequest::none(), None);
         let (sum, count) = model.loss_sum(h, &ids);
@@ -181,6 +209,7 @@ pub fn run(a: &Args) -> Result<()> {
         "gflop_per_step": flops.per_step / 1e9,
         "warmup": a.warmup, "device": a.device, "rank": if with_lora { a.rank } else { 0 },
         "gradient_checkpointing": a.gradient_checkpointing, "dtype": a.dtype,
+        "checkpoint_layers": a.checkpoint_layers, "optim": a.optim,
         "base": a.base, "quantized_base_mb": quant_mb,
         "trainable_params": counts.trainable, "all_params": counts.all,
         "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,

@@ -105,6 +105,15 @@ fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let dtype = want_dtype.unwrap_or_else(|| config_dtype(&config));
+    let q = model.quant_summary();
+    if q.weights > 0 {
+        eprintln!(
+            "base: {} linear weights stored quantized ({}): merged into their dequantized values, written as {}",
+            q.weights,
+            q.types.join(", "),
+            dtype.hf_name()
+        );
+    }
     let merged = merge(model);
     let mut tensors = merged.hf_tensors();
     if a.split_fused {

@@ -394,8 +394,9 @@ fn a_value_phi_train_does_not_implement_is_refused_naming_those_it_does() {
     std::fs::write(&cfg, "stage: sft\noptim: adafactor\ndo_train: true\n").unwrap();
     let (ok, err) = run(&[cfg.display().to_string()]);
     assert!(
-        !ok && err
-            .ends_with("llama3_lora_sft.yaml: optim = adafactor: expected adamw_torch or sgd"),
+        !ok && err.ends_with(
+            "llama3_lora_sft.yaml: optim = adafactor: expected adamw_torch, adamw_8bit or sgd"
+        ),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");

@@ -266,53 +266,7 @@ impl CausalLm {
         req: &TapRequest,
         mut cache: Option<&mut KvCache>,
     ) -> (Tensor<3>, Taps) {
-        let (b, t) = (inp.batch, inp.seq);
-        let past = cache.as_ref().map_or(0, |c| c.len);
-        let positions: Vec<i64> = match &inp.position_ids {
-            Some(p) => p.clone(),
-            None => (0..b)
-                .flat_map(|_| (past..past + t).map(|p| p as i64))
-                .collect(),
-        };
-        let max_pos = positions.iter().copied().max().unwrap_or(0).max(0) as usize;
-        let long = self.rope.wants_long(max_pos);
-        let device = self.device();
-        let rows = if inp.position_ids.is_some() { b } else { 1 };
-        let pos_rows = if rows == 1 {
-            &positions[..t]
-        } else {
-            &positions[..]
-        };
-        let (cos, sin, rope) = self.rope.tables(pos_rows, rows, long, &device);
-
-        let new_mask = inp.attention_mask.clone().unwrap_or_else(|| vec![1; b * t]);
-        let key_mask = if let Some(c) = cache.as_deref_mut() {
-            let mut merged = Vec::with_capacity(b * (past + t));
-            for r in 0..b {
-                merged.extend_from_slice(&c.mask[r * past..(r + 1) * past]);
-                merged.extend_from_slice(&new_mask[r * t..(r + 1) * t]);
-            }
-            c.mask = merged.clone();
-            c.len = past + t;
-            c.long = long;
-            if c.layers.is_empty() {
-                c.layers = vec![LayerCache::default(); self.num_layers()];
-            }
-            merged
-        } else {
-            new_mask
-        };
-        let (mask, hidden) =
-            build_mask(&key_mask, b, t, past, self.sliding_window, &device).unzip();
-        let ctx = LayerCtx {
-            cos,
-            sin,
-            rope,
-            mask,
-            hidden,
-            bf16: self.attention_bf16,
-        };
-
+        let ctx = self.layer_ctx(inp, cache.as_deref_mut());
         let mut taps = Taps::default();
         let mut x = embeds;
         if req.hidden_states {
@@ -341,6 +295,69 @@ impl CausalLm {
             taps.hidden_states.push(h.clone());
         }
         (h, taps)
+    }
+
+    /// Decoder layer `i` alone on x [B, T, hidden], no cache or taps (a layer recomputed in
+    /// the backward pass under per-layer checkpointing).
+    pub fn layer(&self, i: usize, x: Tensor<3>, ctx: &LayerCtx) -> Tensor<3> {
+        let mut lt = LayerTaps::for_layer(&TapRequest::none(), i);
+        self.model.layers[i].block().forward(x, ctx, None, &mut lt)
+    }
+
+    /// The final norm (after the last layer).
+    pub fn final_norm(&self, x: Tensor<3>) -> Tensor<3> {
+        self.model.norm.forward(x)
+    }
+
+    /// What every layer reads besides its input: the rotary tables and the attention mask for
+    /// `inp`'s positions (after a cache's, whose mask and length this extends).
+    pub fn layer_ctx(&self, inp: &Inputs, cache: Option<&mut KvCache>) -> LayerCtx {
+        let (b, t) = (inp.batch, inp.seq);
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let positions: Vec<i64> = match &inp.position_ids {
+            Some(p) => p.clone(),
+            None => (0..b)
+                .flat_map(|_| (past..past + t).map(|p| p as i64))
+                .collect(),
+        };
+        let max_pos = positions.iter().copied().max().unwrap_or(0).max(0) as usize;
+        let long = self.rope.wants_long(max_pos);
+        let device = self.device();
+        let rows = if inp.position_ids.is_some() { b } else { 1 };
+        let pos_rows = if rows == 1 {
+            &positions[..t]
+        } else {
+            &positions[..]
+        };
+        let (cos, sin, rope) = self.rope.tables(pos_rows, rows, long, &device);
+
+        let new_mask = inp.attention_mask.clone().unwrap_or_else(|| vec![1; b * t]);
+        let key_mask = if let Some(c) = cache {
+            let mut merged = Vec::with_capacity(b * (past + t));
+            for r in 0..b {
+                merged.extend_from_slice(&c.mask[r * past..(r + 1) * past]);
+                merged.extend_from_slice(&new_mask[r * t..(r + 1) * t]);
+            }
+            c.mask = merged.clone();
+            c.len = past + t;
+            c.long = long;
+            if c.layers.is_empty() {
+                c.layers = vec![LayerCache::default(); self.num_layers()];
+            }
+            merged
+        } else {
+            new_mask
+        };
+        let (mask, hidden) =
+            build_mask(&key_mask, b, t, past, self.sliding_window, &device).unzip();
+        LayerCtx {
+            cos,
+            sin,
+            rope,
+            mask,
+            hidden,
+            bf16: self.attention_bf16,
+        }
     }
 }
 

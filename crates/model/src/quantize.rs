@@ -34,14 +34,6 @@ impl QuantSpec {
         };
         Ok(QuantSpec { ty, nested })
     }
-
-    pub fn describe(&self) -> String {
-        match self.ty {
-            QType::Int8 => "int8 rows (LLM.int8's storage)".into(),
-            t if self.nested => format!("{} blocks of 64, double-quantized scales", t.name()),
-            t => format!("{} blocks of 64", t.name()),
-        }
-    }
 }
 
 /// A source whose decoder-layer linear weights come out quantized by `spec`.
@@ -78,6 +70,7 @@ impl TensorSource for Quantizing<'_> {
         };
         let q = match self.spec.ty {
             QType::Int8 => bnb::quantize8(&w.data, d_out, d_in),
+            QType::Bf16 => phi_kernels::quant::to_bf16_rows(&w.data, d_out, d_in),
             ty => bnb::quantize4(ty, &w.data, d_out, d_in, self.spec.nested),
         };
         q.map(LinearWeight::Quant)

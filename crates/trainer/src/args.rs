@@ -153,7 +153,8 @@ pub struct TrainArgs {
     pub adam_beta2: f64,
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
-    /// adamw_torch (also adamw / adamw_hf) or sgd.
+    /// adamw_torch (also adamw / adamw_hf), adamw_8bit (also paged_adamw_8bit: moments in 8
+    /// bits, as bitsandbytes) or sgd.
     #[arg(long, default_value = "adamw_torch")]
     pub optim: Optim,
     /// Global gradient-norm clip; 0 disables it (HF).
@@ -206,6 +207,13 @@ pub struct TrainArgs {
     /// LoRA (as LLaMA-Factory), off otherwise.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub gradient_checkpointing: Option<bool>,
+    /// With gradient checkpointing on: transformers' per-layer kind, keeping only each
+    /// decoder layer's input and recomputing the layer in the backward pass (the least
+    /// memory; one more forward pass a step), rather than Burn's balanced kind (memory-bound
+    /// ops only). Unset: on for a quantized base (quantization_bit, a .gguf file). Not with
+    /// the norm regularizer, which reads every layer's taps.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub checkpoint_layers: Option<bool>,
     /// LLaMA-Factory's switch; wins over gradient_checkpointing.
     #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub disable_gradient_checkpointing: bool,
@@ -295,6 +303,14 @@ pub enum Optim {
     #[value(aliases = ["adamw", "adamw_hf", "adamw_torch_fused"])]
     #[serde(alias = "adamw", alias = "adamw_hf", alias = "adamw_torch_fused")]
     AdamwTorch,
+    /// bitsandbytes' 8-bit AdamW (HF's names for the same update; paging is a GPU matter).
+    #[value(name = "adamw_8bit", aliases = ["adamw_bnb_8bit", "paged_adamw_8bit"])]
+    #[serde(
+        rename = "adamw_8bit",
+        alias = "adamw_bnb_8bit",
+        alias = "paged_adamw_8bit"
+    )]
+    Adamw8bit,
     Sgd,
 }
 
@@ -484,6 +500,17 @@ impl TrainArgs {
     pub fn checkpointing(&self) -> bool {
         let default = self.finetuning_type == FinetuningType::Lora;
         self.gradient_checkpointing.unwrap_or(default) && !self.disable_gradient_checkpointing
+    }
+
+    /// Whether checkpointing is per layer (`checkpoint_layers`).
+    pub fn layerwise(&self) -> bool {
+        let gguf = self
+            .model_name_or_path
+            .as_deref()
+            .is_some_and(|m| m.ends_with(".gguf"));
+        let quantized = self.quantization_bit.is_some() || gguf;
+        let default = quantized && !self.use_rmsnorm_regularization;
+        self.checkpointing() && self.checkpoint_layers.unwrap_or(default)
     }
 
     /// Parses the command line (and the config file it names), flags over file keys.

@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generation;
+pub mod layerwise;
 pub mod log;
 pub mod metrics;
 pub mod optim;

@@ -9,6 +9,7 @@ use crate::args::Optim;
 use crate::error::TrainError;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor, TensorData};
+use phi_kernels::adam8::{self, Adam8, Moments};
 use phi_kernels::{self as fused, kernels::AdamW};
 use phi_model::CausalLm;
 use std::collections::{BTreeMap, HashMap};
@@ -92,7 +93,17 @@ impl LossScaler {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
-    AdamW { beta1: f64, beta2: f64, eps: f64 },
+    AdamW {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    },
+    /// bitsandbytes' AdamW8bit: the moments as 8-bit codes (`phi_kernels::adam8`).
+    AdamW8 {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    },
     Sgd,
 }
 
@@ -101,6 +112,7 @@ impl Kind {
     pub fn new(optim: Optim, beta1: f64, beta2: f64, eps: f64) -> Kind {
         match optim {
             Optim::AdamwTorch => Kind::AdamW { beta1, beta2, eps },
+            Optim::Adamw8bit => Kind::AdamW8 { beta1, beta2, eps },
             Optim::Sgd => Kind::Sgd,
         }
     }
@@ -124,6 +136,8 @@ pub struct Optimizer {
     order: Vec<ParamId>,
     /// exp_avg and exp_avg_sq by HF name, flattened in Burn's layout.
     state: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+    /// The 8-bit AdamW's moments by HF name.
+    state8: BTreeMap<String, Moments>,
     /// The first parameter the last step left with a NaN or infinity, if any: the trainer
     /// stops before saving such weights.
     pub non_finite: Option<String>,
@@ -146,6 +160,7 @@ impl Optimizer {
             order: trainable.iter().map(|p| p.id).collect(),
             names: trainable.into_iter().map(|p| (p.id, p.name)).collect(),
             state: BTreeMap::new(),
+            state8: BTreeMap::new(),
             non_finite: None,
             clip_coef: None,
         }
@@ -199,6 +214,25 @@ impl Optimizer {
             None => g,
         };
         let p = match self.kind {
+            Kind::AdamW8 { beta1, beta2, eps } => {
+                let device = p.device();
+                let mut pv = p.try_into_vec_as::<f32>().unwrap_or_default();
+                let gv = clipped(g).try_into_vec_as::<f32>().unwrap_or_default();
+                let moments = self.state8.entry(name.to_string());
+                let moments = moments.or_insert_with(|| Moments::zeros(pv.len()));
+                let h = Adam8 {
+                    lr,
+                    weight_decay: wd,
+                    beta1,
+                    beta2,
+                    eps,
+                    t: self.step as i32,
+                };
+                let finite = adam8::step(&mut pv, &gv, moments, h);
+                let n = pv.len();
+                let p = Tensor::<1>::from_data(TensorData::new(pv, [n]), &device);
+                return (p, Some(finite));
+            }
             Kind::Sgd => {
                 let g = clipped(g);
                 let g = if wd > 0.0 { g + p.clone() * wd } else { g };
@@ -243,6 +277,27 @@ impl Optimizer {
                 tensors.insert(format!("{name}.{suffix}"), (vec![data.len()], data));
             }
         }
+        // 8-bit moments as their codes (exact in f32) and absmaxes, so a resume is exact.
+        for (name, mo) in &self.state8 {
+            let codes = |c: &[u8]| c.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+            let parts: Vec<(&str, Vec<f32>)> = match mo {
+                Moments::Q8 {
+                    m,
+                    v,
+                    absmax_m,
+                    absmax_v,
+                } => vec![
+                    ("state1", codes(m)),
+                    ("state2", codes(v)),
+                    ("absmax1", absmax_m.clone()),
+                    ("absmax2", absmax_v.clone()),
+                ],
+                Moments::F32 { m, v } => vec![("exp_avg", m.clone()), ("exp_avg_sq", v.clone())],
+            };
+            for (suffix, data) in parts {
+                tensors.insert(format!("{name}.{suffix}"), (vec![data.len()], data));
+            }
+        }
         let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
         phi_model::io::write_safetensors(path, &tensors, Some(meta))?;
         Ok(())
@@ -262,6 +317,16 @@ impl Optimizer {
             .ok_or_else(|| TrainError::file(path, "metadata: missing step"))?;
         let known: Vec<String> = self.names.values().cloned().collect();
         self.state.clear();
+        self.state8.clear();
+        if matches!(self.kind, Kind::AdamW8 { .. }) {
+            for name in known {
+                let mo = load_moments8(&src, &name).ok_or_else(|| {
+                    TrainError::file(path, format!("{name}: no 8-bit AdamW state"))
+                })?;
+                self.state8.insert(name, mo);
+            }
+            return Ok(());
+        }
         for name in known {
             let (Ok(m), Ok(v)) = (
                 src.load(&format!("{name}.exp_avg")),
@@ -283,6 +348,22 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// A parameter's 8-bit AdamW moments as `save` wrote them.
+fn load_moments8(src: &phi_model::weights::SafetensorsSource, name: &str) -> Option<Moments> {
+    use phi_model::weights::TensorSource;
+    let get = |s: &str| src.load(&format!("{name}.{s}")).ok().map(|t| t.data);
+    if let (Some(m), Some(v)) = (get("exp_avg"), get("exp_avg_sq")) {
+        return Some(Moments::F32 { m, v });
+    }
+    let codes = |c: Vec<f32>| c.into_iter().map(|x| x as u8).collect();
+    Some(Moments::Q8 {
+        m: codes(get("state1")?),
+        v: codes(get("state2")?),
+        absmax_m: get("absmax1")?,
+        absmax_v: get("absmax2")?,
+    })
 }
 
 struct Mapper<'a> {

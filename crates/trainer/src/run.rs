@@ -91,7 +91,8 @@ impl<'a> Run<'a> {
     fn setup(a: &'a TrainArgs, spec: &str, out: &Path) -> Result<Self, TrainError> {
         let out = out.to_path_buf();
         let mut device: Device = phi_model::device_from_name(&a.device)?.autodiff();
-        if a.checkpointing() {
+        // Per-layer checkpointing keeps no activations to recompute op by op.
+        if a.checkpointing() && !a.layerwise() {
             device = device.gradient_checkpointing();
         }
         let resume = match &a.resume_from_checkpoint {
@@ -260,7 +261,9 @@ impl<'a> Run<'a> {
         for b in &batches {
             self.tokens += b.attention_mask.iter().filter(|&&m| m != 0).count();
             let ls = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-            let (g, s, r) = step::micro_step(&self.model, b, &self.regs, denom, parts, ls);
+            let layerwise = self.a.layerwise();
+            let (g, s, r) =
+                step::micro_step(&self.model, b, &self.regs, (denom, parts, ls), layerwise);
             optim::accumulate(&mut grads, g);
             sum += s;
             reg += r;

@@ -285,6 +285,13 @@ pub fn check_args(a: &TrainArgs) -> Result<(), TrainError> {
             "at most one of bf16 and fp16",
         ));
     }
+    if a.layerwise() && a.use_rmsnorm_regularization {
+        return Err(TrainError::arg(
+            "checkpoint_layers",
+            true,
+            "false with use_rmsnorm_regularization (the regularizer reads every layer's taps)",
+        ));
+    }
     if let Some(bits) = a.quantization_bit {
         load_options(a)?;
         if a.finetuning_type == FinetuningType::Full {

@@ -53,11 +53,15 @@ pub fn micro_step(
     model: &CausalLm,
     b: &Batch,
     regs: &Regs,
-    denom: f64,
-    parts: f64,
-    loss_scale: f64,
+    (denom, parts, loss_scale): (f64, f64, f64),
+    layerwise: bool,
 ) -> (Grads, f64, f64) {
     let inp = crate::inputs(b);
+    if layerwise && regs.norm.is_none() {
+        let bos = regs.bos.as_ref();
+        let (g, sum) = crate::layerwise::grads(model, &inp, &b.labels, bos, denom, loss_scale);
+        return (g, sum, 0.0);
+    }
     let req = regs.norm.as_ref().map(NormTarget::taps).unwrap_or_default();
     let (h, taps) = hidden(model, &inp, regs, &req);
     let (sum, _) = model.loss_sum(h, &b.labels);

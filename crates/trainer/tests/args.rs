@@ -42,7 +42,8 @@ fn gradient_checkpointing_defaults_on_for_lora_only_and_lf_switch_wins() {
 const CHOICES: &[(&str, &str, &str)] = &[
     ("stage", "dpo", "sft or pt"),
     ("finetuning_type", "lorra", "lora, freeze or full"),
-    ("optim", "adafactor", "adamw_torch or sgd"),
+    ("optim", "adafactor", "adamw_torch, adamw_8bit or sgd"),
+    ("quantization_type", "int4", "nf4 or fp4"),
     (
         "lr_scheduler_type",
         "cosine_with_restarts",
@@ -91,15 +92,30 @@ fn a_value_outside_a_settings_choices_is_one_line_naming_them() {
 }
 
 #[test]
-fn hf_optimizer_names_for_adamw_are_read_as_adamw_torch() {
+fn hf_optimizer_names_are_read_as_ours() {
     let dir = scratch("optim");
-    for name in ["adamw", "adamw_hf", "adamw_torch_fused"] {
-        assert_eq!(args(&["--optim", name]).optim, Optim::AdamwTorch);
-        let path = dir.join("run.yaml");
-        std::fs::write(&path, format!("optim: {name}\n")).unwrap();
-        let a = from_file(&path).unwrap();
-        assert_eq!(a.optim, Optim::AdamwTorch);
-        assert!(a.to_toml().contains("optim = \"adamw_torch\""));
+    let names = [
+        (
+            ["adamw", "adamw_hf", "adamw_torch_fused"],
+            Optim::AdamwTorch,
+            "adamw_torch",
+        ),
+        // bitsandbytes' 8-bit AdamW under HF's three names.
+        (
+            ["adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"],
+            Optim::Adamw8bit,
+            "adamw_8bit",
+        ),
+    ];
+    for (hf, ours, saved) in names {
+        for name in hf {
+            assert_eq!(args(&["--optim", name]).optim, ours);
+            let path = dir.join("run.yaml");
+            std::fs::write(&path, format!("optim: {name}\n")).unwrap();
+            let a = from_file(&path).unwrap();
+            assert_eq!(a.optim, ours);
+            assert!(a.to_toml().contains(&format!("optim = \"{saved}\"")));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -153,4 +169,30 @@ fn the_saved_config_loads_back_as_the_same_settings() {
         (LrSchedulerType::Linear, EvalStrategy::No, NormSurgery::None)
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quantization_settings_are_checked_in_one_line() {
+    use phi_trainer::setup::check_args;
+    let full = args(&["--quantization_bit", "4", "--finetuning_type", "full"]);
+    let e = check_args(&full).unwrap_err().to_string();
+    assert!(
+        e.starts_with("quantization_bit = 4: expected no quantization with finetuning_type full"),
+        "{e}"
+    );
+    let e = check_args(&args(&["--quantization_bit", "3"]))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "quantization_bit: expected 4 or 8, found 3");
+    let a = args(&["--quantization_bit", "4", "--quantization_type", "fp4"]);
+    assert!(check_args(&a).is_ok());
+    // Per-layer checkpointing is the default for a quantized base, and not for an f32 one.
+    assert!(a.layerwise());
+    assert!(!args(&[]).layerwise());
+    let reg = args(&["--checkpoint_layers", "--use_rmsnorm_regularization"]);
+    let e = check_args(&reg).unwrap_err().to_string();
+    assert!(
+        e.starts_with("checkpoint_layers = true: expected false"),
+        "{e}"
+    );
 }

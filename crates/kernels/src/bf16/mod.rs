@@ -215,13 +215,13 @@ impl PackedB {
         }
     }
 
-    /// Panels p and p + 1 alone (a pair's columns), as panels 0 and 1.
-    pub(crate) fn pair(&self, p: usize) -> Panels<'_> {
+    /// `count` panels from panel p, as panels 0.. .
+    pub(crate) fn panel_range(&self, p: usize, count: usize) -> Panels<'_> {
         let len = self.k_pad * PANEL;
         Panels {
-            data: &self.data[p * len..(p + 2) * len],
+            data: &self.data[p * len..(p + count) * len],
             k_pad: self.k_pad,
-            panels: 2,
+            panels: count,
         }
     }
 }
@@ -564,7 +564,23 @@ unsafe fn run(
     m: usize,
     c: *mut f32,
 ) {
-    let n = b.n;
+    let extra = extra.map(|(a2, b2)| (a2, b2.view()));
+    // SAFETY: the caller's.
+    unsafe { run_panels(path, (ap, b.view()), extra, (m, b.n, b.n), c) }
+}
+
+/// `run` over panels given as views: C's columns [0, n) from `c` (rows `ld` floats apart)
+/// are A · B's panels (and A2 · B2's, their k as theirs).
+///
+/// # Safety
+/// `c` points at m rows of `ld` floats whose first n columns are the caller's alone.
+pub(crate) unsafe fn run_panels(
+    path: Path,
+    (ap, b): (&[u16], Panels),
+    extra: Option<(&[u16], Panels)>,
+    (m, n, ld): (usize, usize, usize),
+    c: *mut f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -582,24 +598,24 @@ unsafe fn run(
         let rows = (m - r0).min(ROWS);
         let panels = 2 * cb * per..(2 * (cb + 1) * per).min(b.panels);
         let ab = &ap[r0 * kp..(r0 + rows) * kp];
-        // SAFETY: C has m·n floats; this task writes rows r0..r0+rows of the columns under
-        // `panels` only, and no two tasks share both a row block and a panel.
+        // SAFETY: C has m rows of ld floats; this task writes rows r0..r0+rows of the columns
+        // under `panels` only, and no two tasks share both a row block and a panel.
         unsafe {
             let extra = extra.map(|(a2, b2)| Term {
                 a: &a2[r0 * b2.k_pad..(r0 + rows) * b2.k_pad],
                 kp: b2.k_pad,
-                b: b2.view(),
+                b: b2,
             });
             let task = Block {
                 a: ab,
                 rows,
                 kp,
-                b: b.view(),
+                b,
                 extra,
                 panels,
-                c: out.at(r0 * n),
+                c: out.at(r0 * ld),
                 n,
-                ld: n,
+                ld,
             };
             run_block(path, task)
         }

@@ -1,25 +1,20 @@
 //! Products with a quantized weight W [d_out, d_in] that decode its blocks next to the GEMM:
 //! y = x·Wᵀ (the forward) and dx = dy·W (the input gradient), on the bf16 kernels or in f32.
 //!
-//! bf16: each task decodes the two panels it multiplies by (32 columns of B, rounded to bf16
-//! in the kernels' pair layout) into a buffer of its thread, then runs the bf16 block over
-//! its rows: the decode is a pass over the weight per 256-row block, the product m/256 times
-//! that. f32: strips of 64 columns of B are decoded to f32 and multiplied by `gemm`, a task
+//! bf16: B's columns are decoded a chunk of pairs of panels at a time (about 16 MB, rounded to
+//! bf16 in the kernels' pair layout: one decoding pass over the weight per product), and the
+//! bf16 GEMM runs over each chunk as over a packed weight. The weight is never held decoded
+//! whole, and A is streamed once per chunk rather than once per pair. f32: strips of 64 columns of B are decoded to f32 and multiplied by `gemm`, a task
 //! a strip.
 
 use super::QuantWeight;
-use crate::bf16::{self, Bf16Buf, Block, Out, Panels, Path, Term, PANEL};
+use crate::bf16::{self, Bf16Buf, Out, Panels, Path, PANEL};
 use rayon::prelude::*;
-use std::cell::RefCell;
 
-/// Rows per task (as the bf16 GEMM's).
-const ROWS: usize = 256;
+/// Bytes of decoded panels a product holds at once.
+const CHUNK_BYTES: usize = 16 << 20;
 /// B columns a task of the f32 products decodes at once.
 const STRIP: usize = 64;
-
-thread_local! {
-    static SLAB: RefCell<Bf16Buf> = RefCell::new(Bf16Buf::zeroed(0));
-}
 
 /// Which product: B = Wᵀ (k = d_in, n = d_out) or B = W (k = d_out, n = d_in).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -37,8 +32,20 @@ impl Side {
     }
 }
 
+/// Two values rounded to bf16 (as `bf16::to_bf16`, without its branch) in one pair word.
+#[inline(always)]
 fn pair_word(a: f32, b: f32) -> u32 {
-    bf16::to_bf16(a) as u32 | (bf16::to_bf16(b) as u32) << 16
+    let r = |x: f32| {
+        let b = x.to_bits();
+        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+        if nan {
+            (b >> 16) | 0x40
+        } else {
+            rounded
+        }
+    };
+    r(a) | r(b) << 16
 }
 
 /// B's panels 2p and 2p + 1 in bf16 pairs, into `slab` (k_pad·32 values).
@@ -51,21 +58,29 @@ fn decode_pair(w: &QuantWeight, side: Side, p: usize, k_pad: usize, slab: &mut [
     let mut v = [0f32; 32];
     match side {
         Side::Forward => {
-            // B column j is W's row j: its (k, k+1) values sit side by side in a pair.
-            for jj in 0..2 * PANEL {
-                let (panel, col) = (jj / PANEL, jj % PANEL);
-                let j = 2 * PANEL * p + jj;
-                let base = panel * per_panel / 2 + col;
-                if j >= w.d_out {
-                    for r in 0..k_pad / 2 {
-                        words[base + r * PANEL] = 0;
-                    }
-                    continue;
-                }
+            // B column j is W's row j: its (k, k+1) values sit side by side in a pair. 16
+            // rows' chunks become pair words, then a 16 × 16 transpose writes them a pair
+            // row (16 words, one cache line) at a time.
+            let mut rows = [[0u32; 16]; PANEL];
+            for panel in 0..2 {
+                let base = panel * per_panel / 2;
                 for c in 0..w.d_in / 32 {
-                    w.decode(j, c, &mut v);
-                    for t in 0..16 {
-                        words[base + (16 * c + t) * PANEL] = pair_word(v[2 * t], v[2 * t + 1]);
+                    for (col, row) in rows.iter_mut().enumerate() {
+                        let j = 2 * PANEL * p + PANEL * panel + col;
+                        if j < w.d_out {
+                            w.decode(j, c, &mut v);
+                        } else {
+                            v = [0.0; 32];
+                        }
+                        for (r, o) in row.iter_mut().enumerate() {
+                            *o = pair_word(v[2 * r], v[2 * r + 1]);
+                        }
+                    }
+                    for r in 0..16 {
+                        let line = &mut words[base + (16 * c + r) * PANEL..][..PANEL];
+                        for (o, row) in line.iter_mut().zip(&rows) {
+                            *o = row[r];
+                        }
                     }
                 }
             }
@@ -119,51 +134,53 @@ pub fn product_bf16(
         c.resize(m * n, 0.0);
         return c;
     }
-    let path = if path.available() { path } else { Path::Scalar };
     let pairs = n.div_ceil(2 * PANEL);
-    let row_blocks = m.div_ceil(ROWS);
-    let out = Out(c.as_mut_ptr());
-    let ad = a.data();
-    (0..row_blocks * pairs).into_par_iter().for_each(|t| {
-        let (rb, p) = (t / pairs, t % pairs);
-        let r0 = rb * ROWS;
-        let rows = (m - r0).min(ROWS);
-        SLAB.with(|s| {
-            let mut slab = s.borrow_mut();
-            if slab.len() != k_pad * 2 * PANEL {
-                *slab = Bf16Buf::zeroed(k_pad * 2 * PANEL);
-            }
-            decode_pair(w, side, p, k_pad, &mut slab);
-            let j0 = 2 * PANEL * p;
-            let extra = extra.map(|(a2, b2)| Term {
-                a: &a2.data()[r0 * b2.k_pad..(r0 + rows) * b2.k_pad],
-                kp: b2.k_pad,
-                b: b2.pair(2 * p),
-            });
-            let task = Block {
-                a: &ad[r0 * k_pad..(r0 + rows) * k_pad],
-                rows,
-                kp: k_pad,
-                b: Panels {
-                    data: &slab,
-                    k_pad,
-                    panels: 2,
-                },
+    let slab = k_pad * 2 * PANEL;
+    // Pairs decoded together: about 16 MB of bf16 panels, so A (streamed once per chunk)
+    // is read a few times per product, not once per pair.
+    let chunk = (CHUNK_BYTES / (2 * slab)).clamp(1, pairs);
+    let mut buf = take_buffer(chunk.min(pairs) * slab);
+    for p0 in (0..pairs).step_by(chunk) {
+        let count = chunk.min(pairs - p0);
+        buf[..count * slab]
+            .par_chunks_mut(slab)
+            .enumerate()
+            .for_each(|(i, s)| decode_pair(w, side, p0 + i, k_pad, s));
+        let j0 = 2 * PANEL * p0;
+        let b = Panels {
+            data: &buf[..count * slab],
+            k_pad,
+            panels: 2 * count,
+        };
+        let extra = extra.map(|(a2, b2)| (a2.data(), b2.panel_range(2 * p0, 2 * count)));
+        // SAFETY: C has m rows of n floats; columns j0.. of this chunk's panels are below n.
+        unsafe {
+            bf16::run_panels(
+                path,
+                (a.data(), b),
                 extra,
-                panels: 0..2,
-                c: out.at(r0 * n + j0),
-                n: n - j0,
-                ld: n,
-            };
-            // SAFETY: C has m·n floats; this task writes rows r0..r0 + rows of columns
-            // j0..j0 + 32 (below n) only, and no two tasks share both.
-            unsafe { bf16::run_block(path, task) }
-        });
-    });
-    // SAFETY: the tasks cover every (row block, pair), and each block stores all its
-    // elements.
+                (m, n - j0, n),
+                c.as_mut_ptr().add(j0),
+            )
+        };
+    }
+    POOL.lock().map(|mut p| p.push(buf)).ok();
+    // SAFETY: the chunks cover every pair, and each block stores all its elements.
     unsafe { c.set_len(m * n) };
     c
+}
+
+/// Decoding buffers kept between products (a fresh 16 MB buffer costs its page faults on
+/// every call). A pool, not one per thread: products nest under rayon's work stealing.
+static POOL: std::sync::Mutex<Vec<Bf16Buf>> = std::sync::Mutex::new(Vec::new());
+
+/// A buffer of at least `len` values from the pool, or a new one.
+fn take_buffer(len: usize) -> Bf16Buf {
+    let got = POOL.lock().ok().and_then(|mut p| {
+        let i = p.iter().position(|b| b.len() >= len)?;
+        Some(p.swap_remove(i))
+    });
+    got.unwrap_or_else(|| Bf16Buf::zeroed(len))
 }
 
 /// C [m, n] = A · B in f32 for A row-major [m, k], B decoded from `w` a strip of 64 columns
