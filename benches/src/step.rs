@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
 use phi_adapters::{lora, LoraConfig};
 use phi_kernels::quant::QType;
+use phi_model::bf16::Packing;
 use phi_model::export::OutDtype;
 use phi_model::quantize::{QuantSpec, Quantizing};
 use phi_model::weights::RandomSource;
@@ -32,8 +33,7 @@ fn scalar(t: Tensor<1>) -> f64 {
 /// `--base` as a quantization of the frozen base (None: f32, or bf16 packing).
 fn base_quant(a: &Args) -> Result<Option<QuantSpec>> {
     let (ty, nested) = match a.base.as_str() {
-        "f32" => return Ok(None),
-        "bf16" => (QType::Bf16, false),
+        "f32" | "bf16" => return Ok(None),
         "nf4" | "q4" => (QType::Nf4, true),
         "fp4" => (QType::Fp4, true),
         "int8" | "q8" => (QType::Int8, false),
@@ -102,9 +102,11 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let src = RandomSource { seed: 0 };
-    let mut model = match quant {
-        Some(spec) => CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &device)?,
-        None => CausalLm::load(&cfg, &src, &device)?,
+    let mut model = match (quant, kernels.filter(|_| a.base == "bf16")) {
+        (Some(spec), _) => CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &device)?,
+        // A bf16 base packed weight by weight as it loads, never whole in f32.
+        (None, Some(path)) => CausalLm::load(&cfg, &Packing { inner: &src, path }, &device)?,
+        (None, None) => CausalLm::load(&cfg, &src, &device)?,
     };
     let quant_mb = model.quant_summary().bytes as f64 / 1e6;
     let with_lora = a.mode == "lora" || a.lora;

@@ -6,8 +6,10 @@
 //! packed per call (forward, input and weight gradients); LoRA factors stay f32 on the f32
 //! path. [`CausalLm::unpack_bf16`] brings the f32 weights back (as their bf16 values).
 
+use crate::error::ModelError;
 use crate::model::CausalLm;
 use crate::nn::Linear;
+use crate::weights::{HostTensor, LinearWeight, TensorSource};
 use burn::tensor::{Tensor, TensorData};
 use phi_kernels::bf16::Path;
 use phi_kernels::packed::PackedWeight;
@@ -36,6 +38,14 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
     if let Some(w) = l.packed.as_ref().and_then(|w| w.on_path(Some(path))) {
         // A quantized base stays in its blocks: only its products move to the bf16 kernels.
         l.packed = Some(Arc::new(w));
+        return true;
+    }
+    let same = |w: &PackedWeight| w.quant().is_none() && w.path == Some(path);
+    if l.packed
+        .as_deref()
+        .is_some_and(|w| same(w) && l.f32_dropped_with(w))
+    {
+        // Packed for this path as it loaded (`Packing`).
         return true;
     }
     let (d_in, d_out) = (l.d_in(), l.d_out());
@@ -117,5 +127,33 @@ impl CausalLm {
         self.head_bf16 = None;
         self.head_train_bf16 = None;
         self.attention_bf16 = None;
+    }
+}
+
+/// A source whose linear weights come packed in bf16 for `path`, each as it loads (a frozen
+/// base under `--bf16` never held in f32 whole: a seed-size model's f32 would not fit).
+pub struct Packing<'a> {
+    pub inner: &'a dyn TensorSource,
+    pub path: Path,
+}
+
+impl TensorSource for Packing<'_> {
+    crate::weights::delegate_tensors!(inner);
+    fn load_linear(
+        &self,
+        name: &str,
+        d_out: usize,
+        d_in: usize,
+    ) -> Result<LinearWeight, ModelError> {
+        let out = match self.inner.load_linear(name, d_out, d_in)? {
+            LinearWeight::F32(w) => {
+                LinearWeight::Packed(PackedWeight::out_in(&w.data, d_out, d_in, self.path))
+            }
+            other => other,
+        };
+        // The f32 copy's pages back to the system now: `alloc::tune` keeps freed memory, and
+        // the next packings would land around the holes (+2 GB at Phi-3-mini size).
+        crate::alloc::release_free();
+        Ok(out)
     }
 }

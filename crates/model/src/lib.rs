@@ -124,6 +124,9 @@ pub struct LoadOptions {
     /// Decode a GGUF file's quantized linears to f32 (training that updates them); by
     /// default they stay in their blocks.
     pub widen: bool,
+    /// Pack the other linears in bf16 for this kernel path as they load (`--bf16` on a
+    /// frozen base), never holding them in f32.
+    pub pack: Option<phi_kernels::bf16::Path>,
 }
 
 /// Resolves `spec` (folder, .gguf file or hub id) and loads it onto `device`, a GGUF file's
@@ -136,14 +139,20 @@ pub fn load(spec: &str, device: &Device) -> Result<Loaded, ModelError> {
 pub fn load_with(spec: &str, device: &Device, opts: LoadOptions) -> Result<Loaded, ModelError> {
     let r = resolve::resolve(spec)?;
     let src = r.source.as_ref();
-    let model = match (opts.quantize, opts.widen) {
-        (_, true) => CausalLm::load(&r.config, &weights::Widening(src), device)?,
-        (Some(spec), false) => CausalLm::load(
-            &r.config,
-            &quantize::Quantizing { inner: src, spec },
-            device,
-        )?,
-        (None, false) => CausalLm::load(&r.config, src, device)?,
+    let quantized;
+    let src: &dyn weights::TensorSource = match opts.quantize {
+        Some(spec) => {
+            quantized = quantize::Quantizing { inner: src, spec };
+            &quantized
+        }
+        None => src,
+    };
+    let model = match (opts.widen, opts.pack) {
+        (true, _) => CausalLm::load(&r.config, &weights::Widening(src), device)?,
+        (false, Some(path)) => {
+            CausalLm::load(&r.config, &bf16::Packing { inner: src, path }, device)?
+        }
+        (false, None) => CausalLm::load(&r.config, src, device)?,
     };
     Ok(Loaded {
         model,

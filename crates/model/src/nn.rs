@@ -87,6 +87,10 @@ impl Linear {
                 Param::from_tensor(Tensor::zeros([0, 0], device)),
                 Some(Arc::new(PackedWeight::quantized(q, None))),
             ),
+            LinearWeight::Packed(w) => (
+                Param::from_tensor(Tensor::zeros([0, 0], device)),
+                Some(Arc::new(w)),
+            ),
         };
         Ok(Linear {
             weight,

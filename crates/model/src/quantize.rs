@@ -43,21 +43,7 @@ pub struct Quantizing<'a> {
 }
 
 impl TensorSource for Quantizing<'_> {
-    fn file_of(&self, name: &str) -> String {
-        self.inner.file_of(name)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(name)
-    }
-    fn names(&self) -> Vec<String> {
-        self.inner.names()
-    }
-    fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
-        self.inner.load(name)
-    }
-    fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, ModelError> {
-        self.inner.load_shaped(name, shape)
-    }
+    crate::weights::delegate_tensors!(inner);
     fn load_linear(
         &self,
         name: &str,
@@ -70,9 +56,11 @@ impl TensorSource for Quantizing<'_> {
         };
         let q = match self.spec.ty {
             QType::Int8 => bnb::quantize8(&w.data, d_out, d_in),
-            QType::Bf16 => phi_kernels::quant::to_bf16_rows(&w.data, d_out, d_in),
             ty => bnb::quantize4(ty, &w.data, d_out, d_in, self.spec.nested),
         };
+        drop(w);
+        // As `Packing`: the f32 copy's pages back to the system before the next tensor.
+        crate::alloc::release_free();
         q.map(LinearWeight::Quant)
             .map_err(|e| ModelError::tensor(self.file_of(name), name, e.0))
     }

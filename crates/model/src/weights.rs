@@ -5,6 +5,7 @@
 use crate::error::ModelError;
 use crate::gguf::{GgufFile, GgufLayout};
 use memmap2::Mmap;
+use phi_kernels::packed::PackedWeight;
 use phi_kernels::quant::QuantWeight;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
@@ -19,11 +20,36 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-/// A linear weight as a source gives it: f32 values, or a quantized base's blocks.
+/// A linear weight as a source gives it: f32 values, a quantized base's blocks, or bf16
+/// panels packed as it loaded.
 pub enum LinearWeight {
     F32(HostTensor),
     Quant(QuantWeight),
+    Packed(PackedWeight),
 }
+
+/// The methods of a `TensorSource` that hands every tensor on to its field `$f` (the
+/// wrappers below and in `bf16` / `quantize` differ in `load_linear` only).
+macro_rules! delegate_tensors {
+    ($f:tt) => {
+        fn file_of(&self, name: &str) -> String {
+            self.$f.file_of(name)
+        }
+        fn contains(&self, name: &str) -> bool {
+            self.$f.contains(name)
+        }
+        fn names(&self) -> Vec<String> {
+            self.$f.names()
+        }
+        fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
+            self.$f.load(name)
+        }
+        fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, ModelError> {
+            self.$f.load_shaped(name, shape)
+        }
+    };
+}
+pub(crate) use delegate_tensors;
 
 pub trait TensorSource {
     /// Path used in error messages for `name` (the shard that holds it, or the file).
@@ -406,19 +432,5 @@ impl TensorSource for RandomSource {
 pub struct Widening<'a>(pub &'a dyn TensorSource);
 
 impl TensorSource for Widening<'_> {
-    fn file_of(&self, name: &str) -> String {
-        self.0.file_of(name)
-    }
-    fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-    fn names(&self) -> Vec<String> {
-        self.0.names()
-    }
-    fn load(&self, name: &str) -> Result<HostTensor, ModelError> {
-        self.0.load(name)
-    }
-    fn load_shaped(&self, name: &str, shape: &[usize]) -> Result<HostTensor, ModelError> {
-        self.0.load_shaped(name, shape)
-    }
+    delegate_tensors!(0);
 }

@@ -116,3 +116,42 @@ fn a_packed_base_is_held_in_bf16_and_read_as_its_bf16_values() {
     }
     r.finish();
 }
+
+/// A base packed weight by weight as it loads (`Packing`, a seed-size model never whole in
+/// f32) is the base packed after an f32 load: the same logits, bit for bit.
+#[test]
+fn packing_at_load_equals_packing_after_it() {
+    let mut r = Report::default();
+    for dir in cases() {
+        let case = Case::open(&dir);
+        let res = resolve_dir(&case.dir).unwrap();
+        let dev = cpu_device();
+        let src = res.source.as_ref();
+        let mut after = CausalLm::load(&res.config, src, &dev).unwrap();
+        after.pack_bf16(Path::Scalar);
+        let packing = phi_model::bf16::Packing {
+            inner: src,
+            path: Path::Scalar,
+        };
+        let mut at_load = CausalLm::load(&res.config, &packing, &dev).unwrap();
+        let held = at_load
+            .linears()
+            .iter()
+            .filter(|(_, l)| l.f32_dropped())
+            .count();
+        r.equal(
+            &case.name,
+            "packed at load",
+            &[held],
+            &[after.linears().len()],
+        );
+        at_load.pack_bf16(Path::Scalar);
+        let (inp, _) = case.batch();
+        let logits = |m: &CausalLm| {
+            let t = m.forward(&inp, &phi_model::TapRequest::none()).logits;
+            t.try_into_vec_as::<f32>().unwrap()
+        };
+        r.exact(&case.name, "logits", &logits(&at_load), &logits(&after));
+    }
+    r.finish();
+}

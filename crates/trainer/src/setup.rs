@@ -323,5 +323,13 @@ pub fn load_options(a: &TrainArgs) -> Result<phi_model::LoadOptions, TrainError>
     };
     let lora = a.finetuning_type == FinetuningType::Lora;
     let widen = quantize.is_none() && !lora && !a.rmsnorm_only_training;
-    Ok(phi_model::LoadOptions { quantize, widen })
+    // Under --bf16 a base none of whose linears train is packed as it loads (a seed-size
+    // model is never held in f32); modules_to_save keep their f32 masters.
+    let frozen = (lora && a.additional_target.is_none()) || a.rmsnorm_only_training;
+    let pack = crate::step::cpu_bf16(a).filter(|_| frozen && !widen);
+    Ok(phi_model::LoadOptions {
+        quantize,
+        widen,
+        pack,
+    })
 }

@@ -29,8 +29,6 @@ pub enum QType {
     Fp4,
     /// bitsandbytes' 8-bit weights (LLM.int8's storage): one absmax scale per row.
     Int8,
-    /// Plain bf16 rows (a `--bf16` base loaded straight into its compact form).
-    Bf16,
 }
 
 impl QType {
@@ -63,7 +61,6 @@ impl QType {
             QType::Nf4 => "nf4",
             QType::Fp4 => "fp4",
             QType::Int8 => "int8",
-            QType::Bf16 => "bf16",
         }
     }
 
@@ -80,7 +77,6 @@ impl QType {
             QType::Q6K => (256, 210),
             QType::Nf4 | QType::Fp4 => (bnb::BLOCK, bnb::BLOCK / 2),
             QType::Int8 => (32, 32),
-            QType::Bf16 => (32, 64),
         }
     }
 }
@@ -220,11 +216,6 @@ impl QuantWeight {
                 };
                 bnb::decode8(blk, s[r], out)
             }
-            QType::Bf16 => {
-                for (o, b) in out.iter_mut().zip(blk.chunks_exact(2)) {
-                    *o = crate::bf16::from_bf16(u16::from_le_bytes([b[0], b[1]]));
-                }
-            }
         }
     }
 
@@ -272,13 +263,4 @@ impl QuantWeight {
         );
         self.data = data;
     }
-}
-
-/// A [d_out, d_in] f32 weight rounded to bf16 rows (round to nearest even, as torch's cast).
-pub fn to_bf16_rows(w: &[f32], d_out: usize, d_in: usize) -> Result<QuantWeight, QuantError> {
-    let mut data = vec![0u8; 2 * w.len()];
-    data.par_chunks_mut(2)
-        .zip(w.par_iter())
-        .for_each(|(o, &v)| o.copy_from_slice(&crate::bf16::to_bf16(v).to_le_bytes()));
-    QuantWeight::new(QType::Bf16, d_out, d_in, data, Scales::None)
 }
