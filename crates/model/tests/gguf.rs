@@ -315,3 +315,30 @@ fn unknown_gguf_architecture_is_named() {
         "{err}"
     );
 }
+
+/// A GGUF model's quantized linears stay in their blocks by default (what phi-generate,
+/// phi-capture and LoRA training load), and give the logits of the same file widened to f32
+/// up to f32 summation order.
+#[test]
+fn quantized_linears_stay_in_their_blocks_with_the_widened_logits() {
+    for (name, ty) in [("q8_0", Q8_0), ("q4_0", Q4_0), ("q4_1", Q4_1)] {
+        let (bytes, _) = model_gguf(|_| ty);
+        let path = tmp_file(&format!("kept-{name}"), &bytes);
+        let file = GgufFile::open(&path).unwrap();
+        let layout = Arch::gguf_layout(&file).unwrap();
+        let src = GgufSource::new(&path, file, layout);
+        let cfg = ModelConfig::from_value(src.hf_config().unwrap(), "gguf").unwrap();
+        let kept = CausalLm::load(&cfg, &src, &cpu_device()).unwrap();
+        let wide =
+            CausalLm::load(&cfg, &phi_model::weights::Widening(&src), &cpu_device()).unwrap();
+        assert_eq!(
+            kept.quant_summary().weights,
+            14,
+            "{name}: 2 layers × 7 linears"
+        );
+        assert_eq!(wide.quant_summary().weights, 0, "{name}");
+        let (a, b) = (logits(&kept), logits(&wide));
+        let worst = phi_testkit::oracle::max_scaled_diff(name, &a, &b);
+        assert!(worst <= 1e-5, "{name}: logits differ by {worst}");
+    }
+}

@@ -158,8 +158,15 @@ impl<'a> Run<'a> {
                 0 => String::new(),
                 t => format!(", {t} trainable ones rounded per call from their f32 masters"),
             };
+            let held = match model.quant_summary().weights {
+                0 => "held in bf16".to_string(),
+                q => format!(
+                    "{} held in bf16, {q} in their quantized blocks (decoded per product)",
+                    n.saturating_sub(q)
+                ),
+            };
             eprintln!(
-                "bf16: {n} frozen weights held in bf16{t}, run on the CPU's {} kernels; trainable parameters stay f32",
+                "bf16: {n} frozen weights, {held}{t}, run on the CPU's {} kernels; trainable parameters stay f32",
                 path.name()
             );
         }
