@@ -8,9 +8,9 @@ use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, trainable_names, Counts, Selection};
 use phi_adapters::{lora, LoraConfig};
 use phi_kernels::quant::QType;
-use phi_model::bf16::Packing;
+use phi_model::bf16::packing;
 use phi_model::export::OutDtype;
-use phi_model::quantize::{QuantSpec, Quantizing};
+use phi_model::quantize::{quantizing, QuantSpec};
 use phi_model::weights::RandomSource;
 use phi_model::{CausalLm, Inputs, TapRequest};
 use phi_trainer::layerwise;
@@ -103,9 +103,9 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let src = RandomSource { seed: 0 };
     let mut model = match (quant, kernels.filter(|_| a.base == "bf16")) {
-        (Some(spec), _) => CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &device)?,
+        (Some(spec), _) => CausalLm::load(&cfg, &quantizing(&src, spec), &device)?,
         // A bf16 base packed weight by weight as it loads, never whole in f32.
-        (None, Some(path)) => CausalLm::load(&cfg, &Packing { inner: &src, path }, &device)?,
+        (None, Some(path)) => CausalLm::load(&cfg, &packing(&src, path), &device)?,
         (None, None) => CausalLm::load(&cfg, &src, &device)?,
     };
     let quant_mb = model.quant_summary().bytes as f64 / 1e6;

@@ -12,7 +12,7 @@ use phi_kernels::bf16::Path;
 use phi_kernels::quant::QType;
 use phi_model::loss::causal_lm_loss;
 use phi_model::params::ParamKind;
-use phi_model::quantize::{QuantSpec, Quantizing};
+use phi_model::quantize::{quantizing, QuantSpec};
 use phi_model::resolve::resolve_dir;
 use phi_model::{cpu_device, CausalLm, TapRequest};
 use phi_testkit::oracle::{cases, Case, Report};
@@ -24,10 +24,7 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// The case's base quantized by `spec`, with its PEFT adapter (factors trainable).
 fn qlora(case: &Case, spec: QuantSpec) -> CausalLm {
     let res = resolve_dir(&case.dir).unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    let src = Quantizing {
-        inner: res.source.as_ref(),
-        spec,
-    };
+    let src = quantizing(res.source.as_ref(), spec);
     let device = cpu_device().autodiff();
     let base = CausalLm::load(&res.config, &src, &device).unwrap();
     let (model, _, _) = peft::load(base, &case.dir.join("lora")).unwrap();

@@ -4,29 +4,20 @@
 //! within one ulp, torch's CPU sqrt being 1 ulp low on ~0.7 % of inputs (BNB_NOTES.md §6).
 
 use phi_kernels::adam8::{step, Adam8, Moments};
-use safetensors::{Dtype, SafeTensors};
-use std::path::PathBuf;
+use safetensors::SafeTensors;
 
-fn fixture() -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant/bnb.safetensors");
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+mod common;
 
 fn f32s(st: &SafeTensors, key: &str) -> Vec<f32> {
-    let t = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e:?}"));
-    assert_eq!(t.dtype(), Dtype::F32, "{key}");
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
-    v.collect()
+    common::f32s(st, key).1
 }
 
 fn u8s(st: &SafeTensors, key: &str) -> Vec<u8> {
-    st.tensor(key)
-        .unwrap_or_else(|e| panic!("{key}: {e:?}"))
-        .data()
-        .to_vec()
+    common::bytes(st, key).1
+}
+
+fn fixture() -> Vec<u8> {
+    common::fixture("bnb.safetensors")
 }
 
 fn within_ulp(what: &str, got: &[f32], want: &[f32]) -> usize {

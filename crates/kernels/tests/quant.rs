@@ -8,29 +8,9 @@ use phi_kernels::quant::gemm::{product_bf16, product_f32, Side};
 use phi_kernels::quant::{bnb, QType, QuantWeight, Scales};
 use phi_testkit::values;
 use safetensors::{Dtype, SafeTensors};
-use std::path::PathBuf;
 
-fn fixture(name: &str) -> Vec<u8> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/quant")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn f32s(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e:?}"));
-    assert_eq!(t.dtype(), Dtype::F32, "{key}");
-    let v = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
-    (t.shape().to_vec(), v.collect())
-}
-
-fn bytes(st: &SafeTensors, key: &str) -> (Vec<usize>, Vec<u8>) {
-    let t = st.tensor(key).unwrap_or_else(|e| panic!("{key}: {e:?}"));
-    (t.shape().to_vec(), t.data().to_vec())
-}
+mod common;
+use common::{bytes, f32s, fixture};
 
 /// Bit-for-bit equality (the sign of zero included), naming the first difference.
 fn same_bits(what: &str, got: &[f32], want: &[f32]) {

@@ -9,7 +9,7 @@
 use crate::error::ModelError;
 use crate::model::CausalLm;
 use crate::nn::Linear;
-use crate::weights::{HostTensor, LinearWeight, TensorSource};
+use crate::weights::{Converting, HostTensor, LinearWeight, TensorSource};
 use burn::tensor::{Tensor, TensorData};
 use phi_kernels::bf16::Path;
 use phi_kernels::packed::PackedWeight;
@@ -45,7 +45,7 @@ fn pack_linear(l: &mut Linear, path: Path) -> bool {
         .as_deref()
         .is_some_and(|w| same(w) && l.f32_dropped_with(w))
     {
-        // Packed for this path as it loaded (`Packing`).
+        // Packed for this path as it loaded (`packing`).
         return true;
     }
     let (d_in, d_out) = (l.d_in(), l.d_out());
@@ -132,28 +132,15 @@ impl CausalLm {
 
 /// A source whose linear weights come packed in bf16 for `path`, each as it loads (a frozen
 /// base under `--bf16` never held in f32 whole: a seed-size model's f32 would not fit).
-pub struct Packing<'a> {
-    pub inner: &'a dyn TensorSource,
-    pub path: Path,
-}
-
-impl TensorSource for Packing<'_> {
-    crate::weights::delegate_tensors!(inner);
-    fn load_linear(
-        &self,
-        name: &str,
-        d_out: usize,
-        d_in: usize,
-    ) -> Result<LinearWeight, ModelError> {
-        let out = match self.inner.load_linear(name, d_out, d_in)? {
-            LinearWeight::F32(w) => {
-                LinearWeight::Packed(PackedWeight::out_in(&w.data, d_out, d_in, self.path))
-            }
-            other => other,
-        };
-        // The f32 copy's pages back to the system now: `alloc::tune` keeps freed memory, and
-        // the next packings would land around the holes (+2 GB at Phi-3-mini size).
-        crate::alloc::release_free();
-        Ok(out)
-    }
+pub fn packing(
+    inner: &dyn TensorSource,
+    path: Path,
+) -> Converting<'_, impl Fn(&str, HostTensor) -> Result<LinearWeight, ModelError>> {
+    let convert = move |_: &str, w: HostTensor| {
+        let (d_out, d_in) = (w.shape[0], w.shape[1]);
+        Ok(LinearWeight::Packed(PackedWeight::out_in(
+            &w.data, d_out, d_in, path,
+        )))
+    };
+    Converting { inner, convert }
 }

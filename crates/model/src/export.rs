@@ -301,7 +301,7 @@ pub fn write_random_model(
     seed: u64,
     dtype: OutDtype,
 ) -> Result<Vec<String>, ModelError> {
-    use crate::quantize::{QuantSpec, Quantizing};
+    use crate::quantize::{quantizing, QuantSpec};
     use crate::weights::TensorSource;
     let cfg = crate::ModelConfig::from_value(config.clone(), &out.display().to_string())?;
     let src = crate::weights::RandomSource { seed };
@@ -312,7 +312,7 @@ pub fn write_random_model(
         nested: false,
     };
     let dev = crate::cpu_device();
-    let shapes = match crate::CausalLm::load(&cfg, &Quantizing { inner: &src, spec }, &dev) {
+    let shapes = match crate::CausalLm::load(&cfg, &quantizing(&src, spec), &dev) {
         Ok(m) => m,
         Err(_) => crate::CausalLm::load(&cfg, &src, &dev)?,
     };

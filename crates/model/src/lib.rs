@@ -142,16 +142,14 @@ pub fn load_with(spec: &str, device: &Device, opts: LoadOptions) -> Result<Loade
     let quantized;
     let src: &dyn weights::TensorSource = match opts.quantize {
         Some(spec) => {
-            quantized = quantize::Quantizing { inner: src, spec };
+            quantized = quantize::quantizing(src, spec);
             &quantized
         }
         None => src,
     };
     let model = match (opts.widen, opts.pack) {
         (true, _) => CausalLm::load(&r.config, &weights::Widening(src), device)?,
-        (false, Some(path)) => {
-            CausalLm::load(&r.config, &bf16::Packing { inner: src, path }, device)?
-        }
+        (false, Some(path)) => CausalLm::load(&r.config, &bf16::packing(src, path), device)?,
         (false, None) => CausalLm::load(&r.config, src, device)?,
     };
     Ok(Loaded {

@@ -6,7 +6,7 @@
 
 use crate::error::ModelError;
 use crate::model::CausalLm;
-use crate::weights::{HostTensor, LinearWeight, TensorSource};
+use crate::weights::{Converting, HostTensor, LinearWeight, TensorSource};
 use phi_kernels::quant::{bnb, QType};
 
 /// How a loaded base is quantized.
@@ -37,33 +37,23 @@ impl QuantSpec {
 }
 
 /// A source whose decoder-layer linear weights come out quantized by `spec`.
-pub struct Quantizing<'a> {
-    pub inner: &'a dyn TensorSource,
-    pub spec: QuantSpec,
-}
-
-impl TensorSource for Quantizing<'_> {
-    crate::weights::delegate_tensors!(inner);
-    fn load_linear(
-        &self,
-        name: &str,
-        d_out: usize,
-        d_in: usize,
-    ) -> Result<LinearWeight, ModelError> {
-        let w = match self.inner.load_linear(name, d_out, d_in)? {
-            LinearWeight::F32(w) if name.starts_with("model.layers.") => w,
-            other => return Ok(other),
-        };
-        let q = match self.spec.ty {
+pub fn quantizing(
+    inner: &dyn TensorSource,
+    spec: QuantSpec,
+) -> Converting<'_, impl Fn(&str, HostTensor) -> Result<LinearWeight, ModelError> + '_> {
+    let convert = move |name: &str, w: HostTensor| {
+        if !name.starts_with("model.layers.") {
+            return Ok(LinearWeight::F32(w));
+        }
+        let (d_out, d_in) = (w.shape[0], w.shape[1]);
+        let q = match spec.ty {
             QType::Int8 => bnb::quantize8(&w.data, d_out, d_in),
-            ty => bnb::quantize4(ty, &w.data, d_out, d_in, self.spec.nested),
+            ty => bnb::quantize4(ty, &w.data, d_out, d_in, spec.nested),
         };
-        drop(w);
-        // As `Packing`: the f32 copy's pages back to the system before the next tensor.
-        crate::alloc::release_free();
         q.map(LinearWeight::Quant)
-            .map_err(|e| ModelError::tensor(self.file_of(name), name, e.0))
-    }
+            .map_err(|e| ModelError::tensor(inner.file_of(name), name, e.0))
+    };
+    Converting { inner, convert }
 }
 
 /// What a model holds quantized: (weights, their bytes, the types seen).

@@ -117,7 +117,7 @@ fn a_packed_base_is_held_in_bf16_and_read_as_its_bf16_values() {
     r.finish();
 }
 
-/// A base packed weight by weight as it loads (`Packing`, a seed-size model never whole in
+/// A base packed weight by weight as it loads (`bf16::packing`, a seed-size model never whole in
 /// f32) is the base packed after an f32 load: the same logits, bit for bit.
 #[test]
 fn packing_at_load_equals_packing_after_it() {
@@ -129,10 +129,7 @@ fn packing_at_load_equals_packing_after_it() {
         let src = res.source.as_ref();
         let mut after = CausalLm::load(&res.config, src, &dev).unwrap();
         after.pack_bf16(Path::Scalar);
-        let packing = phi_model::bf16::Packing {
-            inner: src,
-            path: Path::Scalar,
-        };
+        let packing = phi_model::bf16::packing(src, Path::Scalar);
         let mut at_load = CausalLm::load(&res.config, &packing, &dev).unwrap();
         let held = at_load
             .linears()

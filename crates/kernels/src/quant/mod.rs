@@ -251,16 +251,16 @@ impl QuantWeight {
     /// Row r becomes the old row `src_of(r)`, blocks whole (GGUF's q/k rows come interleaved
     /// per head).
     pub fn permute_rows(&mut self, src_of: impl Fn(usize) -> usize) {
+        assert!(
+            matches!(self.scales, Scales::None),
+            "only GGUF rows are reordered"
+        );
         let mut data = vec![0u8; self.data.len()];
         let rb = self.row_bytes;
         for (r, dst) in data.chunks_exact_mut(rb).enumerate() {
             let s = src_of(r);
             dst.copy_from_slice(&self.data[s * rb..(s + 1) * rb]);
         }
-        assert!(
-            matches!(self.scales, Scales::None),
-            "only GGUF rows are reordered"
-        );
         self.data = data;
     }
 }
