@@ -115,10 +115,11 @@ fn main() {
 
 fn run(a: Args) -> Result<()> {
     let device = phi_model::device_from_name(&a.device)?;
-    let loaded = phi_adapters::peft::with_adapter(
-        phi_model::load(&a.model, &device)?,
-        a.adapter.as_deref(),
-    )?;
+    let base = phi_model::load(&a.model, &device)?;
+    if let Some(line) = base.model.quant_summary().line() {
+        eprintln!("[phi-capture] {line}");
+    }
+    let loaded = phi_adapters::peft::with_adapter(base, a.adapter.as_deref())?;
     let tok = || -> Result<Tok> {
         let p = a
             .tokenizer

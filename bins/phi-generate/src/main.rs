@@ -104,10 +104,11 @@ fn run(a: Args) -> Result<()> {
         return chat::run(&a, &device, cfg);
     }
     let t0 = Instant::now();
-    let loaded = phi_adapters::peft::with_adapter(
-        phi_model::load(&a.model, &device)?,
-        a.adapter.as_deref(),
-    )?;
+    let base = phi_model::load(&a.model, &device)?;
+    if let Some(line) = base.model.quant_summary().line() {
+        eprintln!("[phi-generate] {line}");
+    }
+    let loaded = phi_adapters::peft::with_adapter(base, a.adapter.as_deref())?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut tok = match a
         .tokenizer

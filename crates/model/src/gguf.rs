@@ -242,7 +242,7 @@ fn f16(b: &[u8]) -> f32 {
 }
 
 /// Dequantizes `n` values of type `ty` from `bytes` (None: a type we do not decode).
-fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
+pub fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     let mut out = Vec::with_capacity(n);
     match ty {
         F32 => out.extend(

@@ -63,6 +63,20 @@ pub struct QuantSummary {
     pub types: Vec<&'static str>,
 }
 
+impl QuantSummary {
+    /// "N linear weights held quantized (types), M MB" where there are any.
+    pub fn line(&self) -> Option<String> {
+        (self.weights > 0).then(|| {
+            format!(
+                "base: {} linear weights held quantized ({}), {:.0} MB",
+                self.weights,
+                self.types.join(", "),
+                self.bytes as f64 / 1e6
+            )
+        })
+    }
+}
+
 impl CausalLm {
     /// The linear weights held in a quantized block format.
     pub fn quant_summary(&self) -> QuantSummary {

@@ -2,127 +2,16 @@
 
 use burn::tensor::Tensor;
 use phi_model::gguf::{GgufFile, GgufValue, F16, F32, Q4_0, Q4_1, Q8_0};
-use phi_model::weights::{GgufSource, RandomSource, TensorSource};
+use phi_model::weights::{GgufSource, RandomSource};
 use phi_model::{cpu_device, Arch, CausalLm, Inputs, ModelConfig, TapRequest};
-use phi_testkit::gguf_write::{gguf_bytes, quantize, Meta};
+use phi_testkit::gguf_write::{gguf_bytes, Meta};
+use phi_testkit::tiny_llama::{config, meta, model_gguf, HIDDEN, KV, VOCAB};
 use std::path::PathBuf;
-
-const HIDDEN: usize = 32;
-const HEADS: usize = 4;
-const KV: usize = 2;
-const INTER: usize = 64;
-const VOCAB: usize = 40;
 
 fn tmp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let p = std::env::temp_dir().join(format!("phi-gguf-{}-{name}.gguf", std::process::id()));
     std::fs::write(&p, bytes).unwrap();
     p
-}
-
-fn config() -> ModelConfig {
-    ModelConfig::from_value(
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "num_hidden_layers": 2,
-            "num_attention_heads": HEADS, "num_key_value_heads": KV, "intermediate_size": INTER,
-            "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": true
-        }),
-        "test",
-    )
-    .unwrap()
-}
-
-/// llama.cpp's convert permutation: HF rotate-half rows to interleaved pairs.
-fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let d = rows / heads;
-    let mut out = vec![0.0; w.len()];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..d / 2 {
-                let src = h * d + j * d / 2 + i;
-                let dst = h * d + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-fn meta() -> Vec<(&'static str, Meta)> {
-    vec![
-        ("general.architecture", Meta::Str("llama".into())),
-        ("llama.embedding_length", Meta::U32(HIDDEN as u32)),
-        ("llama.feed_forward_length", Meta::U32(INTER as u32)),
-        ("llama.block_count", Meta::U32(2)),
-        ("llama.attention.head_count", Meta::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(KV as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
-        ("llama.rope.freq_base", Meta::F32(10000.0)),
-        ("llama.context_length", Meta::U32(256)),
-        (
-            "tokenizer.ggml.tokens",
-            Meta::Strs((0..VOCAB).map(|i| format!("t{i}")).collect()),
-        ),
-        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
-        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
-    ]
-}
-
-/// The random model's tensors as a GGUF with `ty` for every matrix.
-/// (HF name, shape, f32 values) of every tensor written.
-type HfTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
-
-fn model_gguf(ty_for: impl Fn(&str) -> u32) -> (Vec<u8>, HfTensors) {
-    let rnd = RandomSource { seed: 3 };
-    let mut specs: Vec<(String, String, Vec<usize>)> = vec![(
-        "token_embd.weight".into(),
-        "model.embed_tokens.weight".into(),
-        vec![VOCAB, HIDDEN],
-    )];
-    specs.push((
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        vec![HIDDEN],
-    ));
-    for l in 0..2 {
-        let p = format!("model.layers.{l}");
-        for (g, h, s) in [
-            ("attn_norm", "input_layernorm", vec![HIDDEN]),
-            ("ffn_norm", "post_attention_layernorm", vec![HIDDEN]),
-            ("attn_q", "self_attn.q_proj", vec![HIDDEN, HIDDEN]),
-            (
-                "attn_k",
-                "self_attn.k_proj",
-                vec![HIDDEN * KV / HEADS, HIDDEN],
-            ),
-            (
-                "attn_v",
-                "self_attn.v_proj",
-                vec![HIDDEN * KV / HEADS, HIDDEN],
-            ),
-            ("attn_output", "self_attn.o_proj", vec![HIDDEN, HIDDEN]),
-            ("ffn_gate", "mlp.gate_proj", vec![INTER, HIDDEN]),
-            ("ffn_up", "mlp.up_proj", vec![INTER, HIDDEN]),
-            ("ffn_down", "mlp.down_proj", vec![HIDDEN, INTER]),
-        ] {
-            specs.push((format!("blk.{l}.{g}.weight"), format!("{p}.{h}.weight"), s));
-        }
-    }
-    let mut hf = Vec::new();
-    let mut tensors = Vec::new();
-    for (g, h, shape) in &specs {
-        let data = rnd.load_shaped(h, shape).unwrap().data;
-        let stored = if g.contains("attn_q") {
-            permute(&data, shape[0], shape[1], HEADS)
-        } else if g.contains("attn_k") {
-            permute(&data, shape[0], shape[1], KV)
-        } else {
-            data.clone()
-        };
-        let ty = if shape.len() == 1 { F32 } else { ty_for(g) };
-        tensors.push((g.as_str(), shape.clone(), ty, quantize(ty, &stored)));
-        hf.push((h.clone(), shape.clone(), data));
-    }
-    (gguf_bytes(&meta(), &tensors), hf)
 }
 
 fn logits(m: &CausalLm) -> Vec<f32> {

@@ -4,6 +4,7 @@
 
 pub mod gguf_write;
 pub mod oracle;
+pub mod tiny_llama;
 
 /// `n` values in [-1, 1) from an xorshift stream seeded by `seed`: the same on every machine.
 pub fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -105,14 +105,8 @@ impl<'a> Run<'a> {
 
         // Model, regularizers and data.
         let loaded = phi_model::load_with(spec, &device, setup::load_options(a)?)?;
-        let q = loaded.model.quant_summary();
-        if q.weights > 0 {
-            eprintln!(
-                "base: {} linear weights held quantized ({}), {:.0} MB",
-                q.weights,
-                q.types.join(", "),
-                q.bytes as f64 / 1e6
-            );
+        if let Some(line) = loaded.model.quant_summary().line() {
+            eprintln!("{line}");
         }
         let eos = loaded.eos_token_ids();
         let cfg = loaded.config.clone();

@@ -50,11 +50,28 @@ fn pair_word(a: f32, b: f32) -> u32 {
 
 /// B's panels 2p and 2p + 1 in bf16 pairs, into `slab` (k_pad·32 values).
 fn decode_pair(w: &QuantWeight, side: Side, p: usize, k_pad: usize, slab: &mut [u16]) {
-    let per_panel = k_pad * PANEL;
     // SAFETY: a u16 slice reinterpreted as pairs; the buffer starts on a cache line (Bf16Buf)
     // and panels hold whole pair rows, so every u32 is aligned and in bounds.
     let words: &mut [u32] =
         unsafe { std::slice::from_raw_parts_mut(slab.as_mut_ptr().cast::<u32>(), slab.len() / 2) };
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::applies(w) {
+        // SAFETY: checked by `applies`; the slab holds the two panels from a line boundary.
+        unsafe { super::simd::decode_pair(w, side == Side::Forward, p, k_pad, words) };
+        return;
+    }
+    decode_pair_scalar(w, side, p, k_pad, words)
+}
+
+/// `decode_pair` for any block format, 32 values at a time through `QuantWeight::decode`.
+pub(super) fn decode_pair_scalar(
+    w: &QuantWeight,
+    side: Side,
+    p: usize,
+    k_pad: usize,
+    words: &mut [u32],
+) {
+    let per_panel = k_pad * PANEL;
     let mut v = [0f32; 32];
     match side {
         Side::Forward => {

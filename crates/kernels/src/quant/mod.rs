@@ -9,6 +9,8 @@
 pub mod bnb;
 mod formats;
 pub mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 use rayon::prelude::*;
 
