@@ -5,6 +5,7 @@ pub mod batch;
 pub mod dataset;
 pub mod encode;
 pub mod error;
+pub mod gguf_vocab;
 pub mod jinja;
 pub mod load;
 pub mod preview;

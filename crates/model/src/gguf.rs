@@ -212,6 +212,8 @@ pub struct GgufLayout {
     pub name: &'static str,
     /// The HF class config.json names.
     pub class: &'static str,
+    /// Tensors outside the layers: (llama.cpp name, HF name).
+    pub fixed: &'static [(&'static str, &'static str)],
     /// A layer's tensors: (llama.cpp name under `blk.N.`, HF name under `model.layers.N.`).
     pub layer_tensors: &'static [(&'static str, &'static str)],
     /// HF names under a layer whose rows llama.cpp interleaves for its rotary, with the
@@ -221,14 +223,8 @@ pub struct GgufLayout {
 
 /// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
 pub fn hf_name(gguf: &str, layout: &GgufLayout) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, h)) = layout.fixed.iter().find(|(g, _)| *g == gguf) {
+        return Some(h.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
@@ -266,23 +262,34 @@ pub fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// Undoes llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's halves):
-/// GGUF row (h, 2i+j) holds HF row (h, j·d/2 + i) for head h of size d.
-fn unpermute(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+/// llama.cpp's q/k row order for `heads` heads of `rows / heads` rows: GGUF row (h, 2i + j)
+/// holds HF row (h, j·d/2 + i), rotary pairs interleaved rather than in two halves. Returns
+/// the GGUF row of each HF row.
+pub fn gguf_row(hf: usize, rows: usize, heads: usize) -> usize {
     let d = rows / heads;
-    let half = d / 2;
+    let (h, within) = (hf / d, hf % d);
+    let (j, i) = (within / (d / 2), within % (d / 2));
+    h * d + 2 * i + j
+}
+
+/// Rows moved so that row `to(r)` of the result is row r of `data` ([rows, cols]).
+pub fn move_rows(data: &[f32], rows: usize, to: impl Fn(usize) -> usize) -> Vec<f32> {
+    let cols = data.len() / rows.max(1);
     let mut out = vec![0.0; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * d + 2 * i + j;
-                let dst = h * d + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
+    for (r, row) in data.chunks_exact(cols.max(1)).enumerate() {
+        let t = to(r);
+        out[t * cols..(t + 1) * cols].copy_from_slice(row);
     }
     out
+}
+
+/// Undoes llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's halves).
+fn unpermute(data: &[f32], rows: usize, _cols: usize, heads: usize) -> Vec<f32> {
+    let mut hf_of = vec![0; rows];
+    for (r, slot) in (0..rows).map(|r| (r, gguf_row(r, rows, heads))) {
+        hf_of[slot] = r;
+    }
+    move_rows(data, rows, |g| hf_of[g])
 }
 
 impl GgufFile {
@@ -513,13 +520,8 @@ impl GgufFile {
         let mut w = QuantWeight::new(ty, shape[0], shape[1], raw.to_vec(), Scales::None)
             .map_err(|e| self.err(format!("tensor {name}: {e}")))?;
         if let Some(heads) = self.heads(hf, name, &shape, layout)? {
-            let d = shape[0] / heads;
-            // HF row (h, j·d/2 + i) is GGUF row (h, 2i + j): `unpermute`'s map.
-            w.permute_rows(|dst| {
-                let (h, within) = (dst / d, dst % d);
-                let (j, i) = (within / (d / 2), within % (d / 2));
-                h * d + 2 * i + j
-            });
+            let rows = shape[0];
+            w.permute_rows(|dst| gguf_row(dst, rows, heads));
         }
         Ok(Some(w))
     }

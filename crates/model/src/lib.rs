@@ -10,6 +10,8 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
+pub mod gguf_write;
 pub mod io;
 pub mod loss;
 pub mod lowrank;

@@ -7,6 +7,8 @@
 //! A weight is [d_out, d_in] (HF's layout: one row per output), quantized along d_in.
 
 pub mod bnb;
+mod encode;
+pub use encode::encode;
 mod formats;
 pub mod gemm;
 #[cfg(target_arch = "x86_64")]

@@ -3,8 +3,11 @@
 
 use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linears, Mlp};
 use crate::config::ModelConfig;
+use crate::config::RopeScaling;
 use crate::error::ModelError;
 use crate::gguf::GgufLayout;
+use crate::gguf_export::{kv, ArchMeta};
+use crate::gguf_write::MetaValue;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
@@ -49,6 +52,11 @@ impl Architecture for Llama {
         Some(GgufLayout {
             name: "llama",
             class: self.classes()[0],
+            fixed: &[
+                ("token_embd.weight", "model.embed_tokens.weight"),
+                ("output_norm.weight", "model.norm.weight"),
+                ("output.weight", "lm_head.weight"),
+            ],
             layer_tensors: &[
                 ("attn_norm.weight", "input_layernorm.weight"),
                 ("ffn_norm.weight", "post_attention_layernorm.weight"),
@@ -64,6 +72,41 @@ impl Architecture for Llama {
                 ("self_attn.q_proj.weight", "attention.head_count"),
                 ("self_attn.k_proj.weight", "attention.head_count_kv"),
             ],
+        })
+    }
+
+    fn gguf_export(&self, c: &ModelConfig, file_type: u32) -> Option<ArchMeta> {
+        use MetaValue::{F32, U32};
+        if matches!(c.rope_scaling, RopeScaling::LongRope { .. }) {
+            return None;
+        }
+        let u = |v: usize| U32(v as u32);
+        let hparams = vec![
+            kv("llama.block_count", u(c.num_hidden_layers)),
+            kv("llama.context_length", u(c.max_position_embeddings)),
+            kv("llama.embedding_length", u(c.hidden_size)),
+            kv("llama.feed_forward_length", u(c.intermediate_size)),
+            kv("llama.attention.head_count", u(c.num_attention_heads)),
+            kv("llama.attention.head_count_kv", u(c.num_key_value_heads)),
+            kv("llama.rope.freq_base", F32(c.rope_theta as f32)),
+            kv(
+                "llama.attention.layer_norm_rms_epsilon",
+                F32(c.norm_eps as f32),
+            ),
+            kv("llama.attention.key_length", u(c.head_dim)),
+            kv("llama.attention.value_length", u(c.head_dim)),
+            kv("general.file_type", U32(file_type)),
+            kv("llama.vocab_size", u(c.vocab_size)),
+            kv("llama.rope.dimension_count", u(c.head_dim)),
+        ];
+        let tensors = match &c.rope_scaling {
+            RopeScaling::Llama3 { .. } => vec![("rope_freqs.weight".into(), llama3_factors(c))],
+            _ => vec![],
+        };
+        Some(ArchMeta {
+            early: vec![],
+            hparams,
+            tensors,
         })
     }
 }
@@ -190,4 +233,37 @@ impl Block for LlamaLayer {
         );
         h + m.down_proj.forward(act)
     }
+}
+
+/// The converter's `rope_freqs` for Llama-3 scaling: per rotary pair, the factor its frequency
+/// is divided by (1 for short wavelengths, `factor` for long ones, a blend between), in f32
+/// throughout as its torch arithmetic runs (Python's constants rounded to f32 first).
+fn llama3_factors(c: &ModelConfig) -> Vec<f32> {
+    let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: low,
+        high_freq_factor: high,
+        original_max_position_embeddings: old,
+    } = c.rope_scaling
+    else {
+        return vec![];
+    };
+    let dim = c.head_dim;
+    let base = c.rope_theta as f32;
+    let (low_wl, high_wl) = ((old as f64 / low) as f32, (old as f64 / high) as f32);
+    let two_pi = (2.0 * std::f64::consts::PI) as f32;
+    (0..dim / 2)
+        .map(|i| {
+            let f = 1.0 / base.powf((2 * i) as f32 / dim as f32);
+            let wl = two_pi / f;
+            if wl < high_wl {
+                1.0
+            } else if wl > low_wl {
+                factor as f32
+            } else {
+                let smooth = (old as f32 / wl - low as f32) / ((high - low) as f32);
+                1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+            }
+        })
+        .collect()
 }

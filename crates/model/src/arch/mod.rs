@@ -13,6 +13,7 @@ pub use crate::config::Arch;
 use crate::config::{self, ConfigReader, ModelConfig};
 use crate::error::ModelError;
 use crate::gguf::{GgufError, GgufFile, GgufLayout};
+use crate::gguf_export::ArchMeta;
 use crate::nn::{LayerCache, LayerCtx, Linear, Norm, NormKind};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
@@ -81,6 +82,12 @@ pub trait Architecture: Sync + std::fmt::Debug {
 
     /// How llama.cpp's GGUF files store this architecture; None: not read from GGUF.
     fn gguf(&self) -> Option<GgufLayout> {
+        None
+    }
+
+    /// The keys and computed tensors llama.cpp's converter writes for this architecture
+    /// (`general.file_type` = `file_type` among them); None: not written as GGUF.
+    fn gguf_export(&self, _c: &ModelConfig, _file_type: u32) -> Option<ArchMeta> {
         None
     }
 
