@@ -5,6 +5,7 @@
 pub mod config;
 pub mod error;
 pub mod freeze;
+pub mod gguf;
 pub mod lora;
 pub mod merge;
 pub mod peft;

@@ -40,12 +40,41 @@ fn parse_key(key: &str) -> Option<Key<'_>> {
     Some(Key::Saved(k))
 }
 
+/// A LoRA factor pair per module path, as read.
+pub type Factors = BTreeMap<String, [Option<HostTensor>; 2]>;
+
 /// Loads a PEFT LoRA adapter folder onto `model`. Returns the config, with the module paths
 /// it adapted.
 pub fn load(
     model: CausalLm,
     dir: &Path,
 ) -> Result<(CausalLm, LoraConfig, Vec<String>), AdapterError> {
+    let (cfg, factors, saved, fname) = read_folder(dir)?;
+    attach(model, cfg, factors, saved, &fname)
+}
+
+/// `load` for a PEFT folder or a llama.cpp LoRA GGUF file (`c`: the base's config).
+pub fn load_any(
+    model: CausalLm,
+    path: &Path,
+    c: &phi_model::ModelConfig,
+) -> Result<(CausalLm, LoraConfig, Vec<String>), AdapterError> {
+    if path.is_file() {
+        let (cfg, factors) = crate::gguf::read_adapter(path, c)?;
+        return attach(
+            model,
+            cfg,
+            factors,
+            BTreeMap::new(),
+            &path.display().to_string(),
+        );
+    }
+    load(model, path)
+}
+
+type Folder = (LoraConfig, Factors, BTreeMap<String, HostTensor>, String);
+
+fn read_folder(dir: &Path) -> Result<Folder, AdapterError> {
     let cfg = LoraConfig::from_file(&dir.join(CONFIG_FILE))?;
     let file = dir.join(WEIGHTS_FILE);
     if !file.exists() {
@@ -58,9 +87,7 @@ pub fn load(
     }
     let src = SafetensorsSource::open_files(std::slice::from_ref(&file))?;
     let fname = file.display().to_string();
-    let mut model = model;
-    let targeted = targets::resolve(&model, &cfg)?;
-    let mut factors: BTreeMap<String, [Option<HostTensor>; 2]> = BTreeMap::new();
+    let mut factors: Factors = BTreeMap::new();
     let mut saved = BTreeMap::new();
     for key in src.names() {
         match parse_key(&key) {
@@ -80,10 +107,23 @@ pub fn load(
             }
         }
     }
+    Ok((cfg, factors, saved, fname))
+}
+
+/// Puts read factors (and modules_to_save values) on `model`.
+fn attach(
+    model: CausalLm,
+    cfg: LoraConfig,
+    factors: Factors,
+    saved: BTreeMap<String, HostTensor>,
+    fname: &str,
+) -> Result<(CausalLm, LoraConfig, Vec<String>), AdapterError> {
+    let mut model = model;
+    let targeted = targets::resolve(&model, &cfg)?;
     for path in &targeted {
         if !factors.contains_key(path) {
             return Err(AdapterError::tensor(
-                &fname,
+                fname,
                 format!("{PREFIX}{path}.lora_A.weight"),
                 "missing (adapter_config.json targets this module)",
             ));
@@ -93,18 +133,18 @@ pub fn load(
     for (path, [a, b]) in factors {
         let key = |ab: &str| format!("{PREFIX}{path}.lora_{ab}.weight");
         let lin = model.linear_mut(&path).ok_or_else(|| {
-            AdapterError::tensor(&fname, key("A"), "names no linear layer of the base model")
+            AdapterError::tensor(fname, key("A"), "names no linear layer of the base model")
         })?;
         let (a, b) = match (a, b) {
             (Some(a), Some(b)) => (a, b),
-            (None, _) => return Err(AdapterError::tensor(&fname, key("A"), "missing")),
-            (_, None) => return Err(AdapterError::tensor(&fname, key("B"), "missing")),
+            (None, _) => return Err(AdapterError::tensor(fname, key("A"), "missing")),
+            (_, None) => return Err(AdapterError::tensor(fname, key("B"), "missing")),
         };
         let r = cfg.rank_for(&path);
         let (din, dout) = (lin.d_in(), lin.d_out());
         if a.shape != [r, din] {
             return Err(AdapterError::tensor(
-                &fname,
+                fname,
                 key("A"),
                 format!(
                     "expected shape [{r}, {din}] (r, the base layer's inputs), found {:?}",
@@ -114,7 +154,7 @@ pub fn load(
         }
         if b.shape != [dout, r] {
             return Err(AdapterError::tensor(
-                &fname,
+                fname,
                 key("B"),
                 format!(
                     "expected shape [{dout}, {r}] (the base layer's outputs, r), found {:?}",
@@ -137,12 +177,12 @@ pub fn load(
             .find(|k| !prefixes.iter().any(|p| k.starts_with(p)))
         {
             return Err(AdapterError::tensor(
-                &fname,
+                fname,
                 format!("{PREFIX}{k}"),
                 "neither a LoRA factor nor part of modules_to_save",
             ));
         }
-        model = model.set_hf_tensors(&fname, saved)?;
+        model = model.set_hf_tensors(fname, saved)?;
     }
     let paths = adapted(&model);
     Ok((model, cfg, paths))
@@ -212,7 +252,7 @@ pub fn with_adapter(
         dir: model_dir,
         gguf,
     } = loaded;
-    let (model, _, _) = load(model, dir)?;
+    let (model, _, _) = load_any(model, dir, &config)?;
     Ok(phi_model::Loaded {
         model,
         config,

@@ -220,6 +220,9 @@ fn spm_tokens(
         });
         tokens.push(a.content.clone());
     }
+    // Ids past the model's rows are left out, as the converter's SentencePiece path does.
+    tokens.truncate(vocab_size);
+    types.truncate(vocab_size);
     for i in tokens.len()..vocab_size {
         tokens.push(format!("[PAD{i}]"));
         types.push(UNUSED);
@@ -439,4 +442,43 @@ fn special_vocab(
     if let Some(t) = template {
         keys.set("tokenizer.chat_template", MetaValue::Str(t));
     }
+}
+
+/// A GGUF base's own tokenizer keys, to write again with a model made from it. The reader
+/// keeps values, not their exact GGUF types: these are written with the types the converter
+/// gives each key.
+pub fn keys_from_gguf(file: &phi_model::gguf::GgufFile) -> Vec<(String, MetaValue)> {
+    use phi_model::gguf::GgufValue as G;
+    let strs = |a: &[G]| {
+        a.iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    file.metadata()
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .filter_map(|(k, v)| {
+            let value = match v {
+                G::Str(s) => MetaValue::Str(s.clone()),
+                G::Bool(b) => MetaValue::Bool(*b),
+                G::U64(_) | G::I64(_) => MetaValue::U32(v.as_u64()? as u32),
+                G::F64(x) => MetaValue::F32(*x as f32),
+                G::Array(a) => match a.first() {
+                    Some(G::Str(_)) | None => MetaValue::Strs(strs(a)),
+                    Some(G::F64(_)) => {
+                        MetaValue::F32s(a.iter().filter_map(G::as_f64).map(|x| x as f32).collect())
+                    }
+                    Some(_) => MetaValue::I32s(
+                        a.iter()
+                            .map(|v| match v {
+                                G::I64(i) => *i as i32,
+                                other => other.as_u64().unwrap_or(0) as i32,
+                            })
+                            .collect(),
+                    ),
+                },
+            };
+            Some((k.clone(), value))
+        })
+        .collect()
 }

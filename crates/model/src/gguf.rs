@@ -284,12 +284,16 @@ pub fn move_rows(data: &[f32], rows: usize, to: impl Fn(usize) -> usize) -> Vec<
 }
 
 /// Undoes llama.cpp's q/k row permutation (interleaved rotary pairs back to HF's halves).
-fn unpermute(data: &[f32], rows: usize, _cols: usize, heads: usize) -> Vec<f32> {
+pub fn unpermute_rows(data: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     let mut hf_of = vec![0; rows];
     for (r, slot) in (0..rows).map(|r| (r, gguf_row(r, rows, heads))) {
         hf_of[slot] = r;
     }
     move_rows(data, rows, |g| hf_of[g])
+}
+
+fn unpermute(data: &[f32], rows: usize, _cols: usize, heads: usize) -> Vec<f32> {
+    unpermute_rows(data, rows, heads)
 }
 
 impl GgufFile {
@@ -502,6 +506,19 @@ impl GgufFile {
             None => data,
         };
         Ok((shape, data))
+    }
+
+    /// A tensor by its GGUF name in f32 as stored (None where the file has no such tensor).
+    pub fn gguf_tensor_f32(&self, name: &str) -> Result<Option<Vec<f32>>, GgufError> {
+        let Some(info) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let n: usize = info.dims.iter().product();
+        let (per, bytes) = block_layout(info.ggml_type).unwrap_or((1, 0));
+        let raw = &self.mmap[info.start..info.start + n / per * bytes];
+        dequantize(info.ggml_type, raw, n)
+            .map(Some)
+            .ok_or_else(|| self.unsupported(name, info.ggml_type))
     }
 
     /// A 2-D tensor kept in its block type (rows in HF's order), or None where it is stored

@@ -48,6 +48,11 @@ impl OutType {
         })
     }
 
+    /// The adapter converter's types are f32, f16, bf16 and q8_0.
+    pub fn converter_writes(self) -> bool {
+        !self.low_bit()
+    }
+
     fn ggml(self) -> u32 {
         match self {
             OutType::F32 => F32,
@@ -117,7 +122,7 @@ pub fn gguf_name(hf: &str, layout: &GgufLayout) -> Option<String> {
 }
 
 /// The type the converter (or llama-quantize) gives a tensor.
-fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool) -> u32 {
+pub fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool) -> u32 {
     if shape.len() <= 1 || name.ends_with("_norm.weight") {
         return F32;
     }
@@ -134,7 +139,8 @@ fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool) -> u32 {
     ty.ggml()
 }
 
-fn encode_as(ty: u32, data: &[f32]) -> Result<Vec<u8>, String> {
+/// `data` in ggml type `ty`.
+pub fn encode_as(ty: u32, data: &[f32]) -> Result<Vec<u8>, String> {
     Ok(match ty {
         F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         F16 => data
@@ -152,7 +158,8 @@ fn encode_as(ty: u32, data: &[f32]) -> Result<Vec<u8>, String> {
     })
 }
 
-fn type_bytes(ty: u32, n: usize) -> usize {
+/// Bytes of `n` values in ggml type `ty`.
+pub fn type_bytes(ty: u32, n: usize) -> usize {
     match ty {
         F32 => 4 * n,
         F16 | BF16 => 2 * n,
@@ -250,7 +257,13 @@ pub fn write_model(
     meta.push(kv("general.size_label", MetaValue::Str(size_label(params))));
     meta.extend(arch.hparams);
     meta.push(kv("general.quantization_version", MetaValue::U32(2)));
-    meta.extend(vocab);
+    // A key written twice keeps its first place (gguf-py's writer overwrites in place).
+    for (k, v) in vocab {
+        match meta.iter_mut().find(|(m, _)| *m == k) {
+            Some(slot) => slot.1 = v,
+            None => meta.push((k, v)),
+        }
+    }
     let heads_of = |hf: &str| -> Option<usize> {
         let tail = hf.split('.').skip(3).collect::<Vec<_>>().join(".");
         let (_, key) = layout.permuted.iter().find(|(h, _)| *h == tail)?;

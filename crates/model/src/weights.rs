@@ -331,7 +331,7 @@ impl GgufSource {
         &self.file
     }
     pub fn hf_config(&self) -> Result<serde_json::Value, ModelError> {
-        Ok(self.file.hf_config(&self.layout)?)
+        Ok(crate::Arch::gguf_hf_config(&self.file, &self.layout)?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! comparisons (`oracle`), a small GGUF writer for fixtures built in tests (`gguf_write`), and
 //! reproducible test values (`values`).
 
+pub mod gguf_reference;
 pub mod gguf_write;
 pub mod oracle;
 pub mod tiny_llama;

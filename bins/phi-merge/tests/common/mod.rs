@@ -47,6 +47,11 @@ pub fn s(p: &Path) -> &str {
 pub fn logits(dir: &Path, case: &Case) -> Vec<f32> {
     let res = resolve_dir(dir).unwrap_or_else(|e| panic!("{e}"));
     let model = CausalLm::load(&res.config, res.source.as_ref(), &cpu_device()).unwrap();
+    logits_of(&model, case)
+}
+
+/// `model`'s logits on the case's inputs.
+pub fn logits_of(model: &CausalLm, case: &Case) -> Vec<f32> {
     let (shape, ids) = case.input("input_ids").unwrap();
     let mut inp = Inputs::new(shape[0], shape[1], ids);
     if let Some((_, m)) = case.input("attention_mask") {

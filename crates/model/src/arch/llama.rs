@@ -5,7 +5,7 @@ use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linear
 use crate::config::ModelConfig;
 use crate::config::RopeScaling;
 use crate::error::ModelError;
-use crate::gguf::GgufLayout;
+use crate::gguf::{GgufError, GgufFile, GgufLayout};
 use crate::gguf_export::{kv, ArchMeta};
 use crate::gguf_write::MetaValue;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
@@ -14,6 +14,7 @@ use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use phi_kernels::swiglu;
+use serde_json::{json, Value};
 
 #[derive(Debug)]
 pub struct Llama;
@@ -73,6 +74,32 @@ impl Architecture for Llama {
                 ("self_attn.k_proj.weight", "attention.head_count_kv"),
             ],
         })
+    }
+
+    fn gguf_config(&self, file: &GgufFile, cfg: &mut Value) -> Result<(), GgufError> {
+        let m = file.metadata();
+        let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1);
+        let dim = match m.get("llama.attention.key_length").and_then(|v| v.as_u64()) {
+            Some(d) => {
+                cfg["head_dim"] = json!(d);
+                d
+            }
+            None => cfg["hidden_size"].as_u64().unwrap_or(0) / heads,
+        } as usize;
+        if let Some(stored) = file.gguf_tensor_f32("rope_freqs.weight")? {
+            let theta = cfg["rope_theta"].as_f64().unwrap_or(10000.0);
+            let s = Llama3::from_factors(&stored, theta, dim).ok_or_else(|| {
+                file.err(
+                    "tensor rope_freqs.weight: matches no Llama-3 rope scaling (original \
+                     context 2..2^20, frequency factors 1-4 / 2-32)",
+                )
+            })?;
+            cfg["rope_scaling"] = json!({
+                "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low,
+                "high_freq_factor": s.high, "original_max_position_embeddings": s.old,
+            });
+        }
+        Ok(())
     }
 
     fn gguf_export(&self, c: &ModelConfig, file_type: u32) -> Option<ArchMeta> {
@@ -241,29 +268,76 @@ impl Block for LlamaLayer {
 fn llama3_factors(c: &ModelConfig) -> Vec<f32> {
     let RopeScaling::Llama3 {
         factor,
-        low_freq_factor: low,
-        high_freq_factor: high,
-        original_max_position_embeddings: old,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
     } = c.rope_scaling
     else {
         return vec![];
     };
-    let dim = c.head_dim;
-    let base = c.rope_theta as f32;
-    let (low_wl, high_wl) = ((old as f64 / low) as f32, (old as f64 / high) as f32);
-    let two_pi = (2.0 * std::f64::consts::PI) as f32;
-    (0..dim / 2)
-        .map(|i| {
-            let f = 1.0 / base.powf((2 * i) as f32 / dim as f32);
-            let wl = two_pi / f;
-            if wl < high_wl {
-                1.0
-            } else if wl > low_wl {
-                factor as f32
-            } else {
-                let smooth = (old as f32 / wl - low as f32) / ((high - low) as f32);
-                1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+    let s = Llama3 {
+        factor,
+        low: low_freq_factor,
+        high: high_freq_factor,
+        old: original_max_position_embeddings,
+    };
+    s.factors(c.rope_theta, c.head_dim)
+}
+
+/// Llama-3 rope scaling's parameters.
+struct Llama3 {
+    factor: f64,
+    low: f64,
+    high: f64,
+    old: usize,
+}
+
+impl Llama3 {
+    fn factors(&self, theta: f64, dim: usize) -> Vec<f32> {
+        let Llama3 {
+            factor,
+            low,
+            high,
+            old,
+        } = *self;
+        let base = theta as f32;
+        let (low_wl, high_wl) = ((old as f64 / low) as f32, (old as f64 / high) as f32);
+        let two_pi = (2.0 * std::f64::consts::PI) as f32;
+        (0..dim / 2)
+            .map(|i| {
+                let f = 1.0 / base.powf((2 * i) as f32 / dim as f32);
+                let wl = two_pi / f;
+                if wl < high_wl {
+                    1.0
+                } else if wl > low_wl {
+                    factor as f32
+                } else {
+                    let smooth = (old as f32 / wl - low as f32) / ((high - low) as f32);
+                    1.0 / ((1.0 - smooth) / factor as f32 + smooth)
+                }
+            })
+            .collect()
+    }
+
+    /// The parameters that give `stored` (a GGUF's rope_freqs, which keeps only the factors):
+    /// searched over the values Llama-3 models use and their neighbours, exact to the bit.
+    fn from_factors(stored: &[f32], theta: f64, dim: usize) -> Option<Llama3> {
+        let factor = stored.iter().fold(1f32, |m, &v| m.max(v)) as f64;
+        for p in 1..=20 {
+            for low in [1.0, 2.0, 4.0] {
+                for high in [2.0, 4.0, 8.0, 16.0, 32.0] {
+                    let s = Llama3 {
+                        factor,
+                        low,
+                        high,
+                        old: 1 << p,
+                    };
+                    if high > low && s.factors(theta, dim) == stored {
+                        return Some(s);
+                    }
+                }
             }
-        })
-        .collect()
+        }
+        None
+    }
 }

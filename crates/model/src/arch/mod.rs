@@ -85,6 +85,12 @@ pub trait Architecture: Sync + std::fmt::Debug {
         None
     }
 
+    /// What this architecture's GGUF files keep beyond the keys all share, added to the
+    /// config.json `GgufFile::hf_config` builds.
+    fn gguf_config(&self, _file: &GgufFile, _cfg: &mut Value) -> Result<(), GgufError> {
+        Ok(())
+    }
+
     /// The keys and computed tensors llama.cpp's converter writes for this architecture
     /// (`general.file_type` = `file_type` among them); None: not written as GGUF.
     fn gguf_export(&self, _c: &ModelConfig, _file_type: u32) -> Option<ArchMeta> {
@@ -241,6 +247,19 @@ impl Arch {
             Some(c) => by(|a| a.classes(), c),
             None => by(|a| a.model_types(), model_type?),
         }
+    }
+
+    /// The config.json of a GGUF file of `layout`: the keys all architectures share, then
+    /// the architecture's own (`Architecture::gguf_config`).
+    pub fn gguf_hf_config(file: &GgufFile, layout: &GgufLayout) -> Result<Value, GgufError> {
+        let mut cfg = file.hf_config(layout)?;
+        if let Some(a) = Arch::ALL
+            .iter()
+            .find(|a| a.gguf().is_some_and(|g| g.name == layout.name))
+        {
+            a.gguf_config(file, &mut cfg)?;
+        }
+        Ok(cfg)
     }
 
     /// How llama.cpp lays out the architecture a GGUF file names.

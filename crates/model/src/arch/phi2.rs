@@ -4,12 +4,16 @@
 use super::{block_listing, Architecture, Block, DecoderLayer, LinearSpec, Linears, Mlp};
 use crate::config::{ConfigReader, ModelConfig};
 use crate::error::ModelError;
+use crate::gguf::{GgufError, GgufFile, GgufLayout};
+use crate::gguf_export::{kv, ArchMeta};
+use crate::gguf_write::MetaValue;
 use crate::nn::{rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Tensor};
+use serde_json::{json, Value};
 
 #[derive(Debug)]
 pub struct Phi2;
@@ -100,6 +104,80 @@ impl Architecture for Phi2 {
 
     fn lm_head_bias(&self) -> bool {
         true
+    }
+
+    fn gguf(&self) -> Option<GgufLayout> {
+        Some(GgufLayout {
+            name: "phi2",
+            class: self.classes()[0],
+            fixed: &[
+                ("token_embd.weight", "model.embed_tokens.weight"),
+                ("output_norm.weight", "model.final_layernorm.weight"),
+                ("output_norm.bias", "model.final_layernorm.bias"),
+                ("output.weight", "lm_head.weight"),
+                ("output.bias", "lm_head.bias"),
+            ],
+            layer_tensors: &[
+                ("attn_norm.weight", "input_layernorm.weight"),
+                ("attn_norm.bias", "input_layernorm.bias"),
+                ("attn_q.weight", "self_attn.q_proj.weight"),
+                ("attn_q.bias", "self_attn.q_proj.bias"),
+                ("attn_k.weight", "self_attn.k_proj.weight"),
+                ("attn_k.bias", "self_attn.k_proj.bias"),
+                ("attn_v.weight", "self_attn.v_proj.weight"),
+                ("attn_v.bias", "self_attn.v_proj.bias"),
+                ("attn_output.weight", "self_attn.dense.weight"),
+                ("attn_output.bias", "self_attn.dense.bias"),
+                ("ffn_up.weight", "mlp.fc1.weight"),
+                ("ffn_up.bias", "mlp.fc1.bias"),
+                ("ffn_down.weight", "mlp.fc2.weight"),
+                ("ffn_down.bias", "mlp.fc2.bias"),
+            ],
+            permuted: &[],
+        })
+    }
+
+    fn gguf_config(&self, file: &GgufFile, cfg: &mut Value) -> Result<(), GgufError> {
+        let m = file.metadata();
+        if let Some(eps) = m
+            .get("phi2.attention.layer_norm_epsilon")
+            .and_then(|v| v.as_f64())
+        {
+            cfg["layer_norm_eps"] = json!(eps);
+        }
+        if let Some(n) = m.get("phi2.rope.dimension_count").and_then(|v| v.as_u64()) {
+            let h = cfg["hidden_size"].as_u64().unwrap_or(1) as f64;
+            let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1) as f64;
+            cfg["partial_rotary_factor"] = json!(n as f64 * heads / h);
+        }
+        cfg["hidden_act"] = json!("gelu_new");
+        Ok(())
+    }
+
+    fn gguf_export(&self, c: &ModelConfig, file_type: u32) -> Option<ArchMeta> {
+        use MetaValue::{Bool, F32, U32};
+        let u = |v: usize| U32(v as u32);
+        let rope_dims =
+            (c.partial_rotary_factor * c.hidden_size as f64) as usize / c.num_attention_heads;
+        // The converter writes 4·hidden for the MLP width (Phi-2's own); the config's value is
+        // written instead, which is the same for every Phi-2 and right for any other.
+        let hparams = vec![
+            kv("phi2.context_length", u(c.max_position_embeddings)),
+            kv("phi2.embedding_length", u(c.hidden_size)),
+            kv("phi2.feed_forward_length", u(c.intermediate_size)),
+            kv("phi2.block_count", u(c.num_hidden_layers)),
+            kv("phi2.attention.head_count", u(c.num_attention_heads)),
+            kv("phi2.attention.head_count_kv", u(c.num_key_value_heads)),
+            kv("phi2.attention.layer_norm_epsilon", F32(c.norm_eps as f32)),
+            kv("phi2.rope.dimension_count", u(rope_dims)),
+            kv("general.file_type", U32(file_type)),
+            kv("tokenizer.ggml.add_bos_token", Bool(false)),
+        ];
+        Some(ArchMeta {
+            early: vec![],
+            hparams,
+            tensors: vec![],
+        })
     }
 }
 

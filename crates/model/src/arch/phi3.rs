@@ -4,6 +4,9 @@
 use super::{block_listing, Architecture, Block, DecoderLayer, Fused, LinearSpec, Linears, Mlp};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::error::ModelError;
+use crate::gguf::{GgufError, GgufFile, GgufLayout};
+use crate::gguf_export::{kv, ArchMeta};
+use crate::gguf_write::MetaValue;
 use crate::nn::{load_norm_pair, rotary_attention, LayerCache, LayerCtx, Linear, Norm, Projected};
 use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
@@ -71,6 +74,115 @@ impl Architecture for Phi3 {
 
     fn mlp(&self) -> Mlp {
         Mlp::PackedSwiGlu
+    }
+
+    fn gguf(&self) -> Option<GgufLayout> {
+        Some(GgufLayout {
+            name: "phi3",
+            class: self.classes()[0],
+            fixed: &[
+                ("token_embd.weight", "model.embed_tokens.weight"),
+                ("output_norm.weight", "model.norm.weight"),
+                ("output.weight", "lm_head.weight"),
+            ],
+            layer_tensors: &[
+                ("attn_norm.weight", "input_layernorm.weight"),
+                ("ffn_norm.weight", "post_attention_layernorm.weight"),
+                ("attn_qkv.weight", "self_attn.qkv_proj.weight"),
+                ("attn_output.weight", "self_attn.o_proj.weight"),
+                ("ffn_up.weight", "mlp.gate_up_proj.weight"),
+                ("ffn_down.weight", "mlp.down_proj.weight"),
+            ],
+            permuted: &[],
+        })
+    }
+
+    fn gguf_config(&self, file: &GgufFile, cfg: &mut Value) -> Result<(), GgufError> {
+        let m = file.metadata();
+        let u = |k: &str| m.get(k).and_then(|v| v.as_u64());
+        if let Some(w) = u("phi3.attention.sliding_window").filter(|&w| w > 0) {
+            cfg["sliding_window"] = json!(w);
+        }
+        if let Some(n) = u("phi3.rope.dimension_count") {
+            let h = cfg["hidden_size"].as_u64().unwrap_or(1) as f64;
+            let heads = cfg["num_attention_heads"].as_u64().unwrap_or(1) as f64;
+            let factor = n as f64 * heads / h;
+            if factor != 1.0 {
+                cfg["partial_rotary_factor"] = json!(factor);
+            }
+        }
+        let orig = u("phi3.rope.scaling.original_context_length");
+        if let Some(o) = orig {
+            cfg["original_max_position_embeddings"] = json!(o);
+        }
+        let long = file.gguf_tensor_f32("rope_factors_long.weight")?;
+        let short = file.gguf_tensor_f32("rope_factors_short.weight")?;
+        if let (Some(long), Some(short)) = (long, short) {
+            let o = orig.ok_or_else(|| {
+                file.err("key phi3.rope.scaling.original_context_length: expected it beside rope_factors_long")
+            })?;
+            cfg["rope_scaling"] = json!({
+                "type": "longrope", "long_factor": long, "short_factor": short,
+                "original_max_position_embeddings": o,
+            });
+        }
+        Ok(())
+    }
+
+    fn gguf_export(&self, c: &ModelConfig, file_type: u32) -> Option<ArchMeta> {
+        use MetaValue::{F32, U32};
+        let u = |v: usize| U32(v as u32);
+        let raw_orig = c.raw["original_max_position_embeddings"].as_u64();
+        let (mut early, mut tensors) = (vec![], vec![]);
+        let orig = match &c.rope_scaling {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings: o,
+                ..
+            } => {
+                let scale = c.max_position_embeddings as f64 / *o as f64;
+                let attn = match scale > 1.0 {
+                    true => (1.0 + scale.ln() / (*o as f64).ln()).sqrt(),
+                    false => 1.0,
+                };
+                early.push(kv("phi3.rope.scaling.attn_factor", F32(attn as f32)));
+                let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                tensors.push(("rope_factors_long.weight".to_string(), f(long_factor)));
+                tensors.push(("rope_factors_short.weight".to_string(), f(short_factor)));
+                *o
+            }
+            RopeScaling::Llama3 { .. } => return None,
+            // The converter requires the key; Phi-3 configs carry it.
+            RopeScaling::Default => raw_orig.map_or(c.max_position_embeddings, |o| o as usize),
+        };
+        let rope_dims =
+            (c.partial_rotary_factor * c.hidden_size as f64) as usize / c.num_attention_heads;
+        let hparams = vec![
+            kv("phi3.context_length", u(c.max_position_embeddings)),
+            kv("phi3.rope.scaling.original_context_length", u(orig)),
+            kv("phi3.embedding_length", u(c.hidden_size)),
+            kv("phi3.feed_forward_length", u(c.intermediate_size)),
+            kv("phi3.block_count", u(c.num_hidden_layers)),
+            kv("phi3.attention.head_count", u(c.num_attention_heads)),
+            kv("phi3.attention.head_count_kv", u(c.num_key_value_heads)),
+            kv(
+                "phi3.attention.layer_norm_rms_epsilon",
+                F32(c.norm_eps as f32),
+            ),
+            kv("phi3.rope.dimension_count", u(rope_dims)),
+            kv("phi3.rope.freq_base", F32(c.rope_theta as f32)),
+            kv("general.file_type", U32(file_type)),
+            kv(
+                "phi3.attention.sliding_window",
+                u(c.sliding_window.unwrap_or(0)),
+            ),
+        ];
+        Some(ArchMeta {
+            early,
+            hparams,
+            tensors,
+        })
     }
 
     fn fused(&self, c: &ModelConfig) -> Vec<Fused> {
