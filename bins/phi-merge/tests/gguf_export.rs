@@ -1,6 +1,7 @@
 //! phi-merge's GGUF outputs: the adapter file equals llama.cpp's converter's byte for byte
 //! (rsLoRA: all but the alpha that makes llama.cpp apply rsLoRA's scale); the merged model's
-//! file, read back, gives the merged folder's logits on every oracle case; the adapter file,
+//! file, read back, gives the merged folder's logits on every oracle case (f32; f16 within its
+//! rounding; q8_0's tensors within its step of the merged ones); the adapter file,
 //! applied by our loader, gives the PEFT adapter's; the Modelfile; refusals.
 
 mod common;
@@ -192,6 +193,29 @@ fn gguf_files_give_the_merged_folders_and_the_adapters_logits() {
             &[moved <= 1e-2],
             &[true],
         );
+        let q8 = out.join("m-q8_0.gguf");
+        let (ok, err) = merge(&[
+            "--model",
+            s(&case.dir),
+            "--adapter",
+            s(&lora),
+            "--gguf",
+            s(&q8),
+            "--outtype",
+            "q8_0",
+            "--tokenizer",
+            s(&tok),
+            "--overwrite",
+        ]);
+        match ok {
+            true => r.equal(
+                &case.name,
+                "q8_0 tensors within a step",
+                &[q8_0_misfit(&folder, &q8)],
+                &[None],
+            ),
+            false => r.fail(format!("{}: phi-merge q8_0 failed: {err}", case.name)),
+        }
         let peft = logits(&case.dir, Some(&lora), &case);
         r.close(
             &case.name,
@@ -203,6 +227,36 @@ fn gguf_files_give_the_merged_folders_and_the_adapters_logits() {
         let _ = std::fs::remove_dir_all(&out);
     }
     r.finish();
+}
+
+/// The first tensor of the Q8_0 file that is not the merged folder's within Q8_0's step
+/// (each block's amax / 127 at most, plus the f16 scale's rounding; 1-D tensors exact).
+fn q8_0_misfit(folder: &Path, file: &Path) -> Option<String> {
+    use phi_model::weights::{SafetensorsSource, TensorSource};
+    let merged = SafetensorsSource::open_dir(folder).unwrap();
+    let g = phi_model::gguf::GgufFile::open(file).unwrap();
+    let layout = phi_model::Arch::gguf_layout(&g).unwrap();
+    for name in merged.names() {
+        let want = merged.load(&name).unwrap();
+        let (_, got) = g.tensor_f32(&name, &layout).unwrap();
+        let row = *want.shape.last().unwrap();
+        for (b, (w, q)) in want
+            .data
+            .chunks(32.min(row))
+            .zip(got.chunks(32.min(row)))
+            .enumerate()
+        {
+            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let bound = match want.shape.len() {
+                1 => 0.0,
+                _ => amax / 127.0 * 0.5 + amax * 2f32.powi(-10),
+            };
+            if w.iter().zip(q).any(|(a, b)| (a - b).abs() > bound) {
+                return Some(format!("{name} block {b}"));
+            }
+        }
+    }
+    None
 }
 
 #[test]
