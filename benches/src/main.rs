@@ -34,7 +34,8 @@ pub struct Args {
     /// LoRA rank.
     #[arg(long, alias = "lora-r", default_value_t = 16)]
     rank: usize,
-    /// cpu (Burn's flex), cuda (with --features cuda), ndarray (with --features ndarray).
+    /// cpu (Burn's flex), vulkan[:cpu|:N] (with --features vulkan), cuda[:N] (with --features
+    /// cuda), ndarray (with --features ndarray).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Burn's gradient checkpointing (`Device::gradient_checkpointing`, balanced strategy).

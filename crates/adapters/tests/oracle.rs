@@ -58,7 +58,7 @@ fn grads_by_name(model: &CausalLm, loss: Tensor<1>) -> BTreeMap<String, Vec<f32>
 /// reporting why) when it cannot be loaded.
 fn adapted(case: &Case, dir: &std::path::Path, r: &mut Report) -> Option<CausalLm> {
     let name = &case.name;
-    let device = cpu_device().autodiff();
+    let device = phi_testkit::device().autodiff();
     let (model, _, paths) = match peft::load(base(case, &device), dir) {
         Ok(x) => x,
         Err(e) => {
@@ -298,7 +298,7 @@ fn check_base_frozen(case: &Case, r: &mut Report) {
     if !has_all(case, &["lora".to_string()], &[], r) {
         return;
     }
-    let device = cpu_device().autodiff();
+    let device = phi_testkit::device().autodiff();
     let (model, _, _) = peft::load(base(case, &device), &dir).unwrap();
     let names = freeze::trainable_names(
         &model,
@@ -336,7 +336,7 @@ fn check_base_frozen(case: &Case, r: &mut Report) {
 
 /// Norm-only: gradients reach exactly the norm weights (and LayerNorm biases).
 fn check_norm_only(case: &Case, r: &mut Report) {
-    let device = cpu_device().autodiff();
+    let device = phi_testkit::device().autodiff();
     let model = base(case, &device);
     let names = freeze::trainable_names(&model, &Selection::NormOnly).unwrap();
     let expected_norms = model.norm_params().len();

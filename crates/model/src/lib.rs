@@ -57,8 +57,33 @@ pub fn device_from_name(name: &str) -> Result<Device, ModelError> {
         n if n.starts_with("cuda") => Err(ModelError::Other(format!(
             "--device {n}: this binary was built without the `cuda` feature (cargo build --features cuda)"
         ))),
-        n => Err(ModelError::Other(format!("--device {n}: expected cpu or cuda"))),
+        #[cfg(feature = "vulkan")]
+        n if n == "vulkan" || n.starts_with("vulkan:") => vulkan_device(n),
+        #[cfg(not(feature = "vulkan"))]
+        n if n.starts_with("vulkan") => Err(ModelError::Other(format!(
+            "--device {n}: this binary was built without the `vulkan` feature (cargo build --features vulkan)"
+        ))),
+        n => Err(ModelError::Other(format!(
+            "--device {n}: expected cpu, vulkan[:cpu|:N] or cuda[:N]"
+        ))),
     }
+}
+
+/// `vulkan` (wgpu's default adapter), `vulkan:cpu` (a software device such as Mesa's
+/// lavapipe) or `vulkan:N` (the Nth discrete GPU).
+#[cfg(feature = "vulkan")]
+fn vulkan_device(n: &str) -> Result<Device, ModelError> {
+    use burn::tensor::DeviceKind;
+    let kind = match n.strip_prefix("vulkan:") {
+        None => DeviceKind::DefaultDevice,
+        Some("cpu") => DeviceKind::Cpu,
+        Some(i) => DeviceKind::DiscreteGpu(i.parse().map_err(|_| {
+            ModelError::Other(format!(
+                "--device {n}: expected vulkan, vulkan:cpu or vulkan:N"
+            ))
+        })?),
+    };
+    Ok(Device::wgpu(kind))
 }
 
 /// A model's tokenizer/config folder from where it was loaded: its folder, else the GGUF

@@ -6,7 +6,7 @@ use phi_model::generate::{generate, GenerateConfig};
 use phi_model::loss::causal_lm_loss;
 use phi_model::resolve::resolve_dir;
 use phi_model::weights::SafetensorsSource;
-use phi_model::{cpu_device, CausalLm, Inputs, ModelConfig, TapRequest};
+use phi_model::{CausalLm, Inputs, ModelConfig, TapRequest};
 use phi_testkit::oracle::{cases, Case, Report};
 
 const TOL: f32 = 1e-4;
@@ -19,7 +19,7 @@ fn vals<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 fn load_with(case: &Case, config_file: &str) -> Result<CausalLm, String> {
     let cfg = ModelConfig::from_file(&case.dir.join(config_file)).map_err(|e| e.to_string())?;
     let src = SafetensorsSource::open_dir(&case.dir).map_err(|e| e.to_string())?;
-    CausalLm::load(&cfg, &src, &cpu_device()).map_err(|e| e.to_string())
+    CausalLm::load(&cfg, &src, &phi_testkit::device()).map_err(|e| e.to_string())
 }
 
 /// The case's model loaded as a folder (config.json) and, where present, from the
@@ -27,7 +27,7 @@ fn load_with(case: &Case, config_file: &str) -> Result<CausalLm, String> {
 fn check_case(case: &Case, r: &mut Report) {
     let name = &case.name;
     match resolve_dir(&case.dir)
-        .and_then(|res| CausalLm::load(&res.config, res.source.as_ref(), &cpu_device()))
+        .and_then(|res| CausalLm::load(&res.config, res.source.as_ref(), &phi_testkit::device()))
     {
         Ok(m) => check_model(case, &m, name, r),
         Err(e) => r.fail(format!("{name}: cannot load: {e}")),

@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor};
 use phi_adapters::freeze::{self, Selection};
 use phi_model::loss::causal_lm_loss;
 use phi_model::resolve::resolve_dir;
-use phi_model::{cpu_device, Arch, CausalLm, ModelConfig, TapRequest};
+use phi_model::{Arch, CausalLm, ModelConfig, TapRequest};
 use phi_regularizers::{BosScale, NormTarget};
 use phi_testkit::oracle::{cases, Case, Report};
 
@@ -38,7 +38,7 @@ fn check_reg(case: &Case, r: &mut Report) {
         (true, "reg.all_tokens", "reg.total", "reg.grad."),
         (false, "reg.masked", "reg.total_masked", "reg_masked.grad."),
     ] {
-        let device = cpu_device().autodiff();
+        let device = phi_testkit::device().autodiff();
         let (model, cfg) = load(case, &device);
         let reg = recipe(include_padding);
         reg.check(&cfg).unwrap();
@@ -101,7 +101,7 @@ fn check_bos(case: &Case, r: &mut Report) {
         if !case.has(&key) {
             continue;
         }
-        let device = cpu_device().autodiff();
+        let device = phi_testkit::device().autodiff();
         let (model, _) = load(case, &device);
         let names = freeze::trainable_names(&model, &Selection::Full).unwrap();
         let model = freeze::apply(model, &names);

@@ -19,3 +19,19 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// The device the oracle suite runs on: `PHI_TEST_DEVICE` (cpu, vulkan, vulkan:cpu, cuda, ...),
+/// cpu when unset. A device the build or the machine lacks fails the test that asks for it.
+pub fn device() -> burn::tensor::Device {
+    let name = test_device_name();
+    let device =
+        phi_model::device_from_name(&name).unwrap_or_else(|e| panic!("PHI_TEST_DEVICE: {e}"));
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| eprintln!("oracle suite on --device {name}: {device:?}"));
+    device
+}
+
+/// `PHI_TEST_DEVICE`'s value, for binaries' `--device`.
+pub fn test_device_name() -> String {
+    std::env::var("PHI_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
