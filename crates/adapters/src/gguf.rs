@@ -8,7 +8,7 @@
 use crate::config::LoraConfig;
 use crate::error::AdapterError;
 use phi_model::gguf_export::{
-    encode_as, gguf_name, interleave_rows, kv, tensor_type, type_bytes, OutType,
+    encode_as, gguf_name, interleave_rows, kv, permuted_heads, tensor_type, type_bytes, OutType,
 };
 use phi_model::gguf_write::{write_file, MetaValue, TensorPlan};
 use phi_model::{CausalLm, ModelConfig};
@@ -79,12 +79,7 @@ pub fn write_adapter(
                     let k = (wanted / given) as f32;
                     values.iter_mut().for_each(|v| *v *= k);
                 }
-                let tail = base.split('.').skip(3).collect::<Vec<_>>().join(".");
-                if let Some((_, key)) = layout.permuted.iter().find(|(h, _)| *h == tail) {
-                    let heads = match *key {
-                        "attention.head_count_kv" => c.num_key_value_heads,
-                        _ => c.num_attention_heads,
-                    };
+                if let Some(heads) = permuted_heads(&base, &layout, c) {
                     values = interleave_rows(&values, t.shape[0], heads);
                 }
                 "lora_b"
@@ -178,12 +173,7 @@ pub fn read_adapter(
         if is_a {
             ranks.insert(module.clone(), shape[0]);
         } else {
-            let tail = hf.split('.').skip(3).collect::<Vec<_>>().join(".");
-            if let Some((_, key)) = layout.permuted.iter().find(|(h, _)| *h == tail) {
-                let heads = match *key {
-                    "attention.head_count_kv" => c.num_key_value_heads,
-                    _ => c.num_attention_heads,
-                };
+            if let Some(heads) = permuted_heads(&hf, &layout, c) {
                 data = phi_model::gguf::unpermute_rows(&data, shape[0], heads);
             }
         }

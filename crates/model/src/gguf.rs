@@ -221,6 +221,13 @@ pub struct GgufLayout {
     pub permuted: &'static [(&'static str, &'static str)],
 }
 
+/// The tensors outside the layers of llama.cpp's llama-style files (llama, phi3).
+pub const LLAMA_FIXED: &[(&str, &str)] = &[
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
 /// HF name of a llama.cpp tensor name; None for tensors HF has no counterpart for.
 pub fn hf_name(gguf: &str, layout: &GgufLayout) -> Option<String> {
     if let Some((_, h)) = layout.fixed.iter().find(|(g, _)| *g == gguf) {
@@ -290,10 +297,6 @@ pub fn unpermute_rows(data: &[f32], rows: usize, heads: usize) -> Vec<f32> {
         hf_of[slot] = r;
     }
     move_rows(data, rows, |g| hf_of[g])
-}
-
-fn unpermute(data: &[f32], rows: usize, _cols: usize, heads: usize) -> Vec<f32> {
-    unpermute_rows(data, rows, heads)
 }
 
 impl GgufFile {
@@ -502,7 +505,7 @@ impl GgufFile {
         let data = dequantize(info.ggml_type, raw, n)
             .ok_or_else(|| self.unsupported(name, info.ggml_type))?;
         let data = match self.heads(hf, name, &shape, layout)? {
-            Some(heads) => unpermute(&data, shape[0], shape[1], heads),
+            Some(heads) => unpermute_rows(&data, shape[0], heads),
             None => data,
         };
         Ok((shape, data))

@@ -109,6 +109,17 @@ pub fn interleave_rows(w: &[f32], rows: usize, heads: usize) -> Vec<f32> {
     move_rows(w, rows, |r| gguf_row(r, rows, heads))
 }
 
+/// The head count llama.cpp interleaves an HF weight's rows by (q, k under llama), or None
+/// where the rows keep HF's order.
+pub fn permuted_heads(hf: &str, layout: &GgufLayout, c: &ModelConfig) -> Option<usize> {
+    let tail = hf.split('.').skip(3).collect::<Vec<_>>().join(".");
+    let (_, key) = layout.permuted.iter().find(|(h, _)| *h == tail)?;
+    Some(match *key {
+        "attention.head_count_kv" => c.num_key_value_heads,
+        _ => c.num_attention_heads,
+    })
+}
+
 /// The GGUF name of an HF tensor under `layout`.
 pub fn gguf_name(hf: &str, layout: &GgufLayout) -> Option<String> {
     if let Some((g, _)) = layout.fixed.iter().find(|(_, h)| *h == hf) {
@@ -264,14 +275,6 @@ pub fn write_model(
             None => meta.push((k, v)),
         }
     }
-    let heads_of = |hf: &str| -> Option<usize> {
-        let tail = hf.split('.').skip(3).collect::<Vec<_>>().join(".");
-        let (_, key) = layout.permuted.iter().find(|(h, _)| *h == tail)?;
-        Some(match *key {
-            "attention.head_count_kv" => c.num_key_value_heads,
-            _ => c.num_attention_heads,
-        })
-    };
     write_file(path, &meta, &plans, |i| {
         let plan = &plans[i];
         let data = match &sources[i] {
@@ -281,7 +284,7 @@ pub fn write_model(
                 let (_, HostTensor { shape, data }) = got
                     .pop()
                     .ok_or_else(|| ModelError::tensor(&what, hf, "not in the model"))?;
-                match heads_of(hf) {
+                match permuted_heads(hf, &layout, c) {
                     Some(h) => interleave_rows(&data, shape[0], h),
                     None => data,
                 }

@@ -53,11 +53,7 @@ impl Architecture for Llama {
         Some(GgufLayout {
             name: "llama",
             class: self.classes()[0],
-            fixed: &[
-                ("token_embd.weight", "model.embed_tokens.weight"),
-                ("output_norm.weight", "model.norm.weight"),
-                ("output.weight", "lm_head.weight"),
-            ],
+            fixed: crate::gguf::LLAMA_FIXED,
             layer_tensors: &[
                 ("attn_norm.weight", "input_layernorm.weight"),
                 ("ffn_norm.weight", "post_attention_layernorm.weight"),
