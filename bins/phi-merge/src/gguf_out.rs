@@ -97,6 +97,14 @@ fn from_path(p: &Path, folder: &Path) -> String {
     }
 }
 
+/// Where the Modelfile for the GGUF file `at` goes: beside it.
+pub fn modelfile_path(at: &Path) -> PathBuf {
+    at.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("Modelfile")
+}
+
 /// The Modelfile beside the GGUF written: FROM the merged model, or FROM the base with
 /// ADAPTER the adapter file; TEMPLATE and stop words where the chat format is known.
 pub fn write_modelfile(
@@ -106,11 +114,8 @@ pub fn write_modelfile(
     chat_template: Option<&str>,
     overwrite: bool,
 ) -> Result<PathBuf> {
-    let folder = at
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let path = folder.join("Modelfile");
+    let path = modelfile_path(at);
+    let folder = path.parent().unwrap_or(Path::new("."));
     if path.exists() && !overwrite {
         bail!(
             "{}: exists (pass --overwrite to replace it)",

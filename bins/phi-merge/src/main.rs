@@ -32,7 +32,8 @@ struct Args {
     /// Write the merged model as a GGUF file (llama.cpp, Ollama, LM Studio).
     #[arg(long)]
     gguf: Option<PathBuf>,
-    /// --gguf's weight type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
+    /// --gguf's weight type: f32, f16, bf16, q8_0 (as llama.cpp's converter); q4_0, q4_1,
+    /// q5_0, q5_1, q4_k_s, q4_k_m (q4_k), q5_k_s, q5_k_m (q5_k), q6_k (as llama-quantize).
     #[arg(long, default_value = "f16")]
     outtype: String,
     /// Write the adapter alone as llama.cpp's LoRA GGUF.
@@ -117,6 +118,11 @@ fn run(a: Args) -> Result<()> {
         if let Some(p) = p {
             gguf_out::check_new(p, flag, a.overwrite)?;
         }
+    }
+    // The Modelfile too, before anything is written: a refusal after the merge would leave
+    // the GGUF without it.
+    if let Some(at) = a.gguf.as_ref().or(a.adapter_gguf.as_ref()) {
+        gguf_out::check_new(&gguf_out::modelfile_path(at), "Modelfile", a.overwrite)?;
     }
     if let Some(out) = &a.out {
         prepare_out_dir(out, a.overwrite)?;

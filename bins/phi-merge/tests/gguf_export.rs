@@ -311,6 +311,14 @@ fn a_modelfile_names_the_file_and_the_chat_format() {
         !ok && err.contains("tiny.gguf") && err.contains("--overwrite") && err.lines().count() == 1,
         "{err}"
     );
+    // A Modelfile already there is refused before the GGUF is written, not after.
+    let g2 = out.join("second.gguf");
+    let (ok, err) = merge(&["--model", s(&dir), "--adapter", s(&ad), "--gguf", s(&g2)]);
+    assert!(
+        !ok && err.contains("Modelfile") && err.contains("--overwrite") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!g2.exists(), "the GGUF was written before the refusal");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&ad);
 }
@@ -345,5 +353,8 @@ fn a_gguf_without_a_tokenizer_is_refused_in_one_line() {
         "--outtype",
         "q3_k",
     ]);
-    assert!(!ok && err.contains("q3_k") && err.contains("q8_0"), "{err}");
+    assert!(
+        !ok && err.contains("q3_k") && err.contains("q8_0") && err.contains("q4_k_m"),
+        "{err}"
+    );
 }

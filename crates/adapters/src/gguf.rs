@@ -87,7 +87,7 @@ pub fn write_adapter(
             _ => return Err(fail(format!("{key}: not a lora_A / lora_B tensor"))),
         };
         let name = format!("{g}.{suffix}");
-        let ty = tensor_type(&name, &t.shape, out, false);
+        let ty = tensor_type(&name, &t.shape, out, false, c.num_hidden_layers);
         plans.push(TensorPlan {
             bytes: type_bytes(ty, values.len()),
             name,

@@ -72,3 +72,42 @@ fn phi3_tensors_and_model_keys_equal_llama_cpps_converter() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The llama-quantize types against `llama_model_quantize` run on the converter's f32 file
+/// (gen_quantize_reference.py): the same keys, tensor types (the K mixes' per-layer choices,
+/// fallbacks where rows are not whole blocks), bytes and whole file. The "wide-" cases have
+/// rows of whole 256-value blocks, so the K types apply; the tiny ones fall back.
+#[test]
+fn quantized_files_equal_llama_quantize() {
+    let jobs: [(&str, &str, &[&str]); 4] = [
+        (
+            "wide-smollm2",
+            "wide-smollm2-f32",
+            &["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0"],
+        ),
+        (
+            "wide-phi3",
+            "wide-phi3-PATCHEDVOCAB-f32",
+            &["q4_k_m", "q5_k_s", "q6_k"],
+        ),
+        (
+            "tiny-smollm2",
+            "tiny-smollm2-f32",
+            &["q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m"],
+        ),
+        ("tiny-phi2", "tiny-phi2-f32", &["q4_k_m", "q5_k_m", "q6_k"]),
+    ];
+    let mut failures = Vec::new();
+    for (case, source, types) in jobs {
+        let dir = checkpoint(case);
+        let whole = !source.contains("PATCHEDVOCAB");
+        for outtype in types {
+            let reference = format!("{source}-quantized-{outtype}");
+            if let Err(e) = check(case, &dir, outtype, &reference, whole) {
+                failures.push(e);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

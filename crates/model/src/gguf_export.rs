@@ -24,10 +24,17 @@ pub enum OutType {
     Q4_1,
     Q5_0,
     Q5_1,
+    /// llama-quantize's K mixes: Q4_K / Q5_K weights, some layers' attn_v and ffn_down one step up.
+    Q4KS,
+    Q4KM,
+    Q5KS,
+    Q5KM,
+    Q6K,
 }
 
 impl OutType {
-    pub const NAMES: &'static str = "f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1";
+    pub const NAMES: &'static str =
+        "f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m (q4_k), q5_k_s, q5_k_m (q5_k), q6_k";
 
     pub fn parse(s: &str) -> Result<OutType, ModelError> {
         Ok(match s.to_ascii_lowercase().as_str() {
@@ -39,6 +46,12 @@ impl OutType {
             "q4_1" => OutType::Q4_1,
             "q5_0" => OutType::Q5_0,
             "q5_1" => OutType::Q5_1,
+            "q4_k_s" => OutType::Q4KS,
+            // llama-quantize's aliases: the plain K names are the _M mixes.
+            "q4_k_m" | "q4_k" => OutType::Q4KM,
+            "q5_k_s" => OutType::Q5KS,
+            "q5_k_m" | "q5_k" => OutType::Q5KM,
+            "q6_k" => OutType::Q6K,
             _ => {
                 return Err(ModelError::Other(format!(
                     "--outtype {s}: expected one of {}",
@@ -63,6 +76,9 @@ impl OutType {
             OutType::Q4_1 => 3,
             OutType::Q5_0 => 6,
             OutType::Q5_1 => 7,
+            OutType::Q4KS | OutType::Q4KM => 12,
+            OutType::Q5KS | OutType::Q5KM => 13,
+            OutType::Q6K => 14,
         }
     }
 
@@ -77,14 +93,19 @@ impl OutType {
             OutType::Q5_0 => 8,
             OutType::Q5_1 => 9,
             OutType::BF16 => 32,
+            OutType::Q4KS => 14,
+            OutType::Q4KM => 15,
+            OutType::Q5KS => 16,
+            OutType::Q5KM => 17,
+            OutType::Q6K => 18,
         }
     }
 
-    /// The 4- and 5-bit types come from `llama-quantize`, not the converter.
+    /// The 4-, 5- and 6-bit types come from `llama-quantize`, not the converter.
     fn low_bit(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            OutType::Q4_0 | OutType::Q4_1 | OutType::Q5_0 | OutType::Q5_1
+            OutType::F32 | OutType::F16 | OutType::BF16 | OutType::Q8_0
         )
     }
 }
@@ -132,22 +153,88 @@ pub fn gguf_name(hf: &str, layout: &GgufLayout) -> Option<String> {
     Some(format!("blk.{layer}.{g}"))
 }
 
-/// The type the converter (or llama-quantize) gives a tensor.
-pub fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool) -> u32 {
+/// The type the converter (or llama-quantize) gives a tensor of a model with `layers` layers.
+pub fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool, layers: usize) -> u32 {
     if shape.len() <= 1 || name.ends_with("_norm.weight") {
         return F32;
     }
     let row = *shape.last().unwrap_or(&0);
-    let mut ty = out;
-    // llama-quantize gives the output matrix (the embedding when tied) Q6_K, or Q8_0 where
-    // rows are not whole 256-blocks; Q6_K is not written here, so it is Q8_0 throughout.
-    if out.low_bit() && (name == "output.weight" || (tied && name == "token_embd.weight")) {
-        ty = OutType::Q8_0;
+    if out.low_bit() {
+        return quantize_type(name, row, out, tied, layers);
     }
-    if !matches!(ty, OutType::F32 | OutType::F16 | OutType::BF16) && !row.is_multiple_of(32) {
+    if out == OutType::Q8_0 && !row.is_multiple_of(32) {
         return F16;
     }
-    ty.ggml()
+    out.ggml()
+}
+
+const Q8_0: u32 = 8;
+const Q5_K: u32 = 13;
+const Q6_K: u32 = 14;
+
+fn block_len(ty: u32) -> usize {
+    QType::from_ggml(ty).map_or(1, |q| q.block().0)
+}
+
+/// `llama-quantize`'s choice without an importance matrix (llama_tensor_get_type in
+/// llama-quant.cpp, for the tensors of llama, phi3 and phi2): the output matrix (the
+/// embedding when tied) Q6_K; the K mixes give attn_v / attn_qkv and ffn_down of some layers
+/// more bits; a type whose blocks do not divide the rows falls back to a 32-block type, then F16.
+fn quantize_type(name: &str, row: usize, out: OutType, tied: bool, layers: usize) -> u32 {
+    let base = out.ggml();
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+    // The first and last eighth of the layers and every third between (use_more_bits).
+    let more_bits = |i: usize| {
+        let n = layers;
+        i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2
+    };
+    let mut ty = if name == "output.weight" || (tied && name == "token_embd.weight") {
+        if !row.is_multiple_of(block_len(base)) {
+            Q8_0
+        } else {
+            Q6_K
+        }
+    } else if let (Some(i), true) = (
+        layer,
+        name.contains("attn_qkv.weight") || name.contains("attn_v.weight"),
+    ) {
+        match out {
+            OutType::Q4KM | OutType::Q5KM if more_bits(i) => Q6_K,
+            OutType::Q4KS if i < 4 => Q5_K,
+            _ => base,
+        }
+    } else if let (Some(i), true) = (layer, name.contains("ffn_down")) {
+        match out {
+            OutType::Q4KM | OutType::Q5KM if more_bits(i) => Q6_K,
+            OutType::Q4KS if i < layers / 8 => Q5_K,
+            _ => base,
+        }
+    } else {
+        base
+    };
+    if !row.is_multiple_of(block_len(ty)) {
+        ty = match ty {
+            12 => 6, // Q4_K → Q5_0
+            13 => 7, // Q5_K → Q5_1
+            14 => Q8_0,
+            t => t,
+        };
+        if !row.is_multiple_of(block_len(ty)) {
+            ty = F16;
+        }
+    }
+    ty
+}
+
+/// llama-quantize's tensor order: tensors outside the layers first, then layer by layer, by
+/// name within each.
+fn quantize_order(name: &str) -> (i64, &str) {
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next()?.parse::<i64>().ok());
+    (layer.unwrap_or(-1), name)
 }
 
 /// `data` in ggml type `ty`.
@@ -245,7 +332,7 @@ pub fn write_model(
         let g = gguf_name(hf, &layout).ok_or_else(|| {
             ModelError::tensor(&what, hf, format!("has no {} GGUF name", layout.name))
         })?;
-        let ty = tensor_type(&g, shape, out, tied);
+        let ty = tensor_type(&g, shape, out, tied, c.num_hidden_layers);
         plans.push(TensorPlan {
             bytes: type_bytes(ty, shape.iter().product()),
             name: g,
@@ -274,6 +361,23 @@ pub fn write_model(
             Some(slot) => slot.1 = v,
             None => meta.push((k, v)),
         }
+    }
+    if out.low_bit() {
+        // As llama-quantize writes a converter's file over: its two keys last, tensors sorted.
+        for key in ["general.quantization_version", "general.file_type"] {
+            if let Some(at) = meta.iter().position(|(k, _)| k == key) {
+                let kv = meta.remove(at);
+                meta.push(kv);
+            }
+        }
+        let mut order: Vec<usize> = (0..plans.len()).collect();
+        order.sort_by(|&a, &b| quantize_order(&plans[a].name).cmp(&quantize_order(&plans[b].name)));
+        let mut slots: Vec<Option<(TensorPlan, Source)>> =
+            plans.into_iter().zip(sources).map(Some).collect();
+        (plans, sources) = order
+            .iter()
+            .map(|&i| slots[i].take().expect("each index once"))
+            .unzip();
     }
     write_file(path, &meta, &plans, |i| {
         let plan = &plans[i];

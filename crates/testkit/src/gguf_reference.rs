@@ -156,12 +156,8 @@ pub fn parse(b: &[u8]) -> Parsed {
         .into_iter()
         .map(|(name, ty, shape, off)| {
             let n: u64 = shape.iter().product();
-            let bytes = match ty {
-                0 => 4 * n,
-                1 | 30 => 2 * n,
-                8 => n / 32 * 34,
-                _ => panic!("{name}: type {ty}"),
-            } as usize;
+            let bytes = phi_model::gguf_export::type_bytes(ty, n as usize);
+            assert!(bytes > 0, "{name}: type {ty}");
             let start = data + off as usize;
             let sha = hex(&b[start..start + bytes]);
             (name, ty, shape, sha)
@@ -174,9 +170,8 @@ fn ggml_name(t: u32) -> &'static str {
     match t {
         0 => "F32",
         1 => "F16",
-        8 => "Q8_0",
         30 => "BF16",
-        _ => "?",
+        _ => phi_kernels::quant::QType::from_ggml(t).map_or("?", |q| q.name()),
     }
 }
 

@@ -1,20 +1,28 @@
 //! ggml's reference quantizers for the 32-value block types (`quantize_row_*_ref` in
 //! ggml-quants.c, as gguf-py's `quants.py` restates them bit for bit), for writing GGUF files:
-//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1. Blocks run along the contiguous dimension; the f16 scales are
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; the 256-value K types are in `kquant`. Blocks run along the contiguous dimension; the f16 scales are
 //! rounded to nearest-even while the codes use the f32 scale, as there.
 
-use super::{QType, QuantError};
+use super::{kquant, QType, QuantError};
+use rayon::prelude::*;
 
 /// `data` (whole blocks of 32) in `ty`'s bytes.
 pub fn encode(ty: QType, data: &[f32]) -> Result<Vec<u8>, QuantError> {
     let (per, bytes) = ty.block();
     let supported = matches!(
         ty,
-        QType::Q8_0 | QType::Q4_0 | QType::Q4_1 | QType::Q5_0 | QType::Q5_1
+        QType::Q8_0
+            | QType::Q4_0
+            | QType::Q4_1
+            | QType::Q5_0
+            | QType::Q5_1
+            | QType::Q4K
+            | QType::Q5K
+            | QType::Q6K
     );
     if !supported {
         return Err(QuantError(format!(
-            "{}: no quantizer (writable: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)",
+            "{}: no quantizer (writable: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)",
             ty.name()
         )));
     }
@@ -24,6 +32,25 @@ pub fn encode(ty: QType, data: &[f32]) -> Result<Vec<u8>, QuantError> {
             ty.name(),
             data.len()
         )));
+    }
+    if per == 256 {
+        let bits = match ty {
+            QType::Q4K => 4,
+            QType::Q5K => 5,
+            _ => 6,
+        };
+        // Super-blocks are independent and their search costs a few hundred flops a value.
+        let blocks: Vec<Vec<u8>> = data
+            .par_chunks(per * 64)
+            .map(|c| {
+                let mut out = Vec::with_capacity(c.len() / per * bytes);
+                for b in c.chunks_exact(per) {
+                    kquant::super_block(b, bits, &mut out);
+                }
+                out
+            })
+            .collect();
+        return Ok(blocks.concat());
     }
     let mut out = Vec::with_capacity(data.len() / per * bytes);
     for b in data.chunks_exact(per) {

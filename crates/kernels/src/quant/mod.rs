@@ -11,6 +11,7 @@ mod encode;
 pub use encode::encode;
 mod formats;
 pub mod gemm;
+mod kquant;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
