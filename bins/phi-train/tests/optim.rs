@@ -2,7 +2,8 @@
 //! (or PHI_OPTIM_DIR) was made by `generate.py` there, with transformers.Trainer + torch AdamW
 //! (+ peft) on the oracle case's 2 rows. phi-train is run with the recorded flags plus
 //! `--save_steps 1 --logging_steps 1` and compared step by step: the weights of every stored
-//! step (checkpoint-K), the logged loss, grad_norm (pre-clip) and learning rate.
+//! step (checkpoint-K), the logged loss, grad_norm (pre-clip) and learning rate. phi-train
+//! runs on `--device $PHI_TEST_DEVICE` (cpu when unset).
 //!
 //! LoRA runs are compared with the torch float32 run, full fine-tuning runs with a float64
 //! re-run of the same Trainer job. Every fixture also records how far torch's own float32 run
@@ -196,6 +197,8 @@ fn run_fixture(f: &Fixture, r: &mut Report) -> Option<(PathBuf, PathBuf)> {
             .replace("{oracle_case}", &case_dir.display().to_string())
     }));
     args.extend(["--save_steps", "1", "--logging_steps", "1"].map(String::from));
+    // PHI_TEST_DEVICE: the same runs on a GPU's code path (.ci/run, the Vulkan stage).
+    args.extend(["--device".to_string(), phi_testkit::test_device_name()]);
     let (ok, err) = run(&args);
     if !ok {
         r.fail(format!("{who}: phi-train failed: {err}\nargs: {args:?}"));
