@@ -359,7 +359,8 @@ pub fn fusable<const N: usize>(t: &Tensor<N>) -> bool {
     *ENABLED && t.dtype() == DType::F32 && on_flex(&t.device())
 }
 
-fn on_flex(device: &Device) -> bool {
+/// Whether `device` runs our CPU kernels (Burn's Flex backend, with or without autodiff).
+pub fn on_flex(device: &Device) -> bool {
     match device.as_dispatch() {
         DispatchDevice::Flex(_) => true,
         DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),

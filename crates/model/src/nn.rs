@@ -61,6 +61,22 @@ pub struct Linear {
     pub train_bf16: Option<Path>,
 }
 
+/// A quantized weight as f32, for a device without our block kernels (they run on the CPU
+/// backend only): said once per process.
+fn widened(q: phi_kernels::quant::QuantWeight) -> LinearWeight {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "base: {} weights widened to f32 on this device (the quantized products are CPU kernels)",
+            q.ty.name()
+        )
+    });
+    LinearWeight::F32(HostTensor {
+        shape: vec![q.d_out, q.d_in],
+        data: q.dequantize(),
+    })
+}
+
 impl Linear {
     pub fn load(
         src: &dyn TensorSource,
@@ -78,6 +94,10 @@ impl Linear {
             ))
         } else {
             None
+        };
+        let w = match w {
+            LinearWeight::Quant(q) if !phi_kernels::on_flex(device) => widened(q),
+            w => w,
         };
         let (weight, packed) = match w {
             LinearWeight::F32(w) => (param2(transpose_host(&w), device), None),
