@@ -127,8 +127,13 @@ pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
         _ => return None,
     };
     if !device.supports_dtype(dtype) {
+        // Vulkan's shading languages have f16 but no bf16 type.
+        let instead = match dtype == DType::BF16 && device.supports_dtype(DType::F16) {
+            true => "; --fp16 runs in f16 there",
+            false => "",
+        };
         eprintln!(
-            "warning: {name}: device {} has no {name} kernels; training in f32",
+            "warning: {name}: device {} has no {name} kernels; training in f32{instead}",
             a.device
         );
         return None;
