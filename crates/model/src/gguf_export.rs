@@ -168,7 +168,10 @@ pub fn tensor_type(name: &str, shape: &[usize], out: OutType, tied: bool, layers
     out.ggml()
 }
 
+const Q5_0: u32 = 6;
+const Q5_1: u32 = 7;
 const Q8_0: u32 = 8;
+const Q4_K: u32 = 12;
 const Q5_K: u32 = 13;
 const Q6_K: u32 = 14;
 
@@ -182,9 +185,7 @@ fn block_len(ty: u32) -> usize {
 /// more bits; a type whose blocks do not divide the rows falls back to a 32-block type, then F16.
 fn quantize_type(name: &str, row: usize, out: OutType, tied: bool, layers: usize) -> u32 {
     let base = out.ggml();
-    let layer = name
-        .strip_prefix("blk.")
-        .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+    let layer = layer_of(name);
     // The first and last eighth of the layers and every third between (use_more_bits).
     let more_bits = |i: usize| {
         let n = layers;
@@ -216,9 +217,9 @@ fn quantize_type(name: &str, row: usize, out: OutType, tied: bool, layers: usize
     };
     if !row.is_multiple_of(block_len(ty)) {
         ty = match ty {
-            12 => 6, // Q4_K → Q5_0
-            13 => 7, // Q5_K → Q5_1
-            14 => Q8_0,
+            Q4_K => Q5_0,
+            Q5_K => Q5_1,
+            Q6_K => Q8_0,
             t => t,
         };
         if !row.is_multiple_of(block_len(ty)) {
@@ -231,10 +232,12 @@ fn quantize_type(name: &str, row: usize, out: OutType, tied: bool, layers: usize
 /// llama-quantize's tensor order: tensors outside the layers first, then layer by layer, by
 /// name within each.
 fn quantize_order(name: &str) -> (i64, &str) {
-    let layer = name
-        .strip_prefix("blk.")
-        .and_then(|r| r.split('.').next()?.parse::<i64>().ok());
-    (layer.unwrap_or(-1), name)
+    (layer_of(name).map_or(-1, |l| l as i64), name)
+}
+
+/// N of a `blk.N.` tensor name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
 /// `data` in ggml type `ty`.
