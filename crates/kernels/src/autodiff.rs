@@ -13,8 +13,8 @@ use super::rotary::{Heads, Rotary};
 use super::thin;
 use super::{
     contiguous, cross_entropy_forward, f32s, flex, frozen_forward, frozen_input_grad,
-    frozen_lora_forward, head_loss, last_dim, lora_forward, norm, owned, pack_weight,
-    rms_norm_forward, FusedOps,
+    frozen_lora_bf16, frozen_lora_forward, head_loss, last_dim, lora_forward, norm, owned,
+    pack_weight, rms_norm_forward, FusedOps,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy};
@@ -112,13 +112,43 @@ fn retrieve(c: &mut Checkpointer, id: NodeId) -> FlexTensor {
     contiguous(c.retrieve_node_output::<FlexTensor>(id))
 }
 
+/// An input kept for a backward: checkpointed, or rounded to bf16 (its shape beside it).
+#[derive(Clone)]
+enum Saved {
+    Node(NodeId),
+    Bf16(Arc<bf16::Bf16Buf>, burn::tensor::Shape),
+}
+
+impl std::fmt::Debug for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Saved::Node(id) => write!(f, "Saved::Node({id:?})"),
+            Saved::Bf16(v, shape) => write!(f, "Saved::Bf16({} values, {shape:?})", v.len()),
+        }
+    }
+}
+
+impl Saved {
+    fn rounded(t: &FlexTensor) -> Saved {
+        Saved::Bf16(Arc::new(bf16::round_all(f32s(t))), t.shape())
+    }
+
+    /// The input as f32: retrieved, or widened from its bf16 values.
+    fn get(self, c: &mut Checkpointer) -> FlexTensor {
+        match self {
+            Saved::Node(id) => retrieve(c, id),
+            Saved::Bf16(v, shape) => flex(bf16::widen_all(&v), shape),
+        }
+    }
+}
+
 impl Backward<Flex, 2> for SwigluPair {
-    type State = (NodeId, NodeId);
+    type State = (Saved, Saved);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node_g, node_u] = ops.parents;
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let (g, u) = (retrieve(c, ops.state.0), retrieve(c, ops.state.1));
+        let (g, u) = (ops.state.0.get(c), ops.state.1.get(c));
         let shape = g.shape();
         let (dg, du) = kernels::swiglu_backward(f32s(&g), f32s(&u), f32s(&grad), Layout::Pair);
         if let Some(node) = node_g {
@@ -134,12 +164,12 @@ impl Backward<Flex, 2> for SwigluPair {
 struct SwigluPacked;
 
 impl Backward<Flex, 1> for SwigluPacked {
-    type State = NodeId;
+    type State = Saved;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, c: &mut Checkpointer) {
         let [node] = ops.parents;
         let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let gu = retrieve(c, ops.state);
+        let gu = ops.state.get(c);
         let width = *gu.shape().as_slice().last().unwrap() / 2;
         let (dgu, _) =
             kernels::swiglu_backward(f32s(&gu), &[], f32s(&grad), Layout::Packed { width });
@@ -215,7 +245,7 @@ impl Backward<Flex, 5> for LoraLinear {
         }
         let low_rank = LowRankGrads {
             hs,
-            xd,
+            xd: Xd::F32(xd),
             a,
             b,
             scale: self.scale,
@@ -237,15 +267,69 @@ struct FrozenLoraLinear {
     scale: f64,
 }
 
+/// How a LoRA linear keeps xd for its factor's gradient: checkpointed (f32), or, on a bf16
+/// path without dropout, the bf16 rows its forward product read (half the bytes, what
+/// autocast keeps; one packing for every linear reading the same input, `packed_input`).
+#[derive(Debug, Clone)]
+enum KeptXd {
+    Node(NodeId),
+    Bf16(Arc<bf16::PackedA>, burn::tensor::Shape),
+}
+
+/// xd as the backward reads it.
+enum Xd {
+    F32(FlexTensor),
+    Bf16(Arc<bf16::PackedA>, burn::tensor::Shape),
+}
+
+impl Xd {
+    fn shape(&self) -> burn::tensor::Shape {
+        match self {
+            Xd::F32(t) => t.shape(),
+            Xd::Bf16(_, shape) => shape.clone(),
+        }
+    }
+}
+
+thread_local! {
+    /// The input last packed for a frozen LoRA linear, by its graph node: q, k and v (gate
+    /// and up) read one normed input, rounded once and kept once for their backward. Weak:
+    /// the backward states own the packing.
+    static LAST_PACKED: std::cell::RefCell<Option<(NodeId, std::sync::Weak<bf16::PackedA>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// x rounded and packed in bf16, shared with the previous call for the same node.
+fn packed_input(node: NodeId, x: FlexTensor, d_in: usize) -> Arc<bf16::PackedA> {
+    let hit = LAST_PACKED.with_borrow(|last| {
+        last.as_ref()
+            .filter(|(n, _)| *n == node)
+            .and_then(|(_, p)| p.upgrade())
+    });
+    if let Some(p) = hit.filter(|p| p.k == d_in) {
+        return p;
+    }
+    let x = contiguous(x);
+    let rows = f32s(&x).len() / d_in.max(1);
+    let p = Arc::new(bf16::PackedA::rows(f32s(&x), rows, d_in));
+    LAST_PACKED.set(Some((node, Arc::downgrade(&p))));
+    p
+}
+
 impl Backward<Flex, 4> for FrozenLoraLinear {
-    /// xd, a, b (checkpointed; x is not read: W has no gradient), hs = s·(xd·a), W.
-    type State = ([NodeId; 3], bool, FlexTensor, Arc<PackedWeight>);
+    /// xd (see `KeptXd`), a, b (checkpointed; x is not read: W has no gradient), hs =
+    /// s·(xd·a), W.
+    type State = (KeptXd, [NodeId; 2], bool, FlexTensor, Arc<PackedWeight>);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
         let nodes = ops.parents.map(|n| n.map(|n| n.id));
         let dy = grads.consume::<Flex>(&ops.node);
-        let (ids, shared, hs, w) = ops.state;
-        let [xd, a, b] = ids.map(|id| retrieve(c, id));
+        let (kept, ids, shared, hs, w) = ops.state;
+        let xd = match kept {
+            KeptXd::Node(id) => Xd::F32(retrieve(c, id)),
+            KeptXd::Bf16(p, shape) => Xd::Bf16(p, shape),
+        };
+        let [a, b] = ids.map(|id| retrieve(c, id));
         let low_rank = LowRankGrads {
             hs,
             xd,
@@ -287,7 +371,7 @@ impl Backward<Flex, 4> for FrozenLoraLinear {
 /// What a LoRA path's backward reads besides dy: hs = s·(xd·a) and the tensors.
 struct LowRankGrads {
     hs: FlexTensor,
-    xd: FlexTensor,
+    xd: Xd,
     a: FlexTensor,
     b: FlexTensor,
     scale: f64,
@@ -310,9 +394,19 @@ impl LowRankGrads {
             flex(db, [r, d_out].into())
         });
         let da = want[0].then(|| {
-            let (xd, gs) = (contiguous(self.xd), contiguous(gs.clone()));
-            let d_in = last_dim(&xd);
-            let da = thin::wide_t_thin(f32s(&gs), r, f32s(&xd), d_in);
+            let gs = contiguous(gs.clone());
+            let (da, d_in) = match self.xd {
+                Xd::F32(xd) => {
+                    let xd = contiguous(xd);
+                    let d_in = last_dim(&xd);
+                    (thin::wide_t_thin(f32s(&gs), r, f32s(&xd), d_in), d_in)
+                }
+                Xd::Bf16(p, _) => {
+                    let wide = thin::Wide::Bf16(p.data());
+                    let da = thin::wide_rows_t_thin(f32s(&gs), r, wide, p.k, p.stride());
+                    (da, p.k)
+                }
+            };
             flex(da, [d_in, r].into())
         });
         [da, db]
@@ -477,35 +571,49 @@ fn keeps_probs<C: CheckpointStrategy>() -> bool {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
-    fn swiglu_pair(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn swiglu_pair(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        bf16_saved: bool,
+    ) -> FloatTensor<Self> {
         match SwigluPair
             .prepare::<C>([gate.node(), up.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
-                let out = Flex::swiglu_pair(gate.into_primitive(), up.into_primitive());
-                prep.finish(state, out)
+                let ids = (!bf16_saved).then(|| [&gate, &up].map(|t| prep.checkpoint(t)));
+                let (g, u) = (gate.into_primitive(), up.into_primitive());
+                let (g, u) = (contiguous(g), contiguous(u));
+                let state = match ids {
+                    Some([ig, iu]) => (Saved::Node(ig), Saved::Node(iu)),
+                    None => (Saved::rounded(&g), Saved::rounded(&u)),
+                };
+                prep.finish(state, Flex::swiglu_pair(g, u, false))
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::swiglu_pair(
                 gate.into_primitive(),
                 up.into_primitive(),
+                false,
             )),
         }
     }
 
-    fn swiglu_packed(gate_up: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn swiglu_packed(gate_up: FloatTensor<Self>, bf16_saved: bool) -> FloatTensor<Self> {
         match SwigluPacked
             .prepare::<C>([gate_up.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&gate_up);
-                prep.finish(state, Flex::swiglu_packed(gate_up.into_primitive()))
+                let id = (!bf16_saved).then(|| prep.checkpoint(&gate_up));
+                let gu = contiguous(gate_up.into_primitive());
+                let state = id.map_or_else(|| Saved::rounded(&gu), Saved::Node);
+                prep.finish(state, Flex::swiglu_packed(gu, false))
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::swiglu_packed(gate_up.into_primitive())),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::swiglu_packed(gate_up.into_primitive(), false))
+            }
         }
     }
 
@@ -758,11 +866,19 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(mut prep) => {
                 let shared = x.node().id() == xd.node().id();
-                let ids = [&xd, &a, &b].map(|t| prep.checkpoint(t));
-                let xd = (!shared).then(|| xd.into_primitive());
+                let ids = [&a, &b].map(|t| prep.checkpoint(t));
                 let (a, b) = (a.into_primitive(), b.into_primitive());
+                if let (true, Some(path)) = (shared, w.path) {
+                    let shape = x.shape();
+                    let px = packed_input(x.node().id(), x.into_primitive(), w.d_in());
+                    let (y, hs) = frozen_lora_bf16(path, (&px, None), &w, (a, b, scale));
+                    let kept = KeptXd::Bf16(px, shape);
+                    return prep.finish((kept, ids, shared, hs, w), y);
+                }
+                let kept = KeptXd::Node(prep.checkpoint(&xd));
+                let xd = (!shared).then(|| xd.into_primitive());
                 let (y, hs) = frozen_lora_forward(x.into_primitive(), xd, &w, a, b, scale);
-                prep.finish((ids, shared, hs, w), y)
+                prep.finish((kept, ids, shared, hs, w), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::frozen_lora_linear(
                 x.into_primitive(),

@@ -35,10 +35,16 @@ use std::sync::Arc;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
-    /// silu(gate)·up over two tensors of one shape.
-    fn swiglu_pair(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// silu(gate)·up over two tensors of one shape. With `bf16_saved` the backward reads
+    /// gate and up rounded to bf16 (what autocast keeps of a bf16 product's outputs), kept at
+    /// half the bytes of the f32 inputs.
+    fn swiglu_pair(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        bf16_saved: bool,
+    ) -> FloatTensor<Self>;
     /// silu(gate)·up where each row of `gate_up` is gate then up: [.., 2w] → [.., w].
-    fn swiglu_packed(gate_up: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn swiglu_packed(gate_up: FloatTensor<Self>, bf16_saved: bool) -> FloatTensor<Self>;
     /// softmax(scale·x) over the last dim, causal over blocks of `t` query rows at `offset`.
     fn causal_softmax(
         scores: FloatTensor<Self>,
@@ -152,14 +158,14 @@ pub(crate) fn last_dim(t: &FlexTensor) -> usize {
 }
 
 impl FusedOps for Flex {
-    fn swiglu_pair(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+    fn swiglu_pair(gate: FlexTensor, up: FlexTensor, _: bool) -> FlexTensor {
         let (gate, up) = (contiguous(gate), contiguous(up));
         let mut out = kernels::zeroed(f32s(&gate).len());
         kernels::swiglu_forward(f32s(&gate), f32s(&up), Layout::Pair, &mut out);
         flex(out, gate.shape())
     }
 
-    fn swiglu_packed(gate_up: FlexTensor) -> FlexTensor {
+    fn swiglu_packed(gate_up: FlexTensor, _: bool) -> FlexTensor {
         let gu = contiguous(gate_up);
         let width = last_dim(&gu) / 2;
         let mut out = kernels::zeroed(f32s(&gu).len() / 2);
@@ -330,13 +336,26 @@ pub(crate) fn frozen_lora_forward(
         let xd = xd.unwrap_or_else(|| x.clone());
         return lora_forward(frozen_forward(x, w), xd, a, b, s);
     };
-    let (x, a, b) = (contiguous(x), contiguous(a), contiguous(b));
+    let x = contiguous(x);
+    let rows = f32s(&x).len() / w.d_in().max(1);
+    let px = bf16::PackedA::rows(f32s(&x), rows, w.d_in());
+    frozen_lora_bf16(path, (&px, xd), w, (a, b, s))
+}
+
+/// `frozen_lora_forward` on a bf16 path for x already rounded and packed (`px`), the
+/// adapter's (a, b, scale) given.
+pub(crate) fn frozen_lora_bf16(
+    path: bf16::Path,
+    (px, xd): (&bf16::PackedA, Option<FlexTensor>),
+    w: &PackedWeight,
+    (a, b, s): (FlexTensor, FlexTensor, f64),
+) -> (FlexTensor, FlexTensor) {
+    let (a, b) = (contiguous(a), contiguous(b));
     let (d_in, d_out, r) = (w.d_in(), w.d_out(), last_dim(&a));
-    let rows = f32s(&x).len() / d_in.max(1);
-    let px = bf16::PackedA::rows(f32s(&x), rows, d_in);
+    let rows = px.m;
     let pa = bf16::PackedB::from_rows(f32s(&a), d_in, r);
     let mut h = match xd.map(contiguous) {
-        None => bf16::product_packed(path, &px, &pa, None),
+        None => bf16::product_packed(path, px, &pa, None),
         Some(xd) => {
             let pxd = bf16::PackedA::rows(f32s(&xd), rows, d_in);
             bf16::product_packed(path, &pxd, &pa, None)
@@ -347,7 +366,7 @@ pub(crate) fn frozen_lora_forward(
         bf16::PackedA::rows(&h, rows, r),
         bf16::PackedB::from_rows(f32s(&b), r, d_out),
     );
-    let y = w.forward_packed(&px, Some((&low.0, &low.1)));
+    let y = w.forward_packed(px, Some((&low.0, &low.1)));
     (flex(y, [rows, d_out].into()), flex(h, [rows, r].into()))
 }
 
@@ -373,17 +392,34 @@ type D = burn::backend::Dispatch;
 
 /// silu(gate)·up.
 pub fn swiglu<const N: usize>(gate: Tensor<N>, up: Tensor<N>) -> Tensor<N> {
+    swiglu_saving(gate, up, false)
+}
+
+/// silu(gate)·up with gate and up the two halves of the last dim (Phi-3's `gate_up_proj`).
+pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
+    swiglu_packed_saving(gate_up, false)
+}
+
+/// `swiglu`, its backward reading gate and up rounded to bf16 where `bf16_saved` (`--bf16`
+/// on the CPU's matrix units, where they come out of bf16 products: autocast keeps them in
+/// bf16 too) on the fused path.
+pub fn swiglu_saving<const N: usize>(
+    gate: Tensor<N>,
+    up: Tensor<N>,
+    bf16_saved: bool,
+) -> Tensor<N> {
     if fusable(&gate) && fusable(&up) && gate.dims() == up.dims() {
-        Tensor::from_dispatch(D::swiglu_pair(gate.into_dispatch(), up.into_dispatch()))
+        let (g, u) = (gate.into_dispatch(), up.into_dispatch());
+        Tensor::from_dispatch(D::swiglu_pair(g, u, bf16_saved))
     } else {
         reference::swiglu(gate, up)
     }
 }
 
-/// silu(gate)·up with gate and up the two halves of the last dim (Phi-3's `gate_up_proj`).
-pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
+/// `swiglu_packed`, saving as `swiglu_saving`.
+pub fn swiglu_packed_saving<const N: usize>(gate_up: Tensor<N>, bf16_saved: bool) -> Tensor<N> {
     if fusable(&gate_up) {
-        return Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch()));
+        return Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch(), bf16_saved));
     }
     reference::swiglu_packed(gate_up)
 }

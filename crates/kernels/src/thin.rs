@@ -19,10 +19,35 @@ const CR: usize = 8;
 /// all T rows at a stride of w floats, which for w = 1024 maps them onto a few cache sets.
 const TB: usize = 256;
 
+/// The wide operand: row-major f32, or bf16 rows (an input kept rounded for the backward,
+/// as autocast keeps a matmul's input), each row `w` values apart.
+#[derive(Clone, Copy)]
+pub enum Wide<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Wide<'_> {
+    fn len(self) -> usize {
+        match self {
+            Wide::F32(v) => v.len(),
+            Wide::Bf16(v) => v.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn get(self, i: usize) -> f32 {
+        match self {
+            Wide::F32(v) => v[i],
+            Wide::Bf16(v) => f32::from_bits((v[i] as u32) << 16),
+        }
+    }
+}
+
 simd! {
-    /// out [cols × r] (row j: column j0 + j of wide) = Σ_t wide[t, j0 + j]·thin[t, :], the
-    /// sums in token order.
-    fn columns(thin: &[f32], r: usize, wide: &[f32], w: usize, j0: usize, out: &mut [f32]) {
+    /// out [cols × r] (row j: column j0 + j of wide, rows `w` apart) = Σ_t wide[t, j0 +
+    /// j]·thin[t, :], the sums in token order.
+    fn columns(thin: &[f32], r: usize, wide: Wide, w: usize, j0: usize, out: &mut [f32]) {
         let (t_len, cols) = (thin.len() / r.max(1), out.len() / r.max(1));
         for t0 in (0..t_len).step_by(TB) {
             let rows = t0..(t0 + TB).min(t_len);
@@ -42,16 +67,22 @@ simd! {
                         // SAFETY: "avx512" means AVX-512F was detected; the block is whole.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
-                            let (th, wi) = (Cols(thin, r, ic), Cols(wide, w, j0 + jc));
-                            block_v512(th, wi, rows.clone(), &mut acc)
+                            let th = Cols(thin, r, ic);
+                            match wide {
+                                Wide::F32(v) => {
+                                    block_v512(th, Cols(v, w, j0 + jc), rows.clone(), &mut acc)
+                                }
+                                Wide::Bf16(v) => {
+                                    block_v512(th, Cols(v, w, j0 + jc), rows.clone(), &mut acc)
+                                }
+                            }
                         };
                     } else {
                         for t in rows.clone() {
-                            let wr = &wide[t * w + j0 + jc..][..cw];
                             let th = &thin[t * r + ic..][..cr];
                             for (acc, &h) in acc.iter_mut().zip(th) {
-                                for (a, &x) in acc.iter_mut().zip(wr) {
-                                    *a = h.mul_add(x, *a);
+                                for (j, a) in acc.iter_mut().enumerate().take(cw) {
+                                    *a = h.mul_add(wide.get(t * w + j0 + jc + j), *a);
                                 }
                             }
                         }
@@ -69,9 +100,15 @@ simd! {
 
 /// wideᵀ·thin [w × r] for thin [T × r] and wide [T × w], both row-major.
 pub fn wide_t_thin(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {
+    wide_rows_t_thin(thin, r, Wide::F32(wide), w, w)
+}
+
+/// wideᵀ·thin [w × r] for thin [T × r] and wide's T rows of `stride` values (w of them used).
+pub fn wide_rows_t_thin(thin: &[f32], r: usize, wide: Wide, w: usize, stride: usize) -> Vec<f32> {
+    assert!(w <= stride, "rows shorter than their width");
     assert_eq!(
         thin.len() / r.max(1),
-        wide.len() / w.max(1),
+        wide.len() / stride.max(1),
         "thin and wide differ in rows"
     );
     let mut out = vec![0f32; w * r];
@@ -83,7 +120,7 @@ pub fn wide_t_thin(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {
     let per = w.div_ceil(tasks).div_ceil(CW) * CW;
     out.par_chunks_mut(per * r)
         .enumerate()
-        .for_each(|(b, o)| columns(thin, r, wide, w, b * per, o));
+        .for_each(|(b, o)| columns(thin, r, wide, stride, b * per, o));
     out
 }
 
@@ -101,16 +138,53 @@ pub fn thin_t_wide(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {
 
 /// A row-major matrix (values, row length) from a column on.
 #[derive(Clone, Copy)]
-struct Cols<'a>(&'a [f32], usize, usize);
+struct Cols<'a, T>(&'a [T], usize, usize);
+
+/// 32 values of a row as f32, from f32 or bf16 storage.
+#[cfg(target_arch = "x86_64")]
+trait Load32: Copy {
+    /// # Safety
+    /// AVX-512F is available and `at` is followed by 32 values.
+    unsafe fn load32(at: *const Self) -> [std::arch::x86_64::__m512; 2];
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load32 for f32 {
+    #[inline(always)]
+    unsafe fn load32(at: *const f32) -> [std::arch::x86_64::__m512; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe { [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))] }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Load32 for u16 {
+    /// bf16 widened: each value's bits shifted into an f32's high half.
+    #[inline(always)]
+    unsafe fn load32(at: *const u16) -> [std::arch::x86_64::__m512; 2] {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's.
+        unsafe {
+            let v = _mm512_loadu_si512(at as *const _);
+            let widen =
+                |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+            [
+                widen(_mm512_castsi512_si256(v)),
+                widen(_mm512_extracti64x4_epi64::<1>(v)),
+            ]
+        }
+    }
+}
 
 /// One whole register block on AVX-512: acc[i][j] += Σ_t thin[t, ic + i]·wide[t, jc + j]
 /// over `rows`. (Written with intrinsics: as a plain loop LLVM kept the 8 × 32 sums on the
 /// stack, a load and a store around every FMA.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_v512(
-    Cols(thin, r, ic): Cols,
-    Cols(wide, w, jc): Cols,
+unsafe fn block_v512<T: Load32>(
+    Cols(thin, r, ic): Cols<f32>,
+    Cols(wide, w, jc): Cols<T>,
     rows: std::ops::Range<usize>,
     acc: &mut [[f32; CW]; CR],
 ) {
@@ -125,11 +199,9 @@ unsafe fn block_v512(
     let mut hi: [__m512; CR] =
         std::array::from_fn(|i| unsafe { _mm512_loadu_ps(acc[i].as_ptr().add(16)) });
     for t in rows {
-        let (x0, x1, th) = unsafe {
-            let wr = wide.as_ptr().add(t * w + jc);
+        let ([x0, x1], th) = unsafe {
             (
-                _mm512_loadu_ps(wr),
-                _mm512_loadu_ps(wr.add(16)),
+                T::load32(wide.as_ptr().add(t * w + jc)),
                 thin.as_ptr().add(t * r + ic),
             )
         };

@@ -93,6 +93,61 @@ fn swiglu_pair_and_packed_match_silu_times_up() {
     );
 }
 
+/// With `bf16_saved` the output is the f32 one and the gradient is the f32 formula at gate
+/// and up rounded to bf16 (what the backward keeps).
+#[test]
+fn swiglu_saving_bf16_differentiates_at_the_rounded_inputs() {
+    dev().seed(17);
+    let x = rand([2, 5, 2 * 37], 3.0);
+    let round = |x: Tensor<3>| {
+        let v: Vec<f32> = vals(x.clone())
+            .iter()
+            .map(|&v| phi_kernels::bf16::from_bf16(phi_kernels::bf16::to_bf16(v)))
+            .collect();
+        Tensor::from_data(TensorData::new(v, x.shape()), &x.device())
+    };
+    let rounded = round(x.clone());
+    assert!(
+        vals(rounded.clone()) != vals(x.clone()),
+        "rounding changed nothing"
+    );
+    let split = |x: Tensor<3>| (x.clone().narrow(2, 0, 37), x.narrow(2, 37, 37));
+    let pair = |x: Tensor<3>, bf16: bool| {
+        let (g, u) = split(x);
+        fused::swiglu_saving(g, u, bf16)
+    };
+    for (what, op) in [
+        (
+            "packed",
+            &(|x, b| fused::swiglu_packed_saving(x, b)) as &dyn Fn(Tensor<3>, bool) -> Tensor<3>,
+        ),
+        ("pair", &pair),
+    ] {
+        let grad = |x: Tensor<3>, bf16: bool| {
+            let x = x.require_grad();
+            let y = op(x.clone(), bf16);
+            let g = (y.clone() * upstream::<3>(y.shape(), &y.device()))
+                .sum()
+                .backward();
+            (vals(y), vals(x.grad(&g).unwrap()))
+        };
+        let (y, g) = grad(x.clone(), true);
+        let (y32, g32) = grad(x.clone(), false);
+        let (_, g_at_rounded) = grad(rounded.clone(), false);
+        assert_eq!(y, y32, "{what}: the output is the f32 one");
+        close(
+            &g,
+            &g_at_rounded,
+            1e-6,
+            &format!("{what}: gradient at the rounded inputs"),
+        );
+        assert!(
+            g != g32,
+            "{what}: the gradient did not read the rounded inputs"
+        );
+    }
+}
+
 #[test]
 fn causal_softmax_matches_masked_softmax_with_gqa_blocks_and_offset() {
     dev().seed(8);
@@ -311,7 +366,8 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 /// The LoRA op on a bf16 base without dropout runs its token-wide products on the bf16
 /// kernels: each is the f32 product of bf16-rounded operands, the rank-r term summed into the
 /// base's: y = x·W + (s·x·A)·B, dx = dy·Wᵀ + gs·Aᵀ with gs = s·dy·Bᵀ; the factors' gradients
-/// dA = xᵀ·gs and dB = hsᵀ·dy (hs = s·x·A) are f32 sums of the unrounded x and dy.
+/// dA = xᵀ·gs and dB = hsᵀ·dy (hs = s·x·A) are f32 sums, of x as the forward rounded it (the
+/// backward keeps only that, as autocast does) and of the unrounded dy.
 #[test]
 fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
     let (n, d_in, d_out, r, s) = (10, 24, 40, 4, 1.7f32);
@@ -335,7 +391,7 @@ fn bf16_lora_linear_is_the_f32_product_of_rounded_operands() {
         &mm(&rr(&up), &rr(&tr(&w, d_in, d_out)), n, d_out, d_in),
         &mm(&rr(&gs), &rr(&tr(&a, d_in, r)), n, r, d_in),
     );
-    let da = mm(&tr(&x, n, d_in), &gs, d_in, n, r);
+    let da = mm(&tr(&rr(&x), n, d_in), &gs, d_in, n, r);
     let db = mm(&tr(&hs, n, r), &up, r, n, d_out);
 
     let leaf = |v: &[f32], shape: [usize; 2]| {

@@ -2,7 +2,8 @@
 //! each output is the same chain of fused multiply-adds, so the values must match exactly, on
 //! shapes with whole register blocks, ragged edges and more tokens than one pass.
 
-use phi_kernels::thin::{block_path, thin_t_wide, wide_t_thin};
+use phi_kernels::bf16::{from_bf16, to_bf16};
+use phi_kernels::thin::{block_path, thin_t_wide, wide_rows_t_thin, wide_t_thin, Wide};
 
 /// Deterministic values in [-1, 1) with no simple pattern across rows or columns.
 fn vals(n: usize, seed: usize) -> Vec<f32> {
@@ -51,5 +52,24 @@ fn thin_products_equal_sums_in_token_order() {
                 assert_eq!(got_t[i * w + j], want[j * r + i], "thin_t_wide ({i}, {j})");
             }
         }
+    }
+}
+
+/// An input kept in bf16 rows (padded past its width, as the bf16 kernels pack it) gives the
+/// sums of its widened values, bit for bit.
+#[test]
+fn bf16_rows_give_the_sums_of_their_values() {
+    for (t, r, w, stride) in [(64, 16, 64, 64), (300, 16, 96, 128), (257, 5, 70, 96)] {
+        let thin = vals(t * r, 3);
+        let wide = vals(t * stride, 4);
+        let rows: Vec<u16> = wide.iter().map(|&x| to_bf16(x)).collect();
+        // The same values in f32, the padding dropped.
+        let widened: Vec<f32> = (0..t * w)
+            .map(|i| from_bf16(rows[(i / w) * stride + i % w]))
+            .collect();
+        let want = reference(&thin, r, &widened, w);
+        assert!(want.iter().all(|v| v.is_finite() && *v != 0.0));
+        let got = wide_rows_t_thin(&thin, r, Wide::Bf16(&rows), w, stride);
+        assert_eq!(got, want, "bf16 rows, T {t}, r {r}, w {w}, stride {stride}");
     }
 }

@@ -15,13 +15,11 @@ use phi_kernels::bf16::Path;
 use phi_kernels::packed::PackedWeight;
 use std::sync::Arc;
 
-/// The matrix-unit path `--bf16` uses on this CPU: AMX; None elsewhere. The AVX512-BF16
-/// path still runs below Flex's f32 GEMM (docs/benchmarks.md), so it is taken only when
-/// `PHI_BF16_PATH=avx512-bf16` asks for it; the scalar path never.
+/// The matrix-unit path `--bf16` uses on this CPU: AMX, else AVX512-BF16 (on a Zen 4 it
+/// runs at twice Flex's f32 GEMM rate, docs/benchmarks.md); None where neither runs (the
+/// scalar path is a reference, slower than f32).
 pub fn cpu_path() -> Option<Path> {
-    let p = Path::best();
-    let asked = std::env::var("PHI_BF16_PATH").is_ok_and(|v| v == p.name());
-    (p == Path::Amx || (p == Path::Avx512Bf16 && asked)).then_some(p)
+    Some(Path::best()).filter(|&p| p != Path::Scalar)
 }
 
 fn host(t: burn::tensor::Tensor<2>) -> Vec<f32> {

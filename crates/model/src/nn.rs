@@ -190,6 +190,12 @@ impl Linear {
         }
     }
 
+    /// Whether its products run on the CPU's bf16 kernels (`--bf16`): its outputs are then
+    /// sums of bf16 products, which the ops after it may keep in bf16 for their backward.
+    pub fn on_bf16_kernels(&self) -> bool {
+        self.train_bf16.is_some() || self.packed.as_ref().is_some_and(|w| w.path.is_some())
+    }
+
     pub fn d_in(&self) -> usize {
         match &self.packed {
             Some(w) => w.d_in(),

@@ -146,8 +146,8 @@ pub fn mixed_precision(a: &TrainArgs, device: &Device) -> Option<DType> {
             return None;
         }
         let why = match dtype {
-            DType::BF16 => "this CPU has no AMX, which our bf16 kernels need to beat f32 \
-                            (PHI_BF16_PATH=avx512-bf16 runs them on AVX512-BF16)"
+            DType::BF16 => "this CPU has neither AMX nor AVX512-BF16, which our bf16 kernels \
+                            need to beat f32"
                 .to_string(),
             _ => format!("Flex's {name} GEMM runs at 0.4-0.8x its f32 rate here"),
         };

@@ -109,7 +109,7 @@ fn per_layer_checkpointing_gives_the_plain_gradients() {
                 check(&case, &what, &q, 1e-2, &mut r);
             }
             None => eprintln!(
-                "{}: nf4 lora on the bf16 kernels NOT RUN (this CPU has no AMX)",
+                "{}: nf4 lora on the bf16 kernels NOT RUN (this CPU has neither AMX nor AVX512-BF16)",
                 case.name
             ),
         }

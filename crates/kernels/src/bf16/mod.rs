@@ -242,6 +242,12 @@ impl<'a> Panels<'a> {
     }
 }
 
+impl std::fmt::Debug for PackedA {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedA({}×{})", self.m, self.k)
+    }
+}
+
 impl std::fmt::Debug for PackedB {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PackedB({}×{})", self.k, self.n)
@@ -353,6 +359,23 @@ fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
 }
 
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
+/// Every value rounded to bf16 (as `to_bf16`), in parallel.
+pub fn round_all(a: &[f32]) -> Bf16Buf {
+    const CHUNK: usize = 1 << 14;
+    let fill = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .for_each(|(o, r)| round_into(r, o))
+    };
+    // SAFETY: the chunks of `out` and `a` pair up whole, so every value is written.
+    unsafe { Bf16Buf::filled_by(a.len(), fill) }
+}
+
+/// bf16 values as f32 (exact).
+pub fn widen_all(v: &[u16]) -> Vec<f32> {
+    v.par_iter().map(|&x| from_bf16(x)).collect()
+}
+
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Bf16Buf {
     let fill = |out: &mut [MaybeUninit<u16>]| {
         out.par_chunks_mut(k_pad)
@@ -521,6 +544,16 @@ impl PackedA {
     /// The rows, each padded to a multiple of 32 values.
     pub(crate) fn data(&self) -> &[u16] {
         &self.data
+    }
+
+    /// Values from one row to the next (k padded to a multiple of 32).
+    pub fn stride(&self) -> usize {
+        round_up(self.k.max(1), KSTEP)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        2 * self.data.len()
     }
 }
 

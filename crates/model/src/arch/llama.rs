@@ -13,7 +13,7 @@ use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use phi_kernels::swiglu;
+use phi_kernels::swiglu_saving;
 use serde_json::{json, Value};
 
 #[derive(Debug)]
@@ -250,9 +250,11 @@ impl Block for LlamaLayer {
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let m = &self.mlp;
-        let act = swiglu(
+        let bf16 = m.gate_proj.on_bf16_kernels() && m.up_proj.on_bf16_kernels();
+        let act = swiglu_saving(
             m.gate_proj.forward(normed.clone()),
             m.up_proj.forward(normed),
+            bf16,
         );
         h + m.down_proj.forward(act)
     }

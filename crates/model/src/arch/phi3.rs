@@ -12,7 +12,7 @@ use crate::taps::LayerTaps;
 use crate::weights::TensorSource;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use phi_kernels::swiglu_packed;
+use phi_kernels::swiglu_packed_saving;
 use serde_json::{json, Value};
 
 #[derive(Debug)]
@@ -274,6 +274,7 @@ impl Block for Phi3Layer {
         let normed = self.post_attention_layernorm.forward(h.clone());
         taps.post_attention_layernorm(&normed);
         let gu = self.mlp.gate_up_proj.forward(normed);
-        h + self.mlp.down_proj.forward(swiglu_packed(gu))
+        let bf16 = self.mlp.gate_up_proj.on_bf16_kernels();
+        h + self.mlp.down_proj.forward(swiglu_packed_saving(gu, bf16))
     }
 }
