@@ -1,9 +1,10 @@
 //! The AVX512-BF16 path: `vdpbf16ps` adds a row's (k, k+1) pair times a packed B row of 16
 //! pairs into 16 f32 lanes. A micro-tile of 12 rows × 2 panels keeps its 24 accumulators in
 //! registers (with the two B rows and a broadcast, 27 of the 32) while each B row is loaded
-//! once. The row count is a const parameter so the compiler unrolls the rows and keeps the
-//! accumulators out of memory: with a run-time count it kept them on the stack, a load and
-//! a store around every product (152–190 GFLOP/s on a 2-core Xeon, below its f32 GEMM).
+//! once. The row count is a const parameter so the rows unroll without tests: with a
+//! run-time count (8 rows before) the compiler compared it after every row's two products.
+//! On a 2-core Zen 4 the kernel went from 344–387 to 372–408 GFLOP/s, twice Flex's f32
+//! GEMM there (docs/benchmarks.md).
 
 use super::Block;
 
