@@ -112,18 +112,27 @@ fn retrieve(c: &mut Checkpointer, id: NodeId) -> FlexTensor {
     contiguous(c.retrieve_node_output::<FlexTensor>(id))
 }
 
-/// An input kept for a backward: checkpointed, or rounded to bf16 (its shape beside it).
-#[derive(Clone)]
-enum Saved {
+/// An input kept for a backward: checkpointed, or rounded to bf16 as `T` (plain values, or
+/// rows packed for the bf16 kernels), its shape beside it.
+enum Saved<T = bf16::Bf16Buf> {
     Node(NodeId),
-    Bf16(Arc<bf16::Bf16Buf>, burn::tensor::Shape),
+    Bf16(Arc<T>, burn::tensor::Shape),
 }
 
-impl std::fmt::Debug for Saved {
+impl<T> Clone for Saved<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Saved::Node(id) => Saved::Node(*id),
+            Saved::Bf16(v, shape) => Saved::Bf16(v.clone(), shape.clone()),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Saved<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Saved::Node(id) => write!(f, "Saved::Node({id:?})"),
-            Saved::Bf16(v, shape) => write!(f, "Saved::Bf16({} values, {shape:?})", v.len()),
+            Saved::Bf16(_, shape) => write!(f, "Saved::Bf16({shape:?})"),
         }
     }
 }
@@ -267,16 +276,9 @@ struct FrozenLoraLinear {
     scale: f64,
 }
 
-/// How a LoRA linear keeps xd for its factor's gradient: checkpointed (f32), or, on a bf16
-/// path without dropout, the bf16 rows its forward product read (half the bytes, what
-/// autocast keeps; one packing for every linear reading the same input, `packed_input`).
-#[derive(Debug, Clone)]
-enum KeptXd {
-    Node(NodeId),
-    Bf16(Arc<bf16::PackedA>, burn::tensor::Shape),
-}
-
-/// xd as the backward reads it.
+/// xd as the backward reads it. A LoRA linear on a bf16 path without dropout keeps the bf16
+/// rows its forward product read (half the bytes, what autocast keeps; one packing for every
+/// linear reading the same input, `packed_input`), others checkpoint xd.
 enum Xd {
     F32(FlexTensor),
     Bf16(Arc<bf16::PackedA>, burn::tensor::Shape),
@@ -317,17 +319,23 @@ fn packed_input(node: NodeId, x: FlexTensor, d_in: usize) -> Arc<bf16::PackedA> 
 }
 
 impl Backward<Flex, 4> for FrozenLoraLinear {
-    /// xd (see `KeptXd`), a, b (checkpointed; x is not read: W has no gradient), hs =
+    /// xd (see `Xd`), a, b (checkpointed; x is not read: W has no gradient), hs =
     /// s·(xd·a), W.
-    type State = (KeptXd, [NodeId; 2], bool, FlexTensor, Arc<PackedWeight>);
+    type State = (
+        Saved<bf16::PackedA>,
+        [NodeId; 2],
+        bool,
+        FlexTensor,
+        Arc<PackedWeight>,
+    );
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, c: &mut Checkpointer) {
         let nodes = ops.parents.map(|n| n.map(|n| n.id));
         let dy = grads.consume::<Flex>(&ops.node);
         let (kept, ids, shared, hs, w) = ops.state;
         let xd = match kept {
-            KeptXd::Node(id) => Xd::F32(retrieve(c, id)),
-            KeptXd::Bf16(p, shape) => Xd::Bf16(p, shape),
+            Saved::Node(id) => Xd::F32(retrieve(c, id)),
+            Saved::Bf16(p, shape) => Xd::Bf16(p, shape),
         };
         let [a, b] = ids.map(|id| retrieve(c, id));
         let low_rank = LowRankGrads {
@@ -872,10 +880,10 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     let shape = x.shape();
                     let px = packed_input(x.node().id(), x.into_primitive(), w.d_in());
                     let (y, hs) = frozen_lora_bf16(path, (&px, None), &w, (a, b, scale));
-                    let kept = KeptXd::Bf16(px, shape);
+                    let kept = Saved::Bf16(px, shape);
                     return prep.finish((kept, ids, shared, hs, w), y);
                 }
-                let kept = KeptXd::Node(prep.checkpoint(&xd));
+                let kept = Saved::Node(prep.checkpoint(&xd));
                 let xd = (!shared).then(|| xd.into_primitive());
                 let (y, hs) = frozen_lora_forward(x.into_primitive(), xd, &w, a, b, scale);
                 prep.finish((kept, ids, shared, hs, w), y)
