@@ -550,11 +550,6 @@ impl PackedA {
     pub fn stride(&self) -> usize {
         round_up(self.k.max(1), KSTEP)
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        2 * self.data.len()
-    }
 }
 
 /// A·B, plus A2·B2 for `extra` = (A2, B2) (A2 with A's rows, B2 as wide as B) summed into
