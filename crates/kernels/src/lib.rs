@@ -5,8 +5,10 @@
 //! a vectorised exp, keeping only its inputs (or the softmax output).
 //!
 //! They are a Burn backend extension implemented for Flex (the CPU backend) and for
-//! Autodiff<Flex> with hand-written backward passes. Other backends (CUDA) and other dtypes
-//! take the composed path, which is also the reference the tests compare against.
+//! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` SwiGLU also runs
+//! as CubeCL kernels on Burn's wgpu backend (src/cube.rs). Other backends (CUDA), other dtypes
+//! and the other ops there take the composed path, which is also the reference the tests
+//! compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
 pub mod adam8;
@@ -14,6 +16,8 @@ mod attention;
 mod attention_bf16;
 mod autodiff;
 pub mod bf16;
+#[cfg(feature = "vulkan")]
+mod cube;
 mod head_loss;
 pub mod kernels;
 mod matmul;
@@ -373,9 +377,39 @@ pub(crate) fn frozen_lora_bf16(
 /// Whether the fused kernels can run this tensor: f32 on Flex (with or without autodiff),
 /// and not switched off by `PHI_FUSED=0`.
 pub fn fusable<const N: usize>(t: &Tensor<N>) -> bool {
+    fused_enabled() && t.dtype() == DType::F32 && on_flex(&t.device())
+}
+
+/// Not switched off by `PHI_FUSED=0`.
+fn fused_enabled() -> bool {
     static ENABLED: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| std::env::var("PHI_FUSED").map_or(true, |v| v != "0"));
-    *ENABLED && t.dtype() == DType::F32 && on_flex(&t.device())
+    *ENABLED
+}
+
+/// Which implementation the SwiGLU entry points run for a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwigluPath {
+    /// Our CPU kernels (Flex, `fusable`).
+    Cpu,
+    /// Our CubeCL kernels (`--features vulkan`, f32 on Burn's wgpu backend).
+    Gpu,
+    /// Burn's ops composed (`reference`).
+    Composed,
+}
+
+/// The path `swiglu`, `swiglu_packed` and their `_saving` forms take for `t`: for a pair both
+/// tensors must have it and one shape, and on the GPU a packed last dim must be even, else
+/// they compose.
+pub fn swiglu_path<const N: usize>(t: &Tensor<N>) -> SwigluPath {
+    if fusable(t) {
+        return SwigluPath::Cpu;
+    }
+    #[cfg(feature = "vulkan")]
+    if fused_enabled() && t.dtype() == DType::F32 && cube::on_cube(&t.device()) {
+        return SwigluPath::Gpu;
+    }
+    SwigluPath::Composed
 }
 
 /// Whether `device` runs our CPU kernels (Burn's Flex backend, with or without autodiff).
@@ -402,26 +436,45 @@ pub fn swiglu_packed<const N: usize>(gate_up: Tensor<N>) -> Tensor<N> {
 
 /// `swiglu`, its backward reading gate and up rounded to bf16 where `bf16_saved` (`--bf16`
 /// on the CPU's matrix units, where they come out of bf16 products: autocast keeps them in
-/// bf16 too) on the fused path.
+/// bf16 too) on the CPU's fused path. The GPU kernels keep f32 (WGSL has no bf16, and
+/// phi-train trains in f32 there under `--bf16`).
 pub fn swiglu_saving<const N: usize>(
     gate: Tensor<N>,
     up: Tensor<N>,
     bf16_saved: bool,
 ) -> Tensor<N> {
-    if fusable(&gate) && fusable(&up) && gate.dims() == up.dims() {
-        let (g, u) = (gate.into_dispatch(), up.into_dispatch());
-        Tensor::from_dispatch(D::swiglu_pair(g, u, bf16_saved))
-    } else {
-        reference::swiglu(gate, up)
+    let path = swiglu_path(&gate);
+    if path != swiglu_path(&up) || gate.dims() != up.dims() {
+        return reference::swiglu(gate, up);
+    }
+    match path {
+        SwigluPath::Cpu => {
+            let (g, u) = (gate.into_dispatch(), up.into_dispatch());
+            Tensor::from_dispatch(D::swiglu_pair(g, u, bf16_saved))
+        }
+        #[cfg(feature = "vulkan")]
+        SwigluPath::Gpu => {
+            use cube::CubeSwiglu;
+            let (g, u) = (gate.into_dispatch(), up.into_dispatch());
+            Tensor::from_dispatch(D::cube_swiglu_pair(g, u))
+        }
+        _ => reference::swiglu(gate, up),
     }
 }
 
 /// `swiglu_packed`, saving as `swiglu_saving`.
 pub fn swiglu_packed_saving<const N: usize>(gate_up: Tensor<N>, bf16_saved: bool) -> Tensor<N> {
-    if fusable(&gate_up) {
-        return Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch(), bf16_saved));
+    match swiglu_path(&gate_up) {
+        SwigluPath::Cpu => {
+            Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch(), bf16_saved))
+        }
+        #[cfg(feature = "vulkan")]
+        SwigluPath::Gpu if gate_up.dims()[N - 1].is_multiple_of(2) => {
+            use cube::CubeSwiglu;
+            Tensor::from_dispatch(D::cube_swiglu_packed(gate_up.into_dispatch()))
+        }
+        _ => reference::swiglu_packed(gate_up),
     }
-    reference::swiglu_packed(gate_up)
 }
 
 /// x and the adapter's input as [rows, in]. Without dropout xd is x itself, one reshape and

@@ -1,0 +1,162 @@
+//! SwiGLU's CubeCL kernels (`--features vulkan`) against the same op composed from Burn's, both
+//! on the device `PHI_TEST_DEVICE` names (CI: Mesa's lavapipe): outputs and input gradients
+//! under a fixed upstream gradient, on [2, 5, 37] (a row width no vector width divides),
+//! without autodiff, with it, and under balanced checkpointing. The device must be a Vulkan
+//! one; one the machine lacks fails the test (`phi_testkit::device`), nothing skips.
+//!
+//! PHI_TEST_DEVICE=vulkan cargo test -p phi-kernels -p phi-model --features phi-model/vulkan
+//!     --test swiglu_gpu
+
+#![cfg(feature = "vulkan")]
+
+use burn::tensor::{Device, Tensor, TensorData};
+use phi_kernels::{self as fused, reference, SwigluPath};
+
+const SHAPE: [usize; 3] = [2, 5, 37];
+
+fn device() -> Device {
+    let name = phi_testkit::test_device_name();
+    assert!(
+        name.starts_with("vulkan"),
+        "PHI_TEST_DEVICE={name}: these tests check the GPU kernels; name a Vulkan device \
+         (PHI_TEST_DEVICE=vulkan or vulkan:cpu)"
+    );
+    phi_testkit::device()
+}
+
+/// The three ways a training step reaches the op.
+fn devices() -> [(&'static str, Device); 3] {
+    let d = device();
+    [
+        ("plain", d.clone()),
+        ("autodiff", d.clone().autodiff()),
+        ("checkpointed", d.autodiff().gradient_checkpointing()),
+    ]
+}
+
+fn tensor(shape: [usize; 3], seed: u64, scale: f32, device: &Device) -> Tensor<3> {
+    let n = shape.iter().product();
+    // Gates out to ±4 reach both of the sigmoid's tails.
+    let v: Vec<f32> = phi_testkit::values(n, seed)
+        .iter()
+        .map(|x| x * scale)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+fn vals(t: Tensor<3>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+/// Fixed and uneven, so a wrong sign, a swapped half or a transposition cannot cancel out.
+fn upstream(shape: burn::tensor::Shape, device: &Device) -> Tensor<3> {
+    let n = shape.num_elements();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+fn close(got: &[f32], want: &[f32], what: &str) {
+    let worst = phi_testkit::oracle::max_scaled_diff(what, got, want);
+    assert!(worst <= 1e-5, "{what}: worst scaled error {worst} > 1e-5");
+    assert!(got.iter().any(|v| *v != 0.0), "{what}: all zero");
+}
+
+/// The output and, on an autodiff device, each input's gradient under `upstream`.
+fn run(inputs: &[Tensor<3>], op: &dyn Fn(&[Tensor<3>]) -> Tensor<3>) -> Vec<Vec<f32>> {
+    let tracked = inputs[0].is_autodiff();
+    let inputs: Vec<_> = match tracked {
+        true => inputs
+            .iter()
+            .map(|t| t.clone().detach().require_grad())
+            .collect(),
+        false => inputs.to_vec(),
+    };
+    let y = op(&inputs);
+    let mut out = vec![vals(y.clone())];
+    if tracked {
+        let w = upstream(y.shape(), &y.device());
+        let grads = (y * w).sum().backward();
+        for x in &inputs {
+            out.push(vals(x.grad(&grads).expect("a gradient for every input")));
+        }
+    }
+    out
+}
+
+fn compare(
+    what: &str,
+    inputs: &[Tensor<3>],
+    fused: &dyn Fn(&[Tensor<3>]) -> Tensor<3>,
+    reference: &dyn Fn(&[Tensor<3>]) -> Tensor<3>,
+) {
+    let (got, want) = (run(inputs, fused), run(inputs, reference));
+    assert_eq!(got.len(), want.len());
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let key = match k {
+            0 => "output".to_string(),
+            k => format!("gradient of input {}", k - 1),
+        };
+        close(g, w, &format!("{what}: {key}"));
+    }
+}
+
+#[test]
+fn gpu_swiglu_pair_matches_silu_times_up() {
+    for (how, d) in devices() {
+        let gate = tensor(SHAPE, 1, 4.0, &d);
+        let up = tensor(SHAPE, 2, 1.0, &d);
+        assert_eq!(fused::swiglu_path(&gate), SwigluPath::Gpu, "{how}");
+        let inputs = [gate, up];
+        compare(
+            &format!("pair, {how}"),
+            &inputs,
+            &|x| fused::swiglu(x[0].clone(), x[1].clone()),
+            &|x| reference::swiglu(x[0].clone(), x[1].clone()),
+        );
+    }
+}
+
+#[test]
+fn gpu_swiglu_packed_matches_silu_times_up() {
+    for (how, d) in devices() {
+        let gate_up = tensor([2, 5, 2 * 37], 3, 4.0, &d);
+        assert_eq!(fused::swiglu_path(&gate_up), SwigluPath::Gpu, "{how}");
+        compare(
+            &format!("packed, {how}"),
+            &[gate_up],
+            &|x| fused::swiglu_packed(x[0].clone()),
+            &|x| reference::swiglu_packed(x[0].clone()),
+        );
+    }
+}
+
+/// gate and up as strided views of one tensor (what Phi-3's packed projection gives a caller
+/// that splits it): the kernels' contiguous copies, and gradients flowing back through both
+/// slices into one input.
+#[test]
+fn gpu_swiglu_pair_of_views_matches() {
+    for (how, d) in devices() {
+        let gate_up = tensor([2, 5, 2 * 37], 4, 4.0, &d);
+        let split = |x: &Tensor<3>| (x.clone().narrow(2, 0, 37), x.clone().narrow(2, 37, 37));
+        let (g, u) = split(&gate_up);
+        assert_eq!(fused::swiglu_path(&g), SwigluPath::Gpu, "{how}");
+        assert_eq!(fused::swiglu_path(&u), SwigluPath::Gpu, "{how}");
+        compare(
+            &format!("pair of views, {how}"),
+            &[gate_up],
+            &|x| {
+                let (g, u) = split(&x[0]);
+                fused::swiglu(g, u)
+            },
+            &|x| {
+                let (g, u) = split(&x[0]);
+                reference::swiglu(g, u)
+            },
+        );
+    }
+}
