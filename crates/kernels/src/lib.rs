@@ -5,9 +5,9 @@
 //! a vectorised exp, keeping only its inputs (or the softmax output).
 //!
 //! They are a Burn backend extension implemented for Flex (the CPU backend) and for
-//! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` SwiGLU also runs
-//! as CubeCL kernels on Burn's wgpu backend (src/cube.rs). Other backends (CUDA), other dtypes
-//! and the other ops there take the composed path, which is also the reference the tests
+//! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` SwiGLU and the
+//! cross-entropy also run as CubeCL kernels on Burn's wgpu backend (src/cube/). Other backends
+//! (CUDA), other dtypes and the other ops there take the composed path, which is also the reference the tests
 //! compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
@@ -387,29 +387,30 @@ fn fused_enabled() -> bool {
     *ENABLED
 }
 
-/// Which implementation the SwiGLU entry points run for a tensor.
+/// Which implementation an op with kernels of its own runs for a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwigluPath {
+pub enum KernelPath {
     /// Our CPU kernels (Flex, `fusable`).
     Cpu,
-    /// Our CubeCL kernels (`--features vulkan`, f32 on Burn's wgpu backend).
+    /// Our CubeCL kernels (`--features vulkan`, f32 on Burn's wgpu backend): SwiGLU and the
+    /// cross-entropy.
     Gpu,
     /// Burn's ops composed (`reference`).
     Composed,
 }
 
-/// The path `swiglu`, `swiglu_packed` and their `_saving` forms take for `t`: for a pair both
-/// tensors must have it and one shape, and on the GPU a packed last dim must be even, else
-/// they compose.
-pub fn swiglu_path<const N: usize>(t: &Tensor<N>) -> SwigluPath {
+/// The path `swiglu`, `swiglu_packed` (and their `_saving` forms) and `cross_entropy_sum` take
+/// for `t`: for a SwiGLU pair both tensors must have it and one shape, and on the GPU a packed
+/// last dim must be even, else they compose.
+pub fn kernel_path<const N: usize>(t: &Tensor<N>) -> KernelPath {
     if fusable(t) {
-        return SwigluPath::Cpu;
+        return KernelPath::Cpu;
     }
     #[cfg(feature = "vulkan")]
     if fused_enabled() && t.dtype() == DType::F32 && cube::on_cube(&t.device()) {
-        return SwigluPath::Gpu;
+        return KernelPath::Gpu;
     }
-    SwigluPath::Composed
+    KernelPath::Composed
 }
 
 /// Whether `device` runs our CPU kernels (Burn's Flex backend, with or without autodiff).
@@ -443,17 +444,17 @@ pub fn swiglu_saving<const N: usize>(
     up: Tensor<N>,
     bf16_saved: bool,
 ) -> Tensor<N> {
-    let path = swiglu_path(&gate);
-    if path != swiglu_path(&up) || gate.dims() != up.dims() {
+    let path = kernel_path(&gate);
+    if path != kernel_path(&up) || gate.dims() != up.dims() {
         return reference::swiglu(gate, up);
     }
     match path {
-        SwigluPath::Cpu => {
+        KernelPath::Cpu => {
             let (g, u) = (gate.into_dispatch(), up.into_dispatch());
             Tensor::from_dispatch(D::swiglu_pair(g, u, bf16_saved))
         }
         #[cfg(feature = "vulkan")]
-        SwigluPath::Gpu => {
+        KernelPath::Gpu => {
             use cube::CubeSwiglu;
             let (g, u) = (gate.into_dispatch(), up.into_dispatch());
             Tensor::from_dispatch(D::cube_swiglu_pair(g, u))
@@ -464,12 +465,12 @@ pub fn swiglu_saving<const N: usize>(
 
 /// `swiglu_packed`, saving as `swiglu_saving`.
 pub fn swiglu_packed_saving<const N: usize>(gate_up: Tensor<N>, bf16_saved: bool) -> Tensor<N> {
-    match swiglu_path(&gate_up) {
-        SwigluPath::Cpu => {
+    match kernel_path(&gate_up) {
+        KernelPath::Cpu => {
             Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch(), bf16_saved))
         }
         #[cfg(feature = "vulkan")]
-        SwigluPath::Gpu if gate_up.dims()[N - 1].is_multiple_of(2) => {
+        KernelPath::Gpu if gate_up.dims()[N - 1].is_multiple_of(2) => {
             use cube::CubeSwiglu;
             Tensor::from_dispatch(D::cube_swiglu_packed(gate_up.into_dispatch()))
         }
@@ -627,11 +628,40 @@ pub fn causal_softmax(scores: Tensor<4>, scale: f64, t: usize, offset: usize) ->
 /// Σ −log softmax(logits[r])[targets[r]] over [rows, V] logits, rows with a negative target
 /// skipped; a [1] tensor.
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
-    if fusable(&logits) {
-        let d = logits.into_dispatch();
-        return Tensor::from_dispatch(D::cross_entropy_sum(d, targets));
+    match kernel_path(&logits) {
+        KernelPath::Cpu => {
+            let d = logits.into_dispatch();
+            Tensor::from_dispatch(D::cross_entropy_sum(d, targets))
+        }
+        #[cfg(feature = "vulkan")]
+        KernelPath::Gpu => {
+            use cube::CubeCrossEntropy;
+            let [n, v] = logits.dims();
+            assert_eq!(
+                targets.len(),
+                n,
+                "cross-entropy: {n} rows, {} targets",
+                targets.len()
+            );
+            // The CPU path and the composed gather stop on a target past the vocabulary too;
+            // the kernel would read another row's logit.
+            let t: Vec<i32> = targets
+                .iter()
+                .map(|&t| match usize::try_from(t) {
+                    Ok(u) if u < v => u as i32,
+                    Ok(_) => panic!("cross-entropy: target {t} outside a vocabulary of {v}"),
+                    Err(_) => -1,
+                })
+                .collect();
+            let t = Tensor::<1, burn::tensor::Int>::from_data(
+                TensorData::new(t, [n]),
+                &logits.device(),
+            );
+            let d = D::cube_cross_entropy(logits.into_dispatch(), t.into_dispatch());
+            Tensor::<1>::from_dispatch(d).sum()
+        }
+        _ => reference::cross_entropy_sum(logits, targets),
     }
-    reference::cross_entropy_sum(logits, targets)
 }
 
 /// Whether `adamw` can run on these tensors (all f32 on Flex, outside autodiff).

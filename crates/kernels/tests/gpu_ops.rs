@@ -1,16 +1,16 @@
-//! SwiGLU's CubeCL kernels (`--features vulkan`) against the same op composed from Burn's, both
-//! on the device `PHI_TEST_DEVICE` names (CI: Mesa's lavapipe): outputs and input gradients
-//! under a fixed upstream gradient, on [2, 5, 37] (a row width no vector width divides),
-//! without autodiff, with it, and under balanced checkpointing. The device must be a Vulkan
+//! Our CubeCL kernels (`--features vulkan`: SwiGLU, cross-entropy) against the same ops composed
+//! from Burn's, both on the device `PHI_TEST_DEVICE` names (CI: Mesa's lavapipe): outputs and
+//! input gradients under a fixed upstream gradient, on widths no vector width or unit count
+//! divides, without autodiff, with it, and under balanced checkpointing. The device must be a Vulkan
 //! one; one the machine lacks fails the test (`phi_testkit::device`), nothing skips.
 //!
 //! PHI_TEST_DEVICE=vulkan cargo test -p phi-kernels -p phi-model --features phi-model/vulkan
-//!     --test swiglu_gpu
+//!     --test gpu_ops
 
 #![cfg(feature = "vulkan")]
 
 use burn::tensor::{Device, Tensor, TensorData};
-use phi_kernels::{self as fused, reference, SwigluPath};
+use phi_kernels::{self as fused, reference, KernelPath};
 
 const SHAPE: [usize; 3] = [2, 5, 37];
 
@@ -34,9 +34,9 @@ fn devices() -> [(&'static str, Device); 3] {
     ]
 }
 
-fn tensor(shape: [usize; 3], seed: u64, scale: f32, device: &Device) -> Tensor<3> {
+fn tensor<const N: usize>(shape: [usize; N], seed: u64, scale: f32, device: &Device) -> Tensor<N> {
     let n = shape.iter().product();
-    // Gates out to ±4 reach both of the sigmoid's tails.
+    // Gates out to ±4 reach both of the sigmoid's tails; logits to ±6, a peaked softmax.
     let v: Vec<f32> = phi_testkit::values(n, seed)
         .iter()
         .map(|x| x * scale)
@@ -44,7 +44,7 @@ fn tensor(shape: [usize; 3], seed: u64, scale: f32, device: &Device) -> Tensor<3
     Tensor::from_data(TensorData::new(v, shape), device)
 }
 
-fn vals(t: Tensor<3>) -> Vec<f32> {
+fn vals<const N: usize>(t: Tensor<N>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -52,7 +52,7 @@ fn vals(t: Tensor<3>) -> Vec<f32> {
 }
 
 /// Fixed and uneven, so a wrong sign, a swapped half or a transposition cannot cancel out.
-fn upstream(shape: burn::tensor::Shape, device: &Device) -> Tensor<3> {
+fn upstream<const N: usize>(shape: burn::tensor::Shape, device: &Device) -> Tensor<N> {
     let n = shape.num_elements();
     let v: Vec<f32> = (0..n)
         .map(|i| ((i * 7919 % 1009) as f32 / 504.5) - 1.0)
@@ -67,7 +67,10 @@ fn close(got: &[f32], want: &[f32], what: &str) {
 }
 
 /// The output and, on an autodiff device, each input's gradient under `upstream`.
-fn run(inputs: &[Tensor<3>], op: &dyn Fn(&[Tensor<3>]) -> Tensor<3>) -> Vec<Vec<f32>> {
+fn run<const N: usize, const M: usize>(
+    inputs: &[Tensor<N>],
+    op: &dyn Fn(&[Tensor<N>]) -> Tensor<M>,
+) -> Vec<Vec<f32>> {
     let tracked = inputs[0].is_autodiff();
     let inputs: Vec<_> = match tracked {
         true => inputs
@@ -79,7 +82,7 @@ fn run(inputs: &[Tensor<3>], op: &dyn Fn(&[Tensor<3>]) -> Tensor<3>) -> Vec<Vec<
     let y = op(&inputs);
     let mut out = vec![vals(y.clone())];
     if tracked {
-        let w = upstream(y.shape(), &y.device());
+        let w = upstream::<M>(y.shape(), &y.device());
         let grads = (y * w).sum().backward();
         for x in &inputs {
             out.push(vals(x.grad(&grads).expect("a gradient for every input")));
@@ -88,11 +91,11 @@ fn run(inputs: &[Tensor<3>], op: &dyn Fn(&[Tensor<3>]) -> Tensor<3>) -> Vec<Vec<
     out
 }
 
-fn compare(
+fn compare<const N: usize, const M: usize>(
     what: &str,
-    inputs: &[Tensor<3>],
-    fused: &dyn Fn(&[Tensor<3>]) -> Tensor<3>,
-    reference: &dyn Fn(&[Tensor<3>]) -> Tensor<3>,
+    inputs: &[Tensor<N>],
+    fused: &dyn Fn(&[Tensor<N>]) -> Tensor<M>,
+    reference: &dyn Fn(&[Tensor<N>]) -> Tensor<M>,
 ) {
     let (got, want) = (run(inputs, fused), run(inputs, reference));
     assert_eq!(got.len(), want.len());
@@ -110,7 +113,7 @@ fn gpu_swiglu_pair_matches_silu_times_up() {
     for (how, d) in devices() {
         let gate = tensor(SHAPE, 1, 4.0, &d);
         let up = tensor(SHAPE, 2, 1.0, &d);
-        assert_eq!(fused::swiglu_path(&gate), SwigluPath::Gpu, "{how}");
+        assert_eq!(fused::kernel_path(&gate), KernelPath::Gpu, "{how}");
         let inputs = [gate, up];
         compare(
             &format!("pair, {how}"),
@@ -125,7 +128,7 @@ fn gpu_swiglu_pair_matches_silu_times_up() {
 fn gpu_swiglu_packed_matches_silu_times_up() {
     for (how, d) in devices() {
         let gate_up = tensor([2, 5, 2 * 37], 3, 4.0, &d);
-        assert_eq!(fused::swiglu_path(&gate_up), SwigluPath::Gpu, "{how}");
+        assert_eq!(fused::kernel_path(&gate_up), KernelPath::Gpu, "{how}");
         compare(
             &format!("packed, {how}"),
             &[gate_up],
@@ -144,8 +147,8 @@ fn gpu_swiglu_pair_of_views_matches() {
         let gate_up = tensor([2, 5, 2 * 37], 4, 4.0, &d);
         let split = |x: &Tensor<3>| (x.clone().narrow(2, 0, 37), x.clone().narrow(2, 37, 37));
         let (g, u) = split(&gate_up);
-        assert_eq!(fused::swiglu_path(&g), SwigluPath::Gpu, "{how}");
-        assert_eq!(fused::swiglu_path(&u), SwigluPath::Gpu, "{how}");
+        assert_eq!(fused::kernel_path(&g), KernelPath::Gpu, "{how}");
+        assert_eq!(fused::kernel_path(&u), KernelPath::Gpu, "{how}");
         compare(
             &format!("pair of views, {how}"),
             &[gate_up],
@@ -157,6 +160,43 @@ fn gpu_swiglu_pair_of_views_matches() {
                 let (g, u) = split(&x[0]);
                 reference::swiglu(g, u)
             },
+        );
+    }
+}
+
+/// The sum over rows, and the logits' gradient, against log_softmax and gather: a vocabulary
+/// wider than the forward's units (several logits each, the last share short) and one
+/// narrower (units with nothing to read), ignored rows, targets at both ends of the row.
+#[test]
+fn gpu_cross_entropy_matches_log_softmax() {
+    for v in [301, 37] {
+        for (how, d) in devices() {
+            let logits = tensor([7, v], 5, 6.0, &d);
+            assert_eq!(fused::kernel_path(&logits), KernelPath::Gpu, "{how}");
+            let last = v as i64 - 1;
+            let targets = vec![0, last, -1, 3, 17, -100, last - 2];
+            compare(
+                &format!("cross-entropy, V = {v}, {how}"),
+                &[logits],
+                &|x| fused::cross_entropy_sum(x[0].clone(), targets.clone()),
+                &|x| reference::cross_entropy_sum(x[0].clone(), targets.clone()),
+            );
+        }
+    }
+}
+
+/// More rows than one grid dimension holds (65535 cubes): the rows past it wrap into y.
+#[test]
+fn gpu_cross_entropy_covers_rows_past_one_grid_dimension() {
+    let (n, v) = (70_001, 3);
+    for (how, d) in devices().into_iter().take(2) {
+        let logits = tensor([n, v], 6, 3.0, &d);
+        let targets: Vec<i64> = (0..n as i64).map(|r| r % 4 - 1).collect();
+        compare(
+            &format!("cross-entropy, {n} rows, {how}"),
+            &[logits],
+            &|x| fused::cross_entropy_sum(x[0].clone(), targets.clone()),
+            &|x| reference::cross_entropy_sum(x[0].clone(), targets.clone()),
         );
     }
 }

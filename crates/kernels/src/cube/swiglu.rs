@@ -1,14 +1,6 @@
-//! SwiGLU on CubeCL devices (Burn's wgpu backend, `--features vulkan`): one elementwise kernel
-//! forward and one backward, where the composed op is a sigmoid, two products (and for the
-//! packed form two slices) each way, with every intermediate kept for the backward.
-//!
-//! Two extension traits of their own rather than a `Cube` selector on `FusedOps`: a backend a
-//! trait is routed to must implement all of its methods, and `FusedOps`' others take CPU-side
-//! packed weights and rotary tables. Burn's `Cube` backend is `Fusion<CubeBackend>` (burn-wgpu
-//! turns on burn-cubecl's `fusion`), so the kernels are written for `CubeBackend` and the
-//! macro's `Fusion` wrapper records each call as an opaque op in the fusion stream. The
-//! backward kernels are a second trait without `Autodiff`: only the backward passes here call
-//! them, on the inner backend, and they have no derivative of their own.
+//! SwiGLU on CubeCL devices: one elementwise kernel forward and one backward, where the
+//! composed op is a sigmoid, two products (and for the packed form two slices) each way, with
+//! every intermediate kept for the backward.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -16,13 +8,12 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, DispatchDevice, TensorMetadata};
-use burn::tensor::{DType, Device, Shape};
-use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn::backend::{backend_extension, Backend, TensorMetadata};
+use burn::tensor::Shape;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use cubecl::prelude::{CubeCount, CubeDim};
+
+use super::{empty, grid, rows};
 
 #[backend_extension(Cube, Autodiff, Fusion)]
 pub trait CubeSwiglu: Backend {
@@ -58,16 +49,6 @@ pub fn half_last(shape: &Shape) -> Shape {
     let d = out.num_dims() - 1;
     out[d] /= 2;
     out
-}
-
-/// Whether `device` runs these kernels: a CubeCL device, with or without autodiff.
-pub fn on_cube(device: &Device) -> bool {
-    match device.as_dispatch() {
-        DispatchDevice::Cube(_) => true,
-        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Cube(_)),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
 }
 
 mod kernels {
@@ -142,26 +123,6 @@ mod kernels {
             d_gate_up[at + w] = d * g * s;
         }
     }
-}
-
-/// The kernels index every tensor as one row-major f32 buffer.
-fn rows(t: CubeTensor) -> CubeTensor {
-    assert_eq!(t.dtype, DType::F32, "the CubeCL SwiGLU kernels take f32");
-    into_contiguous(t)
-}
-
-fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
-    let (client, device) = (like.client.clone(), like.device.clone());
-    empty_device_contiguous_dtype(client, device, shape, DType::F32)
-}
-
-/// One unit per element of `n`, in cubes sized as Burn sizes its own elementwise kernels.
-fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&t.client, n);
-    (
-        cubecl::calculate_cube_count_elemwise(&t.client, n, dim),
-        dim,
-    )
 }
 
 /// The packed form's half width, for [.., 2w].

@@ -1,0 +1,53 @@
+//! Our ops as CubeCL kernels on Burn's wgpu backend (`--features vulkan`): SwiGLU and
+//! cross-entropy, forward and backward, f32.
+//!
+//! Each op is two extension traits of its own rather than a `Cube` selector on `FusedOps`: a
+//! backend a trait is routed to must implement all of its methods, and `FusedOps`' others take
+//! CPU-side packed weights and rotary tables. Burn's `Cube` backend is `Fusion<CubeBackend>`
+//! (burn-wgpu turns on burn-cubecl's `fusion`), so the kernels are written for `CubeBackend`
+//! and the macro's `Fusion` wrapper records each call as an opaque op in the fusion stream.
+//! The backward kernels are a second trait without `Autodiff`: only the backward passes here
+//! call them, on the inner backend, and they have no derivative of their own.
+
+mod cross_entropy;
+mod swiglu;
+
+pub use cross_entropy::CubeCrossEntropy;
+pub use swiglu::CubeSwiglu;
+
+use burn::backend::DispatchDevice;
+use burn::tensor::{DType, Device, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::{CubeCount, CubeDim};
+
+/// Whether `device` runs these kernels: a CubeCL device, with or without autodiff.
+pub fn on_cube(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Cube(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Cube(_)),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// The kernels index every float tensor as one row-major f32 buffer.
+fn rows(t: CubeTensor) -> CubeTensor {
+    assert_eq!(t.dtype, DType::F32, "our CubeCL kernels take f32");
+    into_contiguous(t)
+}
+
+fn empty(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    let (client, device) = (like.client.clone(), like.device.clone());
+    empty_device_contiguous_dtype(client, device, shape, DType::F32)
+}
+
+/// One unit per element of `n`, in cubes sized as Burn sizes its own elementwise kernels.
+fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(&t.client, n);
+    (
+        cubecl::calculate_cube_count_elemwise(&t.client, n, dim),
+        dim,
+    )
+}
