@@ -509,14 +509,32 @@ fn lora_and_rslora_match_peft() {
     r.finish();
 }
 
+/// Each half type the test device has kernels for (Vulkan: f16 only, WGSL has no bf16; a type
+/// it lacks is reported by name as not run, and phi-train trains in f32 there instead).
 #[test]
 fn autocast_stays_within_half_precision_of_peft() {
     let mut r = Report::default();
+    // Measured on the fixtures: bf16 ≤ 6.2e-4 rel, cos ≥ 0.99968; f16 ≤ 1.2e-4, 0.999995.
+    let bounds = [(DType::BF16, 5e-3, 0.995), (DType::F16, 1e-3, 0.9999)];
+    let device = phi_testkit::device();
+    let run: Vec<_> = bounds
+        .into_iter()
+        .filter(|(dtype, ..)| {
+            let has = device.supports_dtype(*dtype);
+            if !has {
+                eprintln!(
+                    "autocast in {dtype:?}: NOT RUN (device {device:?} has no {dtype:?} kernels)"
+                );
+            }
+            has
+        })
+        .collect();
+    assert!(!run.is_empty(), "device {device:?} has no half type at all");
     for dir in cases() {
         let case = Case::open(&dir);
-        // Measured on the fixtures: bf16 ≤ 6.2e-4 rel, cos ≥ 0.99968; f16 ≤ 1.2e-4, 0.999995.
-        check_autocast(&case, Half::Autocast(DType::BF16), 5e-3, 0.995, &mut r);
-        check_autocast(&case, Half::Autocast(DType::F16), 1e-3, 0.9999, &mut r);
+        for &(dtype, loss_tol, cos_min) in &run {
+            check_autocast(&case, Half::Autocast(dtype), loss_tol, cos_min, &mut r);
+        }
     }
     r.finish();
 }

@@ -38,9 +38,20 @@ pub fn autocast(dtype: Option<DType>) -> Autocast {
 }
 
 /// `x` in the compute dtype (unchanged when autocast is off or it already is).
+///
+/// Panics where the device has no kernels for that dtype: Burn's wgpu backend casts to bf16
+/// without complaint and computes garbage (lavapipe, 2026-11-29: losses off by 3–550 %), so
+/// callers (phi-train's `mixed_precision`) ask the device first.
 pub fn to_compute<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     match compute_dtype() {
-        Some(dt) if x.dtype() != dt => x.cast(dt),
+        Some(dt) if x.dtype() != dt => {
+            let device = x.device();
+            assert!(
+                device.supports_dtype(dt),
+                "autocast to {dt:?} on {device:?}, which has no {dt:?} kernels"
+            );
+            x.cast(dt)
+        }
         _ => x,
     }
 }
