@@ -512,11 +512,27 @@ pub fn lora_linear<const N: usize>(
 
 /// x / sqrt(mean(x²) + eps) · w over the last dim.
 pub fn rms_norm<const N: usize>(x: Tensor<N>, w: Tensor<1>, eps: f64) -> Tensor<N> {
-    if fusable(&x) && fusable(&w) && x.dims()[N - 1] == w.dims()[0] {
-        let x = x.into_dispatch();
-        Tensor::from_dispatch(D::rms_norm(x, w.into_dispatch(), eps))
-    } else {
-        reference::rms_norm(x, w, eps)
+    let d = w.dims()[0];
+    let path = kernel_path(&x);
+    if path != kernel_path(&w) || x.dims()[N - 1] != d {
+        return reference::rms_norm(x, w, eps);
+    }
+    match path {
+        KernelPath::Cpu => {
+            let x = x.into_dispatch();
+            Tensor::from_dispatch(D::rms_norm(x, w.into_dispatch(), eps))
+        }
+        #[cfg(feature = "vulkan")]
+        KernelPath::Gpu => {
+            use cube::CubeRmsNorm;
+            let dims = x.dims();
+            let x = x
+                .reshape([dims[..N - 1].iter().product(), d])
+                .into_dispatch();
+            let y = D::cube_rms_norm(x, w.into_dispatch(), eps);
+            Tensor::<2>::from_dispatch(y).reshape(dims)
+        }
+        _ => reference::rms_norm(x, w, eps),
     }
 }
 
@@ -598,8 +614,9 @@ pub fn rotary_attention(
     Tensor::from_dispatch(D::rotary_attention(q, k, v, heads, rope, mask, scale))
 }
 
-/// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`),
-/// composed from matmuls and `causal_softmax` off Flex.
+/// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`);
+/// on a GPU (`--features vulkan`) with a backward that keeps no [B, H, rows, S] tensor
+/// (src/cube/attention.rs), elsewhere composed from matmuls and `causal_softmax`.
 pub fn causal_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -608,11 +625,19 @@ pub fn causal_attention(
     t: usize,
     offset: usize,
 ) -> Tensor<4> {
-    if fusable(&q) {
-        let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
-        return Tensor::from_dispatch(D::causal_attention(q, k, v, scale, t, offset));
+    match kernel_path(&q) {
+        KernelPath::Cpu => {
+            let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+            Tensor::from_dispatch(D::causal_attention(q, k, v, scale, t, offset))
+        }
+        #[cfg(feature = "vulkan")]
+        KernelPath::Gpu => {
+            use cube::GpuAttention;
+            let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+            Tensor::from_dispatch(D::gpu_causal_attention(q, k, v, scale, t, offset))
+        }
+        _ => reference::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, offset).matmul(v),
     }
-    reference::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, offset).matmul(v)
 }
 
 /// softmax(scale·scores) over the last dim of [B, heads, rows, S], where row r is query

@@ -200,3 +200,48 @@ fn gpu_cross_entropy_covers_rows_past_one_grid_dimension() {
         );
     }
 }
+
+/// GQA-stacked causal attention ([B, kv heads, g·t rows, d] against [B, kv heads, S, d], keys
+/// offset by S − t as with a cache): output and q, k, v gradients against the composed softmax.
+#[test]
+fn gpu_causal_attention_matches_the_composed_softmax() {
+    let (g, t, offset, d) = (3, 5, 2, 8);
+    for (how, dev) in devices() {
+        let q = tensor([2, 2, g * t, d], 7, 1.5, &dev);
+        let k = tensor([2, 2, t + offset, d], 8, 1.5, &dev);
+        let v = tensor([2, 2, t + offset, d], 9, 1.0, &dev);
+        assert_eq!(fused::kernel_path(&q), KernelPath::Gpu, "{how}");
+        let scale = 1.0 / (d as f64).sqrt();
+        compare(
+            &format!("causal attention, {how}"),
+            &[q, k, v],
+            &|x| {
+                fused::causal_attention(x[0].clone(), x[1].clone(), x[2].clone(), scale, t, offset)
+            },
+            &|x| {
+                let s = x[0].clone().matmul(x[1].clone().swap_dims(2, 3));
+                reference::causal_softmax(s, scale, t, offset).matmul(x[2].clone())
+            },
+        );
+    }
+}
+
+/// RMSNorm over rows wider than the 128 units (the last share short) and narrower, with a
+/// leading batch dim: output, dx and dw against the composed op.
+#[test]
+fn gpu_rms_norm_matches_the_composed_op() {
+    for width in [301, 37] {
+        for (how, d) in devices() {
+            let x = tensor([2, 5, width], 10, 2.0, &d);
+            let w = tensor([width], 11, 1.0, &d) + 1.0;
+            assert_eq!(fused::kernel_path(&x), KernelPath::Gpu, "{how}");
+            let (x, w) = (x.reshape([2 * 5 * width]), w);
+            compare(
+                &format!("RMSNorm, width {width}, {how}"),
+                &[x, w],
+                &|t| fused::rms_norm(t[0].clone().reshape([2, 5, width]), t[1].clone(), 1e-5),
+                &|t| reference::rms_norm(t[0].clone().reshape([2, 5, width]), t[1].clone(), 1e-5),
+            );
+        }
+    }
+}

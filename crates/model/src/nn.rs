@@ -436,7 +436,10 @@ pub fn attend(
     let kv_heads = k.dims()[1];
     let s = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
-    if ctx.mask.is_none() && fused::fusable(&q) {
+    // On a GPU only under autodiff: there the composed op keeps [B, H, T, S] for the backward;
+    // without it Burn's own attention kernel runs.
+    let gpu_training = fused::kernel_path(&q) == fused::KernelPath::Gpu && q.is_autodiff();
+    if ctx.mask.is_none() && (fused::fusable(&q) || gpu_training) {
         return grouped_causal(q, k, v, scale);
     }
     let (k, v) = if kv_heads == h {

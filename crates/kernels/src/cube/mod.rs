@@ -1,5 +1,6 @@
-//! Our ops as CubeCL kernels on Burn's wgpu backend (`--features vulkan`): SwiGLU and
-//! cross-entropy, forward and backward, f32.
+//! Our ops on Burn's wgpu backend (`--features vulkan`): SwiGLU, RMSNorm and cross-entropy as
+//! CubeCL kernels, forward and backward, f32; causal attention with a backward of its own, from the
+//! backend's tensor ops.
 //!
 //! Each op is two extension traits of its own rather than a `Cube` selector on `FusedOps`: a
 //! backend a trait is routed to must implement all of its methods, and `FusedOps`' others take
@@ -9,10 +10,14 @@
 //! The backward kernels are a second trait without `Autodiff`: only the backward passes here
 //! call them, on the inner backend, and they have no derivative of their own.
 
+mod attention;
 mod cross_entropy;
+mod rms_norm;
 mod swiglu;
 
+pub use attention::GpuAttention;
 pub use cross_entropy::CubeCrossEntropy;
+pub use rms_norm::CubeRmsNorm;
 pub use swiglu::CubeSwiglu;
 
 use burn::backend::DispatchDevice;
