@@ -11,10 +11,13 @@ device="${2:-$feature}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 cargo build --release --features "$feature" -p phi-bench >/dev/null || exit 1
 start=$(date +%s)
+# The oracle suite, half-precision autocast against PEFT, and our GPU ops against the composed
+# ones (tests/gpu_ops.rs).
 if PHI_TEST_DEVICE="$device" cargo test --release -p phi-model -p phi-adapters -p phi-regularizers \
-    --features "phi-model/$feature" --test oracle -- every_oracle_case_matches_transformers \
-    lora_and_rslora_match_peft norm_only_trains_only_norms regularizers_match_oracle \
-    >/tmp/gpu-check-oracle.log 2>&1; then ok=true; else ok=false; fi
+    -p phi-kernels --features "phi-model/$feature" --test oracle --test gpu_ops -- \
+    every_oracle_case_matches_transformers lora_and_rslora_match_peft \
+    autocast_stays_within_half_precision_of_peft norm_only_trains_only_norms \
+    regularizers_match_oracle gpu_ >/tmp/gpu-check-oracle.log 2>&1; then ok=true; else ok=false; fi
 echo "{\"check\":\"oracle\",\"device\":\"$device\",\"passed\":$ok,\"seconds\":$(( $(date +%s) - start )),\"log\":\"/tmp/gpu-check-oracle.log\"}"
 for shape in smollm2-135m phi3-small phi3-mini; do
     for mode in lora full forward; do

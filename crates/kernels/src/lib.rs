@@ -5,10 +5,10 @@
 //! a vectorised exp, keeping only its inputs (or the softmax output).
 //!
 //! They are a Burn backend extension implemented for Flex (the CPU backend) and for
-//! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` SwiGLU and the
-//! cross-entropy also run as CubeCL kernels on Burn's wgpu backend (src/cube/). Other backends
-//! (CUDA), other dtypes and the other ops there take the composed path, which is also the reference the tests
-//! compare against.
+//! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` (or `cuda`)
+//! SwiGLU, RMSNorm, the cross-entropy and causal attention also run on Burn's CubeCL backends
+//! (src/cube/). Other backends, other dtypes and the other ops there take the composed path,
+//! which is also the reference the tests compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
 
 pub mod adam8;
@@ -16,7 +16,7 @@ mod attention;
 mod attention_bf16;
 mod autodiff;
 pub mod bf16;
-#[cfg(feature = "vulkan")]
+#[cfg(feature = "cube")]
 mod cube;
 mod head_loss;
 pub mod kernels;
@@ -392,8 +392,8 @@ fn fused_enabled() -> bool {
 pub enum KernelPath {
     /// Our CPU kernels (Flex, `fusable`).
     Cpu,
-    /// Our CubeCL kernels (`--features vulkan`, f32 on Burn's wgpu backend): SwiGLU and the
-    /// cross-entropy.
+    /// Our kernels for Burn's CubeCL backends (`--features vulkan` or `cuda`), f32: SwiGLU,
+    /// RMSNorm, the cross-entropy and causal attention.
     Gpu,
     /// Burn's ops composed (`reference`).
     Composed,
@@ -406,7 +406,7 @@ pub fn kernel_path<const N: usize>(t: &Tensor<N>) -> KernelPath {
     if fusable(t) {
         return KernelPath::Cpu;
     }
-    #[cfg(feature = "vulkan")]
+    #[cfg(feature = "cube")]
     if fused_enabled() && t.dtype() == DType::F32 && cube::on_cube(&t.device()) {
         return KernelPath::Gpu;
     }
@@ -453,7 +453,7 @@ pub fn swiglu_saving<const N: usize>(
             let (g, u) = (gate.into_dispatch(), up.into_dispatch());
             Tensor::from_dispatch(D::swiglu_pair(g, u, bf16_saved))
         }
-        #[cfg(feature = "vulkan")]
+        #[cfg(feature = "cube")]
         KernelPath::Gpu => {
             use cube::CubeSwiglu;
             let (g, u) = (gate.into_dispatch(), up.into_dispatch());
@@ -469,7 +469,7 @@ pub fn swiglu_packed_saving<const N: usize>(gate_up: Tensor<N>, bf16_saved: bool
         KernelPath::Cpu => {
             Tensor::from_dispatch(D::swiglu_packed(gate_up.into_dispatch(), bf16_saved))
         }
-        #[cfg(feature = "vulkan")]
+        #[cfg(feature = "cube")]
         KernelPath::Gpu if gate_up.dims()[N - 1].is_multiple_of(2) => {
             use cube::CubeSwiglu;
             Tensor::from_dispatch(D::cube_swiglu_packed(gate_up.into_dispatch()))
@@ -522,7 +522,7 @@ pub fn rms_norm<const N: usize>(x: Tensor<N>, w: Tensor<1>, eps: f64) -> Tensor<
             let x = x.into_dispatch();
             Tensor::from_dispatch(D::rms_norm(x, w.into_dispatch(), eps))
         }
-        #[cfg(feature = "vulkan")]
+        #[cfg(feature = "cube")]
         KernelPath::Gpu => {
             use cube::CubeRmsNorm;
             let dims = x.dims();
@@ -630,7 +630,7 @@ pub fn causal_attention(
             let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
             Tensor::from_dispatch(D::causal_attention(q, k, v, scale, t, offset))
         }
-        #[cfg(feature = "vulkan")]
+        #[cfg(feature = "cube")]
         KernelPath::Gpu => {
             use cube::GpuAttention;
             let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
@@ -658,7 +658,7 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
             let d = logits.into_dispatch();
             Tensor::from_dispatch(D::cross_entropy_sum(d, targets))
         }
-        #[cfg(feature = "vulkan")]
+        #[cfg(feature = "cube")]
         KernelPath::Gpu => {
             use cube::CubeCrossEntropy;
             let [n, v] = logits.dims();

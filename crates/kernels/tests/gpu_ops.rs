@@ -1,13 +1,14 @@
-//! Our CubeCL kernels (`--features vulkan`: SwiGLU, cross-entropy) against the same ops composed
-//! from Burn's, both on the device `PHI_TEST_DEVICE` names (CI: Mesa's lavapipe): outputs and
-//! input gradients under a fixed upstream gradient, on widths no vector width or unit count
-//! divides, without autodiff, with it, and under balanced checkpointing. The device must be a Vulkan
-//! one; one the machine lacks fails the test (`phi_testkit::device`), nothing skips.
+//! Our GPU ops (`--features vulkan` or `cuda`: SwiGLU, RMSNorm, cross-entropy, attention's
+//! backward) against the same ops composed from Burn's, both on the device `PHI_TEST_DEVICE`
+//! names (CI: Mesa's lavapipe): outputs and input gradients under a fixed upstream gradient,
+//! on widths no vector width or unit count divides, without autodiff, with it, and under
+//! balanced checkpointing. The device must be a GPU one (Vulkan or CUDA); one the machine
+//! lacks fails the test (`phi_testkit::device`), nothing skips.
 //!
 //! PHI_TEST_DEVICE=vulkan cargo test -p phi-kernels -p phi-model --features phi-model/vulkan
 //!     --test gpu_ops
 
-#![cfg(feature = "vulkan")]
+#![cfg(feature = "cube")]
 
 use burn::tensor::{Device, Tensor, TensorData};
 use phi_kernels::{self as fused, reference, KernelPath};
@@ -17,9 +18,9 @@ const SHAPE: [usize; 3] = [2, 5, 37];
 fn device() -> Device {
     let name = phi_testkit::test_device_name();
     assert!(
-        name.starts_with("vulkan"),
-        "PHI_TEST_DEVICE={name}: these tests check the GPU kernels; name a Vulkan device \
-         (PHI_TEST_DEVICE=vulkan or vulkan:cpu)"
+        name.starts_with("vulkan") || name.starts_with("cuda"),
+        "PHI_TEST_DEVICE={name}: these tests check the GPU kernels; name a GPU device \
+         (PHI_TEST_DEVICE=vulkan, vulkan:cpu or cuda)"
     );
     phi_testkit::device()
 }

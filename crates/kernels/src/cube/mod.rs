@@ -1,6 +1,6 @@
-//! Our ops on Burn's wgpu backend (`--features vulkan`): SwiGLU, RMSNorm and cross-entropy as
-//! CubeCL kernels, forward and backward, f32; causal attention with a backward of its own, from the
-//! backend's tensor ops.
+//! Our ops on Burn's CubeCL backends (`--features vulkan`, or `cuda`): SwiGLU, RMSNorm and
+//! cross-entropy as CubeCL kernels, forward and backward, f32; causal attention with a
+//! backward of its own, from the backend's tensor ops.
 //!
 //! Each op is two extension traits of its own rather than a `Cube` selector on `FusedOps`: a
 //! backend a trait is routed to must implement all of its methods, and `FusedOps`' others take
