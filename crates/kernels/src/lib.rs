@@ -399,9 +399,10 @@ pub enum KernelPath {
     Composed,
 }
 
-/// The path `swiglu`, `swiglu_packed` (and their `_saving` forms) and `cross_entropy_sum` take
-/// for `t`: for a SwiGLU pair both tensors must have it and one shape, and on the GPU a packed
-/// last dim must be even, else they compose.
+/// The path the ops with kernels of their own (`swiglu`, `swiglu_packed` and their `_saving`
+/// forms, `rms_norm`, `causal_attention`, `cross_entropy_sum`) take for `t`: for a SwiGLU pair
+/// or RMSNorm's x and w both tensors must have it, and on the GPU a packed last dim must be
+/// even, else they compose.
 pub fn kernel_path<const N: usize>(t: &Tensor<N>) -> KernelPath {
     if fusable(t) {
         return KernelPath::Cpu;
@@ -615,8 +616,9 @@ pub fn rotary_attention(
 }
 
 /// softmax(scale·q·kᵀ)·v with GQA-stacked query blocks (see `FusedOps::causal_attention`);
-/// on a GPU (`--features vulkan`) with a backward that keeps no [B, H, rows, S] tensor
-/// (src/cube/attention.rs), elsewhere composed from matmuls and `causal_softmax`.
+/// on a CubeCL backend (`--features vulkan` or `cuda`) with a backward that keeps no
+/// [B, H, rows, S] tensor (src/cube/attention.rs), elsewhere composed from matmuls and
+/// `causal_softmax`.
 pub fn causal_attention(
     q: Tensor<4>,
     k: Tensor<4>,

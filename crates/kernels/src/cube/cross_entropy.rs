@@ -9,16 +9,14 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
-use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{backend_extension, Backend, TensorMetadata};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::{cast, into_contiguous};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::{empty, grid, rows};
+use super::{empty, first_dim, grid, per_row, row_grid, rows};
 
 #[backend_extension(Cube, Autodiff, Fusion)]
 pub trait CubeCrossEntropy: Backend {
@@ -47,19 +45,6 @@ pub trait CubeCrossEntropyGrad: Backend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 }
-
-/// [N, ..] → [N].
-pub fn first_dim(shape: &Shape) -> Shape {
-    Shape::new([shape[0]])
-}
-
-fn per_row(logits: &TensorSpec) -> TensorSpec {
-    TensorSpec::new(first_dim(&logits.shape), logits.dtype)
-}
-
-/// Units per row in the forward: enough to keep a GPU's lanes busy on a 32k–150k vocabulary,
-/// few enough for every Vulkan device's workgroup limit (≥ 128 by the spec's minimum).
-const UNITS: u32 = 128;
 
 mod kernels {
     use cubecl::prelude::*;
@@ -182,15 +167,12 @@ fn lse_rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor)
         empty(&logits, Shape::new([n])),
     );
     if n > 0 && v > 0 {
-        // Rows past a grid dimension's 65535 cubes wrap into y; the kernel reads CUBE_POS.
-        let x = n.min(65_535);
-        let count = CubeCount::Static(x as u32, n.div_ceil(x) as u32, 1);
-        let units = UNITS.min(logits.client.properties().hardware.max_cube_dim.0);
+        let (count, dim, units) = row_grid(&logits, n);
         let client = logits.client.clone();
         kernels::lse_rows::launch(
             &client,
             count,
-            CubeDim::new_1d(units),
+            dim,
             logits.into_tensor_arg(),
             targets.into_tensor_arg(),
             loss.clone().into_tensor_arg(),

@@ -20,6 +20,7 @@ pub use cross_entropy::CubeCrossEntropy;
 pub use rms_norm::CubeRmsNorm;
 pub use swiglu::CubeSwiglu;
 
+use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::DispatchDevice;
 use burn::tensor::{DType, Device, Shape};
 use burn_cubecl::kernel::into_contiguous;
@@ -55,4 +56,28 @@ fn grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim) {
         cubecl::calculate_cube_count_elemwise(&t.client, n, dim),
         dim,
     )
+}
+
+/// Units per cube of the row kernels (cross-entropy, RMSNorm): enough to keep a GPU's lanes
+/// busy on a row of thousands, few enough for every Vulkan device's workgroup limit (≥ 128 by
+/// the spec's minimum).
+const UNITS: u32 = 128;
+
+/// One cube per row of `n`, rows past a grid dimension's 65535 cubes wrapping into y (the
+/// kernels read CUBE_POS), and the units per cube, which the kernels take as a comptime size.
+fn row_grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim, u32) {
+    let x = n.min(65_535);
+    let units = UNITS.min(t.client.properties().hardware.max_cube_dim.0);
+    let count = CubeCount::Static(x as u32, n.div_ceil(x) as u32, 1);
+    (count, CubeDim::new_1d(units), units)
+}
+
+/// [N, ..] → [N].
+pub fn first_dim(shape: &Shape) -> Shape {
+    Shape::new([shape[0]])
+}
+
+/// A per-row output's metadata for the Fusion wrappers: [N] of `x`'s dtype.
+fn per_row(x: &TensorSpec) -> TensorSpec {
+    TensorSpec::new(first_dim(&x.shape), x.dtype)
 }

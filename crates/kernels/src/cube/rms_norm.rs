@@ -8,15 +8,13 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
-use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, TensorMetadata};
 use burn::tensor::Shape;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use cubecl::prelude::{CubeCount, CubeDim};
 
-use super::{empty, grid, rows};
+use super::{empty, grid, per_row, row_grid, rows};
 
 #[backend_extension(Cube, Autodiff, Fusion)]
 pub trait CubeRmsNorm: Backend {
@@ -43,13 +41,6 @@ pub trait CubeRmsNormGrad: Backend {
         dy: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
-
-fn per_row(x: &TensorSpec) -> TensorSpec {
-    TensorSpec::new(Shape::new([x.shape[0]]), x.dtype)
-}
-
-/// Units per row, as for the cross-entropy: every Vulkan device allows 128.
-const UNITS: u32 = 128;
 
 mod kernels {
     use cubecl::prelude::*;
@@ -148,14 +139,6 @@ mod kernels {
             dw[j] = acc;
         }
     }
-}
-
-/// One cube per row, rows past a grid dimension's 65535 cubes wrapping into y.
-fn row_grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim, u32) {
-    let x = n.min(65_535);
-    let units = UNITS.min(t.client.properties().hardware.max_cube_dim.0);
-    let count = CubeCount::Static(x as u32, n.div_ceil(x) as u32, 1);
-    (count, CubeDim::new_1d(units), units)
 }
 
 fn dims(x: &CubeTensor, w: &CubeTensor) -> (usize, usize) {
