@@ -176,6 +176,7 @@ pub fn run(a: &Args) -> Result<()> {
         }),
         mask: None,
         hidden: None,
+        bias: None,
         bf16: None,
     };
     let (ctx_in, ctx_ad) = (ctx(&inner), ctx(&ad));

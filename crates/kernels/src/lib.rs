@@ -6,7 +6,7 @@
 //!
 //! They are a Burn backend extension implemented for Flex (the CPU backend) and for
 //! Autodiff<Flex> with hand-written backward passes. With `--features vulkan` (or `cuda`)
-//! SwiGLU, RMSNorm, the cross-entropy and causal attention also run on Burn's CubeCL backends
+//! SwiGLU, RMSNorm, the cross-entropy and attention also run on Burn's CubeCL backends
 //! (src/cube/). Other backends, other dtypes and the other ops there take the composed path,
 //! which is also the reference the tests compare against.
 //! `PHI_FUSED=0` turns the fused path off (for benchmarks).
@@ -393,14 +393,15 @@ pub enum KernelPath {
     /// Our CPU kernels (Flex, `fusable`).
     Cpu,
     /// Our kernels for Burn's CubeCL backends (`--features vulkan` or `cuda`), f32: SwiGLU,
-    /// RMSNorm, the cross-entropy and causal attention.
+    /// RMSNorm, the cross-entropy and attention (causal, or with a padding / packing bias).
     Gpu,
     /// Burn's ops composed (`reference`).
     Composed,
 }
 
 /// The path the ops with kernels of their own (`swiglu`, `swiglu_packed` and their `_saving`
-/// forms, `rms_norm`, `causal_attention`, `cross_entropy_sum`) take for `t`: for a SwiGLU pair
+/// forms, `rms_norm`, `causal_attention`, `attention_with_bias` (GPU only), `cross_entropy_sum`)
+/// take for `t`: for a SwiGLU pair
 /// or RMSNorm's x and w both tensors must have it, and on the GPU a packed last dim must be
 /// even, else they compose.
 pub fn kernel_path<const N: usize>(t: &Tensor<N>) -> KernelPath {
@@ -634,11 +635,62 @@ pub fn causal_attention(
         }
         #[cfg(feature = "cube")]
         KernelPath::Gpu => {
-            use cube::GpuAttention;
-            let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
-            Tensor::from_dispatch(D::gpu_causal_attention(q, k, v, scale, t, offset))
+            let bias = attention_bias(None, 1, t, k.dims()[2], offset, &q.device());
+            attention_with_bias(q, k, v, &bias, scale)
         }
         _ => reference::causal_softmax(q.matmul(k.swap_dims(2, 3)), scale, t, offset).matmul(v),
+    }
+}
+
+/// Added to a hidden score: far below any real one yet finite, so exp(score − max) is 0
+/// without an infinity in a kernel (WGSL has no infinity literal).
+pub const MASKED: f32 = -1.0e30;
+
+/// The additive bias of `attention_with_bias`, [B or 1, 1, t, s]: MASKED where query q (at
+/// position offset + q) may not see key j, 0 elsewhere. A key past the query is hidden, and
+/// with `hidden` ([B, 1, t, s], true = hidden: padding, packing, a sliding window) so is every
+/// key it names; without it the bias is [1, 1, t, s], shared by the batch.
+pub fn attention_bias(
+    hidden: Option<&[bool]>,
+    b: usize,
+    t: usize,
+    s: usize,
+    offset: usize,
+    device: &Device,
+) -> Tensor<4> {
+    let rows = if hidden.is_some() { b } else { 1 };
+    let bias: Vec<f32> = (0..rows * t * s)
+        .map(|i| {
+            let past = i % s > offset + (i / s) % t;
+            match past || hidden.is_some_and(|h| h[i]) {
+                true => MASKED,
+                false => 0.0,
+            }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(bias, [rows, 1, t, s]), device)
+}
+
+/// softmax(scale·q·kᵀ + bias)·v for q [B, kv, g·t, d] (each kv head's g query heads stacked:
+/// GQA without repeated k and v), k, v [B, kv, S, d] and a bias from `attention_bias` that the
+/// g heads share. On the GPU one op that keeps no [B, kv, g·t, S] tensor for its backward
+/// (it recomputes the probabilities there); elsewhere composed.
+pub fn attention_with_bias(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: &Tensor<4>,
+    scale: f64,
+) -> Tensor<4> {
+    match kernel_path(&q) {
+        #[cfg(feature = "cube")]
+        KernelPath::Gpu => {
+            use cube::GpuAttention;
+            let (q, k, v) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+            let bias = bias.clone().into_dispatch();
+            Tensor::from_dispatch(D::gpu_attention(q, k, v, bias, scale))
+        }
+        _ => reference::attention_with_bias(q, k, v, bias.clone(), scale),
     }
 }
 
@@ -779,6 +831,21 @@ pub mod reference {
             .unsqueeze::<4>()
             .expand([b, h, r, s]);
         softmax((scores * scale).mask_fill(mask, f32::NEG_INFINITY), 3)
+    }
+
+    /// `attention_with_bias` composed.
+    pub fn attention_with_bias(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<4>,
+        scale: f64,
+    ) -> Tensor<4> {
+        let [b, kv, rows, _] = q.dims();
+        let [bb, _, t, s] = bias.dims();
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        let scores = scores.reshape([b, kv, rows / t, t, s]) + bias.reshape([bb, 1, 1, t, s]);
+        softmax(scores.reshape([b, kv, rows, s]), 3).matmul(v)
     }
 
     pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {

@@ -227,6 +227,65 @@ fn gpu_causal_attention_matches_the_composed_softmax() {
     }
 }
 
+/// The additive-bias form the model trains with on a GPU: a right-padded row and a packed one
+/// (two examples, each seeing only its own keys; padding queries keep causal sight of real
+/// keys, as `build_mask` makes them), GQA-stacked, against Burn's own attention over repeated
+/// k/v heads with the same mask as bools: output and q, k, v gradients.
+#[test]
+fn gpu_attention_with_padding_and_packing_matches_burns() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::Bool;
+    let (b, kv, g, t, d) = (2, 2, 3, 6, 8);
+    let keys: [[i64; 6]; 2] = [[1, 1, 1, 1, 0, 0], [1, 1, 1, 2, 2, 2]];
+    let hidden: Vec<bool> = (0..b * t * t)
+        .map(|i| {
+            let (r, q, k) = (i / (t * t), i / t % t, i % t);
+            let seg = keys[r][q];
+            k > q || keys[r][k] == 0 || (seg != 0 && keys[r][k] != seg)
+        })
+        .collect();
+    for (how, dev) in devices() {
+        let q = tensor([b, kv, g * t, d], 12, 1.5, &dev);
+        let k = tensor([b, kv, t, d], 13, 1.5, &dev);
+        let v = tensor([b, kv, t, d], 14, 1.0, &dev);
+        assert_eq!(fused::kernel_path(&q), KernelPath::Gpu, "{how}");
+        let scale = 1.0 / (d as f64).sqrt();
+        let bias = fused::attention_bias(Some(&hidden), b, t, t, 0, &dev);
+        let mask =
+            Tensor::<4, Bool>::from_data(TensorData::new(hidden.clone(), [b, 1, t, t]), &dev);
+        compare(
+            &format!("attention with padding and packing, {how}"),
+            &[q, k, v],
+            &|x| fused::attention_with_bias(x[0].clone(), x[1].clone(), x[2].clone(), &bias, scale),
+            &|x| {
+                let heads = |x: Tensor<4>| {
+                    let n = x.dims()[2];
+                    x.unsqueeze_dim::<5>(2)
+                        .expand([b, kv, g, n, d])
+                        .reshape([b, kv * g, n, d])
+                };
+                let options = AttentionModuleOptions {
+                    scale: Some(scale),
+                    softcap: None,
+                    is_causal: false,
+                };
+                let q = x[0].clone().reshape([b, kv * g, t, d]);
+                let mask = Some(mask.clone().expand([b, kv * g, t, t]));
+                attention(
+                    q,
+                    heads(x[1].clone()),
+                    heads(x[2].clone()),
+                    mask,
+                    None,
+                    options,
+                )
+                .reshape([b, kv, g * t, d])
+            },
+        );
+    }
+}
+
 /// RMSNorm over rows wider than the 128 units (the last share short) and narrower, with a
 /// leading batch dim: output, dx and dw against the composed op.
 #[test]

@@ -332,6 +332,11 @@ impl CausalLm {
         let (cos, sin, rope) = self.rope.tables(pos_rows, rows, long, &device);
 
         let new_mask = inp.attention_mask.clone().unwrap_or_else(|| vec![1; b * t]);
+        // Training on a GPU takes the attention op with an additive bias: made once here,
+        // not per layer (nor again in each layer's backward).
+        let gpu_training = cache.is_none()
+            && cos.is_autodiff()
+            && phi_kernels::kernel_path(&cos) == phi_kernels::KernelPath::Gpu;
         let key_mask = if let Some(c) = cache {
             let mut merged = Vec::with_capacity(b * (past + t));
             for r in 0..b {
@@ -350,12 +355,17 @@ impl CausalLm {
         };
         let (mask, hidden) =
             build_mask(&key_mask, b, t, past, self.sliding_window, &device).unzip();
+        let bias = gpu_training.then(|| {
+            let hidden = hidden.as_ref().map(|h| h.as_slice());
+            phi_kernels::attention_bias(hidden, b, t, past + t, past, &device)
+        });
         LayerCtx {
             cos,
             sin,
             rope,
             mask,
             hidden,
+            bias,
             bf16: self.attention_bf16,
         }
     }

@@ -385,6 +385,9 @@ pub struct LayerCtx {
     pub mask: Option<Tensor<4, Bool>>,
     /// The same mask on the host, for the fused attention.
     pub hidden: Option<Arc<Vec<bool>>>,
+    /// Training on a GPU: the mask (or plain causality) as the additive bias
+    /// `phi_kernels::attention_with_bias` takes, built once for all layers.
+    pub bias: Option<Tensor<4>>,
     /// `--bf16` on a CPU with bf16 units: the kernel path of the fused attention's products.
     pub bf16: Option<phi_kernels::bf16::Path>,
 }
@@ -439,8 +442,16 @@ pub fn attend(
     // On a GPU only under autodiff: there the composed op keeps [B, H, T, S] for the backward;
     // without it Burn's own attention kernel runs.
     let gpu_training = fused::kernel_path(&q) == fused::KernelPath::Gpu && q.is_autodiff();
+    if let (true, Some(bias)) = (gpu_training, &ctx.bias) {
+        return grouped(q, k, v, |q, k, v| {
+            fused::attention_with_bias(q, k, v, bias, scale)
+        });
+    }
     if ctx.mask.is_none() && (fused::fusable(&q) || gpu_training) {
-        return grouped_causal(q, k, v, scale);
+        let offset = s - t;
+        return grouped(q, k, v, |q, k, v| {
+            fused::causal_attention(q, k, v, scale, t, offset)
+        });
     }
     let (k, v) = if kv_heads == h {
         (k, v)
@@ -464,14 +475,19 @@ pub fn attend(
     out.swap_dims(1, 2).reshape([b, t, h * d])
 }
 
-/// Causal attention without a padding mask: each kv head's g query heads are stacked as one
-/// [g·T, d] block, so GQA needs no repeated k/v, in one fused op (Burn's `attention` under
-/// autodiff is matmul + a composed softmax that keeps every intermediate of [B, H, T, S]).
-fn grouped_causal(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f64) -> Tensor<3> {
+/// Attention with each kv head's g query heads stacked as one [g·T, d] block, so GQA needs no
+/// repeated k/v, in one fused op `op` (Burn's `attention` under autodiff is matmul + a
+/// composed softmax that keeps every intermediate of [B, H, T, S]).
+fn grouped(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    op: impl FnOnce(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+) -> Tensor<3> {
     let [b, h, t, d] = q.dims();
-    let [_, kv, s, _] = k.dims();
+    let kv = k.dims()[1];
     let q = q.reshape([b, kv, h / kv * t, d]);
-    fused::causal_attention(q, k, v, scale, t, s - t)
+    op(q, k, v)
         .reshape([b, h, t, d])
         .swap_dims(1, 2)
         .reshape([b, t, h * d])

@@ -64,6 +64,7 @@ fn ctx(rows: usize, t: usize, rot: usize, b: usize, keys: Option<&[i64]>) -> Lay
             .clone()
             .map(|m| Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, t]), &dev())),
         hidden: hidden.map(Arc::new),
+        bias: None,
         bf16: None,
     }
 }
@@ -94,6 +95,7 @@ fn composed(p: Projected, heads: usize, kv: usize, ctx: &LayerCtx) -> Tensor<3> 
             Tensor::<4, Bool>::from_data(TensorData::new(causal, [b, 1, t, t]), &dev())
         })),
         hidden: None,
+        bias: None,
         bf16: None,
     };
     let q = apply_rotary(split_heads(q, heads), &ctx.cos, &ctx.sin);
