@@ -215,9 +215,19 @@ pub fn run(a: &Args) -> Result<()> {
         "base": a.base, "quantized_base_mb": quant_mb,
         "trainable_params": counts.trainable, "all_params": counts.all,
         "matmul_params": flops.base_matmul_params + flops.lora_matmul_params,
-        "step_s": times, "losses": losses, "impl": "phi-tune/burn-flex",
+        "step_s": times, "losses": losses, "impl": format!("phi-tune/burn-{}", backend(&a.device)),
         "gemm": kernels.map_or(if compute.is_some() { "burn autocast" } else { "burn f32" }, |p| p.name()),
     });
     println!("{line}");
     Ok(())
+}
+
+/// Burn's backend behind a `--device` name (flex is the CPU's).
+fn backend(device: &str) -> &'static str {
+    match device.split(':').next() {
+        Some("vulkan") => "wgpu",
+        Some("cuda") => "cuda",
+        Some("ndarray") => "ndarray",
+        _ => "flex",
+    }
 }

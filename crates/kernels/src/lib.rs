@@ -642,6 +642,68 @@ pub fn causal_attention(
     }
 }
 
+/// The targets as the GPU kernels read them: i32, −1 for an ignored row. The CPU path and the
+/// composed gather stop on a target past the vocabulary too; a kernel would read another row's
+/// logit.
+#[cfg(feature = "cube")]
+fn gpu_targets(
+    targets: &[i64],
+    n: usize,
+    v: usize,
+    device: &Device,
+) -> Tensor<1, burn::tensor::Int> {
+    assert_eq!(
+        targets.len(),
+        n,
+        "cross-entropy: {n} rows, {} targets",
+        targets.len()
+    );
+    let t: Vec<i32> = targets
+        .iter()
+        .map(|&t| match usize::try_from(t) {
+            Ok(u) if u < v => u as i32,
+            Ok(_) => panic!("cross-entropy: target {t} outside a vocabulary of {v}"),
+            Err(_) => -1,
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(t, [n]), device)
+}
+
+/// `cross_entropy_sum` of h·W for h [N, d] and W [d, V], or [V, d] with `out_in` (a tied
+/// embedding table, read in place). On the GPU (`kernel_path` of both) one op that takes a
+/// chunk of rows at a time, so the [N, V] logits are never held (src/cube/head_loss.rs);
+/// elsewhere composed.
+pub fn head_loss(h: Tensor<2>, w: Tensor<2>, out_in: bool, targets: Vec<i64>) -> Tensor<1> {
+    #[cfg(feature = "cube")]
+    if kernel_path(&h) == KernelPath::Gpu && kernel_path(&w) == KernelPath::Gpu {
+        use cube::GpuHeadLoss;
+        let [n, d] = h.dims();
+        let v = w.dims()[if out_in { 0 } else { 1 }];
+        let t = gpu_targets(&targets, n, v, &h.device());
+        let chunk = head_chunk(n, d, v);
+        let (h, w, t) = (h.into_dispatch(), w.into_dispatch(), t.into_dispatch());
+        return Tensor::from_dispatch(D::gpu_head_loss(h, w, t, out_in, chunk));
+    }
+    let logits = match out_in {
+        true => h.matmul(w.transpose()),
+        false => h.matmul(w),
+    };
+    cross_entropy_sum(logits, targets)
+}
+
+/// Rows of logits per chunk of `head_loss` on the GPU: as Liger-Kernel sizes them, a chunk's
+/// logits about as large as h (N·d / V rows, to a power of two), and at most 64 MiB, under
+/// what any wgpu device binds as one buffer (128 MiB by WebGPU's default limit).
+#[cfg(feature = "cube")]
+fn head_chunk(n: usize, d: usize, v: usize) -> usize {
+    let cap = (64 << 20) / (4 * v.max(1));
+    (n * d)
+        .div_ceil(v.max(1))
+        .next_power_of_two()
+        .min(cap)
+        .max(1)
+}
+
 /// Added to a hidden score: far below any real one yet finite, so exp(score − max) is 0
 /// without an infinity in a kernel (WGSL has no infinity literal).
 pub const MASKED: f32 = -1.0e30;
@@ -716,26 +778,7 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Vec<i64>) -> Tensor<1> {
         KernelPath::Gpu => {
             use cube::CubeCrossEntropy;
             let [n, v] = logits.dims();
-            assert_eq!(
-                targets.len(),
-                n,
-                "cross-entropy: {n} rows, {} targets",
-                targets.len()
-            );
-            // The CPU path and the composed gather stop on a target past the vocabulary too;
-            // the kernel would read another row's logit.
-            let t: Vec<i32> = targets
-                .iter()
-                .map(|&t| match usize::try_from(t) {
-                    Ok(u) if u < v => u as i32,
-                    Ok(_) => panic!("cross-entropy: target {t} outside a vocabulary of {v}"),
-                    Err(_) => -1,
-                })
-                .collect();
-            let t = Tensor::<1, burn::tensor::Int>::from_data(
-                TensorData::new(t, [n]),
-                &logits.device(),
-            );
+            let t = gpu_targets(&targets, n, v, &logits.device());
             let d = D::cube_cross_entropy(logits.into_dispatch(), t.into_dispatch());
             Tensor::<1>::from_dispatch(d).sum()
         }

@@ -202,6 +202,38 @@ fn gpu_cross_entropy_covers_rows_past_one_grid_dimension() {
     }
 }
 
+/// The head and the cross-entropy as one op, in chunks of rows (37 rows, d = 16 and V = 101 make
+/// five chunks of 8, the last short), for a head W [d, V] and a tied table [V, d]: the loss and
+/// the gradients of h and W against the logits made whole and the composed cross-entropy.
+#[test]
+fn gpu_head_loss_matches_the_composed_head_and_loss() {
+    let (n, d, v) = (37, 16, 101);
+    let targets: Vec<i64> = (0..n as i64).map(|r| (r * 7 % 103) - 2).collect();
+    assert!(targets.iter().any(|&t| t < 0) && targets.iter().all(|&t| t < v as i64));
+    for out_in in [false, true] {
+        for (how, dev) in devices() {
+            let h = tensor([n, d], 15, 1.0, &dev);
+            let shape = if out_in { [v, d] } else { [d, v] };
+            let w = tensor(shape, 16, 0.5, &dev);
+            assert_eq!(fused::kernel_path(&h), KernelPath::Gpu, "{how}");
+            let t = targets.clone();
+            compare(
+                &format!("head loss, out_in {out_in}, {how}"),
+                &[h, w],
+                &|x| fused::head_loss(x[0].clone(), x[1].clone(), out_in, t.clone()),
+                &|x| {
+                    let w = if out_in {
+                        x[1].clone().transpose()
+                    } else {
+                        x[1].clone()
+                    };
+                    reference::cross_entropy_sum(x[0].clone().matmul(w), t.clone())
+                },
+            );
+        }
+    }
+}
+
 /// GQA-stacked causal attention ([B, kv heads, g·t rows, d] against [B, kv heads, S, d], keys
 /// offset by S − t as with a cache): output and q, k, v gradients against the composed softmax.
 #[test]

@@ -5,7 +5,7 @@ pub use crate::arch::DecoderLayer;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
 use crate::nn::{param2, LayerCache, LayerCtx, Linear, Norm};
-use crate::precision::{to_compute, to_f32};
+use crate::precision::{self, to_compute, to_f32};
 use crate::rope::Rope;
 use crate::taps::{LayerTaps, TapRequest, Taps};
 use crate::weights::TensorSource;
@@ -236,6 +236,11 @@ impl CausalLm {
     /// [B·T, vocab] logits are never held (`bf16_head_loss`).
     pub fn loss_sum(&self, h: Tensor<3>, labels: &[i64]) -> (Tensor<1>, usize) {
         let [b, t, d] = h.dims();
+        if let Some((w, out_in)) = self.gpu_head(&h) {
+            let (targets, count) = crate::loss::shifted_targets(b, t, labels);
+            let h = h.reshape([b * t, d]);
+            return (phi_kernels::head_loss(h, w, out_in, targets), count);
+        }
         match self.fused_head().filter(|_| phi_kernels::fusable(&h)) {
             Some(w) => {
                 let (targets, count) = crate::loss::shifted_targets(b, t, labels);
@@ -244,6 +249,24 @@ impl CausalLm {
             }
             None => crate::loss::causal_lm_loss_sum(self.head(h), labels),
         }
+    }
+
+    /// On the GPU in f32, the head's weight for `phi_kernels::head_loss`, which never holds
+    /// the [B·T, vocab] logits: a plain lm_head's [hidden, vocab] (no bias or adapter), or the
+    /// tied embedding table [vocab, hidden] (`true`: read transposed).
+    fn gpu_head(&self, h: &Tensor<3>) -> Option<(Tensor<2>, bool)> {
+        let gpu = phi_kernels::kernel_path(h) == phi_kernels::KernelPath::Gpu;
+        if !gpu || precision::compute_dtype().is_some() {
+            return None;
+        }
+        let (w, out_in) = match &self.lm_head {
+            Some(l) if l.lora.is_none() && l.bias.is_none() && l.packed.is_none() => {
+                (l.weight.val(), false)
+            }
+            Some(_) => return None,
+            None => (self.model.embed_tokens.weight.val(), true),
+        };
+        (phi_kernels::kernel_path(&w) == phi_kernels::KernelPath::Gpu).then_some((w, out_in))
     }
 
     /// The head's bf16 packing `loss_sum` runs with the loss: a frozen head without bias

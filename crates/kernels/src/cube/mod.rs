@@ -12,11 +12,13 @@
 
 mod attention;
 mod cross_entropy;
+mod head_loss;
 mod rms_norm;
 mod swiglu;
 
 pub use attention::GpuAttention;
 pub use cross_entropy::CubeCrossEntropy;
+pub use head_loss::GpuHeadLoss;
 pub use rms_norm::CubeRmsNorm;
 pub use swiglu::CubeSwiglu;
 
@@ -75,6 +77,11 @@ fn row_grid(t: &CubeTensor, n: usize) -> (CubeCount, CubeDim, u32) {
 /// [N, ..] → [N].
 pub fn first_dim(shape: &Shape) -> Shape {
     Shape::new([shape[0]])
+}
+
+/// Any shape → [1] (a summed loss).
+pub fn one(_: &Shape) -> Shape {
+    Shape::new([1])
 }
 
 /// A per-row output's metadata for the Fusion wrappers: [N] of `x`'s dtype.
