@@ -3,6 +3,8 @@
 //! between its products and its softmax, where the f32 path runs each step over the whole
 //! [B, kv, g·T, S] tensor (a dozen passes of 17 MB a layer on phi3-small). P is not kept:
 //! the backward recomputes it from each row's logsumexp, as flash attention does.
+//! Each product runs in causal blocks of 64 query rows (or keys), skipping what the mask
+//! zeroes: at 2048 tokens that is close to half of attention's products (docs/benchmarks.md).
 
 use super::attention::{Masked, HIDDEN};
 use super::bf16::{self, PackedB, Path};
@@ -30,11 +32,102 @@ pub(crate) struct Setup<'a> {
     pub path: Path,
 }
 
+/// Query rows a causal block: its products stop at the block's last visible key.
+const BLOCK: usize = 64;
+
 impl Setup<'_> {
+    /// An item's row blocks under the causal mask: (first row, rows, keys its last row sees).
+    /// GQA stacks the group's heads as blocks of t rows, each from position 0 again.
+    fn blocks(&self) -> Vec<(usize, usize, usize)> {
+        let Dims { rows, s, .. } = self.dims;
+        let t = self.causal.t;
+        let mut out = Vec::with_capacity(rows.div_ceil(BLOCK));
+        for g0 in (0..rows).step_by(t) {
+            for r0 in (g0..g0 + t).step_by(BLOCK) {
+                let n = BLOCK.min(g0 + t - r0);
+                out.push((r0, n, self.causal.visible(r0 + n - 1, s)));
+            }
+        }
+        out
+    }
+
+    /// A·B [rows, s] for a [rows, k] and B [k, s] (QKᵀ, dO·Vᵀ), where only the keys each row
+    /// sees are read afterwards: a block's columns past its last row's are 0, not computed.
+    fn scores(&self, a: &[f32], b: &PackedB) -> Vec<f32> {
+        let Dims { rows, s, .. } = self.dims;
+        let k = b.k;
+        let mut c = Vec::<f32>::with_capacity(rows * s);
+        let out = bf16::Out(c.as_mut_ptr());
+        self.blocks().into_par_iter().for_each(|(r0, n, vis)| {
+            // SAFETY: blocks are disjoint rows of c; each row's first vis columns are written
+            // by the product, the rest here.
+            unsafe {
+                let a = (&a[r0 * k..], k, n, k);
+                bf16::gemm_corner(self.path, a, b, (vis, out.at(r0 * s), s));
+                for r in r0..r0 + n {
+                    std::ptr::write_bytes(out.at(r * s + vis), 0, s - vis);
+                }
+            }
+        });
+        // SAFETY: every element was written above.
+        unsafe { c.set_len(rows * s) };
+        c
+    }
+
+    /// P·B [rows, n] for P [rows, s], zero past each row's visible keys, and B [s, n] (P·V,
+    /// dS·K): a block's k stops at its last row's visible keys.
+    fn weighted(&self, p: &[f32], b: &PackedB) -> Vec<f32> {
+        let Dims { rows, s, .. } = self.dims;
+        let n = b.n;
+        let mut c = Vec::<f32>::with_capacity(rows * n);
+        let out = bf16::Out(c.as_mut_ptr());
+        self.blocks().into_par_iter().for_each(|(r0, m, vis)| {
+            // SAFETY: blocks are disjoint rows of c, each written whole by the product.
+            unsafe {
+                bf16::gemm_corner(
+                    self.path,
+                    (&p[r0 * s..], s, m, vis),
+                    b,
+                    (n, out.at(r0 * n), n),
+                )
+            }
+        });
+        // SAFETY: every element was written above.
+        unsafe { c.set_len(rows * n) };
+        c
+    }
+
+    /// Aᵀ·B [s, n] for A [rows, s] zero past each row's visible keys and B [rows, n]
+    /// (Pᵀ·dO, dSᵀ·Q): a block of keys sums over the query rows that see it only, in each
+    /// GQA head of the item, from the block's first key on.
+    fn key_side(&self, a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
+        let Dims { rows, s, .. } = self.dims;
+        let t = self.causal.t;
+        let blocks: Vec<usize> = (0..s).step_by(BLOCK).collect();
+        let parts: Vec<Vec<f32>> = blocks
+            .par_iter()
+            .map(|&j0| {
+                let cols = BLOCK.min(s - j0);
+                let q0 = j0.saturating_sub(self.causal.offset).min(t);
+                let per = t - q0;
+                // The k-th query row of the sum: head k / per's row q0 + k % per.
+                let row = move |kk: usize| (kk / per) * t + q0 + kk % per;
+                let k = per * (rows / t);
+                if k == 0 {
+                    return vec![0.0; cols * n];
+                }
+                let a_row = |kk| &a[row(kk) * s + j0..];
+                let b_row = |kk| &b[row(kk) * n..];
+                bf16::product_t_rows(self.path, (a_row, cols), (b_row, n), k)
+            })
+            .collect();
+        parts.concat()
+    }
+
     /// P of item i from its q and k, masked entries 0 (recomputed from `lse` when given).
     fn probs(&self, i: usize, q: &[f32], k: &[f32], lse: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
         let Dims { rows, s, d, .. } = self.dims;
-        let mut scores = bf16::product(self.path, q, rows, &PackedB::from_cols(k, d, s));
+        let mut scores = self.scores(q, &PackedB::from_cols(k, d, s));
         let hidden = self.mask.map(|m| {
             let b = i / self.dims.kv;
             &m.hidden[b * self.causal.t * s..(b + 1) * self.causal.t * s]
@@ -81,12 +174,7 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], st: Setup) -> (Vec<f32>, 
         .for_each(|(i, (o, lse))| {
             let (qi, ki, vi) = (item(q, i, rows * d), item(k, i, s * d), item(v, i, s * d));
             let (p, l) = st.probs(i, qi, ki, None);
-            o.copy_from_slice(&bf16::product(
-                st.path,
-                &p,
-                rows,
-                &PackedB::from_rows(vi, s, d),
-            ));
+            o.copy_from_slice(&st.weighted(&p, &PackedB::from_rows(vi, s, d)));
             lse.copy_from_slice(&l);
         });
     (o, lse)
@@ -102,7 +190,6 @@ pub(crate) fn backward(
     let Dims {
         items, rows, s, d, ..
     } = st.dims;
-    let path = st.path;
     let mut dq = vec![0f32; items * rows * d];
     let mut dk = vec![0f32; items * s * d];
     let mut dv = vec![0f32; items * s * d];
@@ -114,29 +201,12 @@ pub(crate) fn backward(
             let doi = item(d_o, i, rows * d);
             let (p, _) = st.probs(i, qi, ki, Some(item(lse, i, rows)));
             // dV = Pᵀ·dO, dP = dO·Vᵀ, dS from the softmax, dK = dSᵀ·Q, dQ = dS·K.
-            dv.copy_from_slice(&bf16::product_t(
-                path,
-                &p,
-                rows,
-                s,
-                &PackedB::from_rows(doi, rows, d),
-            ));
-            let dp = bf16::product(path, doi, rows, &PackedB::from_cols(vi, d, s));
+            dv.copy_from_slice(&st.key_side(&p, doi, d));
+            let dp = st.scores(doi, &PackedB::from_cols(vi, d, s));
             let ds = kernels::softmax_backward(&p, &dp, s, st.scale, Some(st.causal));
             drop((p, dp));
-            dk.copy_from_slice(&bf16::product_t(
-                path,
-                &ds,
-                rows,
-                s,
-                &PackedB::from_rows(qi, rows, d),
-            ));
-            dq.copy_from_slice(&bf16::product(
-                path,
-                &ds,
-                rows,
-                &PackedB::from_rows(ki, s, d),
-            ));
+            dk.copy_from_slice(&st.key_side(&ds, qi, d));
+            dq.copy_from_slice(&st.weighted(&ds, &PackedB::from_rows(ki, s, d)));
         });
     [dq, dk, dv]
 }

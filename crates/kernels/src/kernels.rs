@@ -175,7 +175,7 @@ pub struct Causal {
 }
 
 impl Causal {
-    fn visible(&self, row: usize, s: usize) -> usize {
+    pub(crate) fn visible(&self, row: usize, s: usize) -> usize {
         (self.offset + row % self.t + 1).min(s)
     }
 }

@@ -134,6 +134,15 @@ impl PackedB {
     /// 1024 × 2816 operand, which packing per call cannot afford).
     pub fn from_rows(b: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(b.len(), k * n, "B is not k×n");
+        Self::from_row_fn(k, n, |kk| &b[kk * n..])
+    }
+
+    /// `from_rows` with B's row kk (its first n values) given by `row(kk)`.
+    pub(crate) fn from_row_fn<'a>(
+        k: usize,
+        n: usize,
+        b_row: impl Fn(usize) -> &'a [f32] + Sync,
+    ) -> PackedB {
         let (k_pad, panels, per_panel) = layout(k, n);
         let fill = |data: &mut [MaybeUninit<u16>]| {
             data.par_chunks_mut(per_panel)
@@ -145,7 +154,7 @@ impl PackedB {
                         for (t, row) in pair.iter_mut().enumerate() {
                             let kk = 2 * r + t;
                             if kk < k && cols > 0 {
-                                round_into(&b[kk * n + j0..kk * n + j0 + cols], &mut row[..cols]);
+                                round_into(&b_row(kk)[j0..j0 + cols], &mut row[..cols]);
                             }
                             let from = if kk < k { cols } else { 0 };
                             row[from..].fill(MaybeUninit::new(0));
@@ -377,14 +386,17 @@ pub fn widen_all(v: &[u16]) -> Vec<f32> {
 }
 
 fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Bf16Buf {
+    pack_a_ld(a, k, m, k, k_pad)
+}
+
+/// `pack_a` for rows `lda` floats apart, of which the first k are taken.
+fn pack_a_ld(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> Bf16Buf {
     let fill = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(k_pad)
-            .zip(a.par_chunks(k))
-            .for_each(|(o, r)| {
-                let (o, pad) = o.split_at_mut(k);
-                pad.fill(MaybeUninit::new(0));
-                round_into(r, o);
-            })
+        out.par_chunks_mut(k_pad).enumerate().for_each(|(i, o)| {
+            let (o, pad) = o.split_at_mut(k);
+            pad.fill(MaybeUninit::new(0));
+            round_into(&a[i * lda..i * lda + k], o);
+        })
     };
     // SAFETY: `fill` writes each of the m rows whole: k rounded values, then the padding.
     unsafe { Bf16Buf::filled_by(m * k_pad, fill) }
@@ -396,10 +408,20 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Bf16Buf {
 fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Bf16Buf {
     // SAFETY: `pack_a_t_into` writes each of the m rows: its k values (tile by tile), then
     // its padding.
-    unsafe { Bf16Buf::filled_by(m * k_pad, |out| pack_a_t_into(a, k, m, k_pad, out)) }
+    unsafe {
+        Bf16Buf::filled_by(m * k_pad, |out| {
+            pack_a_t_into(|r| &a[r * m..], k, k_pad, out)
+        })
+    }
 }
 
-fn pack_a_t_into(a: &[f32], k: usize, m: usize, k_pad: usize, out: &mut [MaybeUninit<u16>]) {
+/// Aᵀ's rows (as many as `out` holds) for A's row r at `a_row(r)`.
+fn pack_a_t_into<'a>(
+    a_row: impl Fn(usize) -> &'a [f32] + Sync,
+    k: usize,
+    k_pad: usize,
+    out: &mut [MaybeUninit<u16>],
+) {
     const T: usize = 16;
     out.par_chunks_mut(T * k_pad)
         .enumerate()
@@ -409,7 +431,7 @@ fn pack_a_t_into(a: &[f32], k: usize, m: usize, k_pad: usize, out: &mut [MaybeUn
             for r0 in (0..k).step_by(T) {
                 let n = (k - r0).min(T);
                 for (r, t) in tile.iter_mut().enumerate().take(n) {
-                    round_into(&a[(r0 + r) * m + i0..][..rows], &mut t[..rows]);
+                    round_into(&a_row(r0 + r)[i0..i0 + rows], &mut t[..rows]);
                 }
                 for i in 0..rows {
                     let dst = &mut o[i * k_pad + r0..i * k_pad + r0 + n];
@@ -511,6 +533,27 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
     c
 }
 
+/// Aᵀ·B [m×n] with A's row kk (m values) at `a_row(kk)` and B's (n values) at `b_row(kk)`,
+/// kk < k: a product over chosen rows of both (attention's key-side gradients, over the query
+/// rows that see a block of keys).
+pub(crate) fn product_t_rows<'a>(
+    path: Path,
+    (a_row, m): (impl Fn(usize) -> &'a [f32] + Sync, usize),
+    (b_row, n): (impl Fn(usize) -> &'a [f32] + Sync, usize),
+    k: usize,
+) -> Vec<f32> {
+    let b = PackedB::from_row_fn(k, n, b_row);
+    // SAFETY: `pack_a_t_into` writes each of the m rows whole.
+    let ap = unsafe { Bf16Buf::filled_by(m * b.k_pad, |o| pack_a_t_into(a_row, k, b.k_pad, o)) };
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the capacity is m·n floats, all of which `run` writes.
+    unsafe {
+        run(path, (&ap, &b), None, m, c.as_mut_ptr());
+        c.set_len(m * n);
+    }
+    c
+}
+
 /// # Safety
 /// `c` points at m·n writable floats.
 unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
@@ -519,6 +562,28 @@ unsafe fn gemm_into(path: Path, a: &[f32], m: usize, b: &PackedB, c: *mut f32) {
         return;
     }
     run(path, (&pack_a(a, m, b.k, b.k_pad), b), None, m, c)
+}
+
+/// The corner of a product that a causal mask leaves: C's rows [0, m) (`ld` floats apart),
+/// columns [0, n) = A's rows (`lda` floats apart) over their first k values times B's first
+/// k rows and n columns. Attention's products skip this way what the mask zeroes (columns past
+/// a row block's last visible key, or P's zero columns as the k of P·V); the sums kept are the
+/// same sums, term by term, as the whole product's.
+///
+/// # Safety
+/// `c` points at m rows of `ld` floats whose first n columns are the caller's alone.
+pub(crate) unsafe fn gemm_corner(
+    path: Path,
+    (a, lda, m, k): (&[f32], usize, usize, usize),
+    b: &PackedB,
+    (n, c, ld): (usize, *mut f32, usize),
+) {
+    assert!(k <= b.k && n <= b.n && a.len() >= (m.max(1) - 1) * lda + k);
+    let kp = round_up(k.max(1), KSTEP);
+    let ap = pack_a_ld(a, lda, m, k, kp);
+    let panels = b.panel_range(0, round_up(n.max(1), 2 * PANEL) / PANEL);
+    // SAFETY: the caller's; the panels and kp are within B's.
+    unsafe { run_panels_k(path, (&ap, kp, panels), None, (m, n, ld), c) }
 }
 
 /// Rows of A rounded to bf16 and zero-padded to a multiple of 32 columns: one operand for
@@ -606,14 +671,31 @@ pub(crate) unsafe fn run_panels(
     path: Path,
     (ap, b): (&[u16], Panels),
     extra: Option<(&[u16], Panels)>,
+    dims: (usize, usize, usize),
+    c: *mut f32,
+) {
+    // SAFETY: the caller's.
+    unsafe { run_panels_k(path, (ap, b.k_pad, b), extra, dims, c) }
+}
+
+/// `run_panels` over B's first `kp` rows only (A's rows `kp` values apart, kp a multiple of
+/// 32 up to B's k_pad): every kernel walks a term's k from its A and steps between panels by
+/// B's k_pad.
+///
+/// # Safety
+/// As `run_panels`'.
+unsafe fn run_panels_k(
+    path: Path,
+    (ap, kp, b): (&[u16], usize, Panels),
+    extra: Option<(&[u16], Panels)>,
     (m, n, ld): (usize, usize, usize),
     c: *mut f32,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(kp.is_multiple_of(KSTEP) && kp <= b.k_pad && ap.len() >= m * kp);
     let path = if path.available() { path } else { Path::Scalar };
-    let kp = b.k_pad;
     let row_blocks = m.div_ceil(ROWS);
     let pairs = b.panels / 2;
     let want = 2 * rayon::current_num_threads();
