@@ -13,7 +13,9 @@ use phi_kernels::{causal_softmax, swiglu, swiglu_packed};
 use phi_model::arch::Mlp;
 use phi_model::loss::causal_lm_loss_sum;
 use phi_model::lowrank::LowRank;
-use phi_model::nn::{apply_rotary, attend, split_heads, LayerCtx, Linear, RmsNorm};
+use phi_model::nn::{
+    apply_rotary, attend, rotary_attention, split_heads, LayerCtx, Linear, Projected, RmsNorm,
+};
 use phi_model::weights::RandomSource;
 use phi_model::CausalLm;
 use phi_trainer::optim::{Grads, Kind, Optimizer};
@@ -163,7 +165,7 @@ pub fn run(a: &Args) -> Result<()> {
         layers,
         op_times(&inner, &ad, [b, heads + kvh, t, hd], reps, rope),
     ));
-    let ctx = |dev: &Device| LayerCtx {
+    let ctx = |dev: &Device, bf16| LayerCtx {
         cos: rand([1, 1, t, hd], dev),
         sin: rand([1, 1, t, hd], dev),
         // `attend` reads the tensors only; the host table is the fused op's.
@@ -177,9 +179,9 @@ pub fn run(a: &Args) -> Result<()> {
         mask: None,
         hidden: None,
         bias: None,
-        bf16: None,
+        bf16,
     };
-    let (ctx_in, ctx_ad) = (ctx(&inner), ctx(&ad));
+    let (ctx_in, ctx_ad) = (ctx(&inner, None), ctx(&ad, None));
     let attn = |x: Tensor<3>| {
         let ctx = if x.is_autodiff() { &ctx_ad } else { &ctx_in };
         let q = split_heads(x.clone().slice([0..b, 0..t, 0..heads * hd]), heads);
@@ -192,6 +194,20 @@ pub fn run(a: &Args) -> Result<()> {
         layers,
         op_times(&inner, &ad, [b, t, heads * hd], reps, attn),
     ));
+    // `--dtype bf16`: the fused op on the bf16 kernels, as `--bf16` trains (fused q, k, v in).
+    let path = phi_kernels::bf16::Path::best();
+    if a.dtype == "bf16" && path != phi_kernels::bf16::Path::Scalar {
+        let (c16_in, c16_ad) = (ctx(&inner, Some(path)), ctx(&ad, Some(path)));
+        let fused = |x: Tensor<3>| {
+            let ctx = if x.is_autodiff() { &c16_ad } else { &c16_in };
+            rotary_attention(Projected::Fused(x), heads, kvh, ctx, None)
+        };
+        rows.push((
+            format!("attention, fused rotary, {} products", path.name()),
+            layers,
+            op_times(&inner, &ad, [b, t, (heads + 2 * kvh) * hd], reps, fused),
+        ));
+    }
     rows.push((
         "  of which causal softmax [B,H,T,T]".into(),
         layers,

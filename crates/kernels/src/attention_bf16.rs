@@ -98,30 +98,36 @@ impl Setup<'_> {
     }
 
     /// Aᵀ·B [s, n] for A [rows, s] zero past each row's visible keys and B [rows, n]
-    /// (Pᵀ·dO, dSᵀ·Q): a block of keys sums over the query rows that see it only, in each
-    /// GQA head of the item, from the block's first key on.
+    /// (Pᵀ·dO, dSᵀ·Q): a block of keys sums over the query rows that see it only. B is packed
+    /// once with its rows from the last position down (a position's GQA heads together), so
+    /// the rows that see a block are a prefix of it, the k a block's product takes.
     fn key_side(&self, a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
         let Dims { rows, s, .. } = self.dims;
         let t = self.causal.t;
+        let heads = rows / t;
+        let row = move |kk: usize| (kk % heads) * t + t - 1 - kk / heads;
+        let packed = PackedB::from_row_fn(rows, n, |kk| &b[row(kk) * n..]);
+        let mut c = Vec::<f32>::with_capacity(s * n);
+        let out = bf16::Out(c.as_mut_ptr());
         let blocks: Vec<usize> = (0..s).step_by(BLOCK).collect();
-        let parts: Vec<Vec<f32>> = blocks
-            .par_iter()
-            .map(|&j0| {
-                let cols = BLOCK.min(s - j0);
-                let q0 = j0.saturating_sub(self.causal.offset).min(t);
-                let per = t - q0;
-                // The k-th query row of the sum: head k / per's row q0 + k % per.
-                let row = move |kk: usize| (kk / per) * t + q0 + kk % per;
-                let k = per * (rows / t);
+        blocks.into_par_iter().for_each(|j0| {
+            let cols = BLOCK.min(s - j0);
+            let k = heads * (t - j0.saturating_sub(self.causal.offset).min(t));
+            let at = out.at(j0 * n);
+            // SAFETY: blocks are disjoint rows of c, each written whole (zeros where no row
+            // sees the block).
+            unsafe {
                 if k == 0 {
-                    return vec![0.0; cols * n];
+                    std::ptr::write_bytes(at, 0, cols * n);
+                } else {
+                    let a_row = |kk| &a[row(kk) * s + j0..];
+                    bf16::product_t_prefix(self.path, (a_row, cols), k, &packed, (at, n));
                 }
-                let a_row = |kk| &a[row(kk) * s + j0..];
-                let b_row = |kk| &b[row(kk) * n..];
-                bf16::product_t_rows(self.path, (a_row, cols), (b_row, n), k)
-            })
-            .collect();
-        parts.concat()
+            }
+        });
+        // SAFETY: every element was written above.
+        unsafe { c.set_len(s * n) };
+        c
     }
 
     /// P of item i from its q and k, masked entries 0 (recomputed from `lse` when given).

@@ -533,25 +533,25 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
     c
 }
 
-/// Aᵀ·B [m×n] with A's row kk (m values) at `a_row(kk)` and B's (n values) at `b_row(kk)`,
-/// kk < k: a product over chosen rows of both (attention's key-side gradients, over the query
-/// rows that see a block of keys).
-pub(crate) fn product_t_rows<'a>(
+/// C's rows [0, m) (`ld` floats apart) = Aᵀ·B over the first k rows of both, A's row kk
+/// (m values) at `a_row(kk)` and B packed: attention's key-side gradients, whose query rows,
+/// in B's order, that see a block of keys come first.
+///
+/// # Safety
+/// `c` points at m rows of `ld` floats whose first n columns are the caller's alone.
+pub(crate) unsafe fn product_t_prefix<'a>(
     path: Path,
     (a_row, m): (impl Fn(usize) -> &'a [f32] + Sync, usize),
-    (b_row, n): (impl Fn(usize) -> &'a [f32] + Sync, usize),
     k: usize,
-) -> Vec<f32> {
-    let b = PackedB::from_row_fn(k, n, b_row);
+    b: &PackedB,
+    (c, ld): (*mut f32, usize),
+) {
+    assert!(k <= b.k);
+    let kp = round_up(k.max(1), KSTEP);
     // SAFETY: `pack_a_t_into` writes each of the m rows whole.
-    let ap = unsafe { Bf16Buf::filled_by(m * b.k_pad, |o| pack_a_t_into(a_row, k, b.k_pad, o)) };
-    let mut c = Vec::with_capacity(m * n);
-    // SAFETY: the capacity is m·n floats, all of which `run` writes.
-    unsafe {
-        run(path, (&ap, &b), None, m, c.as_mut_ptr());
-        c.set_len(m * n);
-    }
-    c
+    let ap = unsafe { Bf16Buf::filled_by(m * kp, |o| pack_a_t_into(a_row, k, kp, o)) };
+    // SAFETY: the caller's; kp is within B's k_pad.
+    unsafe { run_panels_k(path, (&ap, kp, b.view()), None, (m, b.n, ld), c) }
 }
 
 /// # Safety
