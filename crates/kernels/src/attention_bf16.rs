@@ -1,10 +1,11 @@
-//! Causal attention on the bf16 kernels (`--bf16`), one [B, kv] item at a time: an item's
-//! scores, probabilities and their gradients ([g·T, S] each, 256 KB at T = 256) stay in L2
-//! between its products and its softmax, where the f32 path runs each step over the whole
-//! [B, kv, g·T, S] tensor (a dozen passes of 17 MB a layer on phi3-small). P is not kept:
-//! the backward recomputes it from each row's logsumexp, as flash attention does.
-//! Each product runs in causal blocks of 64 query rows (or keys), skipping what the mask
-//! zeroes: at 2048 tokens that is close to half of attention's products (docs/benchmarks.md).
+//! Causal attention on the bf16 kernels (`--bf16`), one [B, kv] item at a time and, within
+//! it, a block of 64 query rows at a time, as flash attention tiles it: a block's scores,
+//! probabilities and their gradients ([64, keys it sees] each, at most 512 KB at 2048 keys)
+//! stay in L2 between its products and its softmax, and each product stops at the block's
+//! last visible key (close to half of attention's products at 2048 tokens). The f32 path runs
+//! each step over the whole [B, kv, g·T, S] tensor instead. P is not kept: the backward
+//! recomputes it from each row's logsumexp. dK and dV sum the blocks' contributions in block
+//! order.
 
 use super::attention::{Masked, HIDDEN};
 use super::bf16::{self, PackedB, Path};
@@ -32,132 +33,108 @@ pub(crate) struct Setup<'a> {
     pub path: Path,
 }
 
-/// Query rows a causal block: its products stop at the block's last visible key.
+/// Query rows a block.
 const BLOCK: usize = 64;
 
+/// A block of an item's query rows: `n` rows from `r0`, all in one GQA head (rows mod t are
+/// positions), whose last row sees keys [0, vis).
+#[derive(Clone, Copy)]
+struct Block {
+    r0: usize,
+    n: usize,
+    vis: usize,
+}
+
+/// One item's q, k, v (and dO in the backward), packed once for all its blocks.
+struct Item<'a> {
+    i: usize,
+    q: &'a [f32],
+    /// Kᵀ as B [d, s], for Q·Kᵀ.
+    kt: PackedB,
+}
+
 impl Setup<'_> {
-    /// An item's row blocks under the causal mask: (first row, rows, keys its last row sees).
-    /// GQA stacks the group's heads as blocks of t rows, each from position 0 again.
-    fn blocks(&self) -> Vec<(usize, usize, usize)> {
+    /// An item's row blocks. GQA stacks the group's heads as blocks of t rows, each from
+    /// position 0 again.
+    fn blocks(&self) -> Vec<Block> {
         let Dims { rows, s, .. } = self.dims;
         let t = self.causal.t;
         let mut out = Vec::with_capacity(rows.div_ceil(BLOCK));
         for g0 in (0..rows).step_by(t) {
             for r0 in (g0..g0 + t).step_by(BLOCK) {
                 let n = BLOCK.min(g0 + t - r0);
-                out.push((r0, n, self.causal.visible(r0 + n - 1, s)));
+                let vis = self.causal.visible(r0 + n - 1, s);
+                out.push(Block { r0, n, vis });
             }
         }
         out
     }
 
-    /// A·B [rows, s] for a [rows, k] and B [k, s] (QKᵀ, dO·Vᵀ), where only the keys each row
-    /// sees are read afterwards: a block's columns past its last row's are 0, not computed.
-    fn scores(&self, a: &[f32], b: &PackedB) -> Vec<f32> {
-        let Dims { rows, s, .. } = self.dims;
-        let k = b.k;
-        let mut c = Vec::<f32>::with_capacity(rows * s);
-        let out = bf16::Out(c.as_mut_ptr());
-        self.blocks().into_par_iter().for_each(|(r0, n, vis)| {
-            // SAFETY: blocks are disjoint rows of c; each row's first vis columns are written
-            // by the product, the rest here.
-            unsafe {
-                let a = (&a[r0 * k..], k, n, k);
-                bf16::gemm_corner(self.path, a, b, (vis, out.at(r0 * s), s));
-                for r in r0..r0 + n {
-                    std::ptr::write_bytes(out.at(r * s + vis), 0, s - vis);
+    /// The block's rows as their own causal mask: row j is position r0 mod t + j.
+    fn causal_of(&self, b: Block) -> Causal {
+        Causal {
+            t: self.causal.t,
+            offset: self.causal.offset + b.r0 % self.causal.t,
+        }
+    }
+
+    /// Sets the padding or packing mask's hidden entries of a block's [n, vis] scores.
+    fn fill(&self, it: &Item, b: Block, x: &mut [f32], value: f32) {
+        let Some(m) = self.mask else { return };
+        let (t, s) = (self.causal.t, self.dims.s);
+        let batch = it.i / self.dims.kv;
+        for (j, x) in x.chunks_mut(b.vis).enumerate() {
+            let row = &m.hidden[(batch * t + (b.r0 + j) % t) * s..][..b.vis];
+            for (v, &hidden) in x.iter_mut().zip(row) {
+                if hidden {
+                    *v = value;
                 }
             }
-        });
-        // SAFETY: every element was written above.
-        unsafe { c.set_len(rows * s) };
+        }
+    }
+
+    /// A [n, vis] product of the block's rows of `a` ([rows, k]) and B's first vis columns.
+    fn corner(&self, a: &[f32], b: Block, bp: &PackedB) -> Vec<f32> {
+        let k = bp.k;
+        let mut c = Vec::<f32>::with_capacity(b.n * b.vis);
+        // SAFETY: the product writes all n·vis values.
+        unsafe {
+            let rows = (&a[b.r0 * k..], k, b.n, k);
+            bf16::gemm_corner(self.path, rows, bp, (b.vis, c.as_mut_ptr(), b.vis));
+            c.set_len(b.n * b.vis);
+        }
         c
     }
 
-    /// P·B [rows, n] for P [rows, s], zero past each row's visible keys, and B [s, n] (P·V,
-    /// dS·K): a block's k stops at its last row's visible keys.
-    fn weighted(&self, p: &[f32], b: &PackedB) -> Vec<f32> {
-        let Dims { rows, s, .. } = self.dims;
-        let n = b.n;
-        let mut c = Vec::<f32>::with_capacity(rows * n);
-        let out = bf16::Out(c.as_mut_ptr());
-        self.blocks().into_par_iter().for_each(|(r0, m, vis)| {
-            // SAFETY: blocks are disjoint rows of c, each written whole by the product.
-            unsafe {
-                bf16::gemm_corner(
-                    self.path,
-                    (&p[r0 * s..], s, m, vis),
-                    b,
-                    (n, out.at(r0 * n), n),
-                )
-            }
-        });
-        // SAFETY: every element was written above.
-        unsafe { c.set_len(rows * n) };
-        c
+    /// x [n, vis] (zero past each row's visible keys) times B's first vis rows, into out.
+    fn times(&self, x: &[f32], b: Block, bp: &PackedB, out: &mut [f32]) {
+        assert_eq!(out.len(), b.n * bp.n);
+        // SAFETY: out holds n rows of bp.n floats, all written by the product.
+        unsafe {
+            let rows = (x, b.vis, b.n, b.vis);
+            bf16::gemm_corner(self.path, rows, bp, (bp.n, out.as_mut_ptr(), bp.n));
+        }
     }
 
-    /// Aᵀ·B [s, n] for A [rows, s] zero past each row's visible keys and B [rows, n]
-    /// (Pᵀ·dO, dSᵀ·Q): a block of keys sums over the query rows that see it only. B is packed
-    /// once with its rows from the last position down (a position's GQA heads together), so
-    /// the rows that see a block are a prefix of it, the k a block's product takes.
-    fn key_side(&self, a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
-        let Dims { rows, s, .. } = self.dims;
-        let t = self.causal.t;
-        let heads = rows / t;
-        let row = move |kk: usize| (kk % heads) * t + t - 1 - kk / heads;
-        let packed = PackedB::from_row_fn(rows, n, |kk| &b[row(kk) * n..]);
-        let mut c = Vec::<f32>::with_capacity(s * n);
-        let out = bf16::Out(c.as_mut_ptr());
-        let blocks: Vec<usize> = (0..s).step_by(BLOCK).collect();
-        blocks.into_par_iter().for_each(|j0| {
-            let cols = BLOCK.min(s - j0);
-            let k = heads * (t - j0.saturating_sub(self.causal.offset).min(t));
-            let at = out.at(j0 * n);
-            // SAFETY: blocks are disjoint rows of c, each written whole (zeros where no row
-            // sees the block).
-            unsafe {
-                if k == 0 {
-                    std::ptr::write_bytes(at, 0, cols * n);
-                } else {
-                    let a_row = |kk| &a[row(kk) * s + j0..];
-                    bf16::product_t_prefix(self.path, (a_row, cols), k, &packed, (at, n));
-                }
-            }
-        });
-        // SAFETY: every element was written above.
-        unsafe { c.set_len(s * n) };
-        c
-    }
-
-    /// P of item i from its q and k, masked entries 0 (recomputed from `lse` when given).
-    fn probs(&self, i: usize, q: &[f32], k: &[f32], lse: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
-        let Dims { rows, s, d, .. } = self.dims;
-        let mut scores = self.scores(q, &PackedB::from_cols(k, d, s));
-        let hidden = self.mask.map(|m| {
-            let b = i / self.dims.kv;
-            &m.hidden[b * self.causal.t * s..(b + 1) * self.causal.t * s]
-        });
-        // One batch row per item: its mask rows are the item's rows mod t.
-        let fill = |x: &mut [f32], value| {
-            if let Some(h) = hidden {
-                kernels::fill_masked(x, s, self.causal.t, usize::MAX, h, value);
-            }
-        };
+    /// The block's P [n, vis], masked entries 0, and its rows' logsumexps (recomputed from
+    /// `lse` when given).
+    fn probs(&self, it: &Item, b: Block, lse: Option<&[f32]>) -> (Vec<f32>, Vec<f32>) {
+        let mut scores = self.corner(it.q, b, &it.kt);
+        let causal = Some(self.causal_of(b));
         let (mut p, lse) = match lse {
             Some(lse) => {
-                kernels::softmax_recompute(&mut scores, s, self.scale, Some(self.causal), lse);
+                let lse = &lse[b.r0..b.r0 + b.n];
+                kernels::softmax_recompute(&mut scores, b.vis, self.scale, causal, lse);
                 (scores, Vec::new())
             }
             None => {
-                fill(&mut scores, HIDDEN);
-                let mut p = vec![0f32; rows * s];
-                let lse =
-                    kernels::softmax_forward_lse(&scores, s, self.scale, Some(self.causal), &mut p);
+                self.fill(it, b, &mut scores, HIDDEN);
+                let mut p = vec![0f32; b.n * b.vis];
+                let lse = kernels::softmax_forward_lse(&scores, b.vis, self.scale, causal, &mut p);
                 (p, lse)
             }
         };
-        fill(&mut p, 0.0);
+        self.fill(it, b, &mut p, 0.0);
         (p, lse)
     }
 }
@@ -174,14 +151,31 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], st: Setup) -> (Vec<f32>, 
     } = st.dims;
     let mut o = vec![0f32; items * rows * d];
     let mut lse = vec![0f32; items * rows];
+    let blocks = st.blocks();
     o.par_chunks_mut(rows * d)
         .zip(lse.par_chunks_mut(rows))
         .enumerate()
         .for_each(|(i, (o, lse))| {
-            let (qi, ki, vi) = (item(q, i, rows * d), item(k, i, s * d), item(v, i, s * d));
-            let (p, l) = st.probs(i, qi, ki, None);
-            o.copy_from_slice(&st.weighted(&p, &PackedB::from_rows(vi, s, d)));
-            lse.copy_from_slice(&l);
+            let it = Item {
+                i,
+                q: item(q, i, rows * d),
+                kt: PackedB::from_cols(item(k, i, s * d), d, s),
+            };
+            let vp = PackedB::from_rows(item(v, i, s * d), s, d);
+            // Blocks write disjoint rows of o and lse: split them off in block order.
+            let mut parts = Vec::with_capacity(blocks.len());
+            let (mut o, mut lse) = (&mut o[..], &mut lse[..]);
+            for b in &blocks {
+                let (ob, rest) = std::mem::take(&mut o).split_at_mut(b.n * d);
+                let (lb, lrest) = std::mem::take(&mut lse).split_at_mut(b.n);
+                parts.push((*b, ob, lb));
+                (o, lse) = (rest, lrest);
+            }
+            parts.into_par_iter().for_each(|(b, ob, lb)| {
+                let (p, l) = st.probs(&it, b, None);
+                st.times(&p, b, &vp, ob);
+                lb.copy_from_slice(&l);
+            });
         });
     (o, lse)
 }
@@ -199,20 +193,40 @@ pub(crate) fn backward(
     let mut dq = vec![0f32; items * rows * d];
     let mut dk = vec![0f32; items * s * d];
     let mut dv = vec![0f32; items * s * d];
+    let blocks = st.blocks();
     dq.par_chunks_mut(rows * d)
         .zip(dk.par_chunks_mut(s * d).zip(dv.par_chunks_mut(s * d)))
         .enumerate()
         .for_each(|(i, (dq, (dk, dv)))| {
-            let (qi, ki, vi) = (item(q, i, rows * d), item(k, i, s * d), item(v, i, s * d));
-            let doi = item(d_o, i, rows * d);
-            let (p, _) = st.probs(i, qi, ki, Some(item(lse, i, rows)));
-            // dV = Pᵀ·dO, dP = dO·Vᵀ, dS from the softmax, dK = dSᵀ·Q, dQ = dS·K.
-            dv.copy_from_slice(&st.key_side(&p, doi, d));
-            let dp = st.scores(doi, &PackedB::from_cols(vi, d, s));
-            let ds = kernels::softmax_backward(&p, &dp, s, st.scale, Some(st.causal));
-            drop((p, dp));
-            dk.copy_from_slice(&st.key_side(&ds, qi, d));
-            dq.copy_from_slice(&st.weighted(&ds, &PackedB::from_rows(ki, s, d)));
+            let (ki, vi) = (item(k, i, s * d), item(v, i, s * d));
+            let it = Item {
+                i,
+                q: item(q, i, rows * d),
+                kt: PackedB::from_cols(ki, d, s),
+            };
+            let (vt, kp) = (PackedB::from_cols(vi, d, s), PackedB::from_rows(ki, s, d));
+            let (doi, lse) = (item(d_o, i, rows * d), item(lse, i, rows));
+            // dV += Pᵀ·dO, dP = dO·Vᵀ, dS from the softmax, dK += dSᵀ·Q, dQ = dS·K, a block
+            // at a time (each product parallel inside), so dK and dV add in block order.
+            for &b in &blocks {
+                let (p, _) = st.probs(&it, b, Some(lse));
+                let span = b.r0 * d..(b.r0 + b.n) * d;
+                let (dob, qb) = (&doi[span.clone()], &it.q[span.clone()]);
+                let add = |acc: &mut [f32], x: &[f32], y: &[f32]| {
+                    let part =
+                        bf16::product_t(st.path, x, b.n, b.vis, &PackedB::from_rows(y, b.n, d));
+                    acc[..b.vis * d]
+                        .iter_mut()
+                        .zip(&part)
+                        .for_each(|(a, v)| *a += v);
+                };
+                add(dv, &p, dob);
+                let dp = st.corner(doi, b, &vt);
+                let ds = kernels::softmax_backward(&p, &dp, b.vis, st.scale, Some(st.causal_of(b)));
+                drop((p, dp));
+                add(dk, &ds, qb);
+                st.times(&ds, b, &kp, &mut dq[span]);
+            }
         });
     [dq, dk, dv]
 }

@@ -134,15 +134,6 @@ impl PackedB {
     /// 1024 × 2816 operand, which packing per call cannot afford).
     pub fn from_rows(b: &[f32], k: usize, n: usize) -> PackedB {
         assert_eq!(b.len(), k * n, "B is not k×n");
-        Self::from_row_fn(k, n, |kk| &b[kk * n..])
-    }
-
-    /// `from_rows` with B's row kk (its first n values) given by `row(kk)`.
-    pub(crate) fn from_row_fn<'a>(
-        k: usize,
-        n: usize,
-        b_row: impl Fn(usize) -> &'a [f32] + Sync,
-    ) -> PackedB {
         let (k_pad, panels, per_panel) = layout(k, n);
         let fill = |data: &mut [MaybeUninit<u16>]| {
             data.par_chunks_mut(per_panel)
@@ -154,7 +145,7 @@ impl PackedB {
                         for (t, row) in pair.iter_mut().enumerate() {
                             let kk = 2 * r + t;
                             if kk < k && cols > 0 {
-                                round_into(&b_row(kk)[j0..j0 + cols], &mut row[..cols]);
+                                round_into(&b[kk * n + j0..kk * n + j0 + cols], &mut row[..cols]);
                             }
                             let from = if kk < k { cols } else { 0 };
                             row[from..].fill(MaybeUninit::new(0));
@@ -408,20 +399,10 @@ fn pack_a_ld(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> Bf16Buf
 fn pack_a_t(a: &[f32], k: usize, m: usize, k_pad: usize) -> Bf16Buf {
     // SAFETY: `pack_a_t_into` writes each of the m rows: its k values (tile by tile), then
     // its padding.
-    unsafe {
-        Bf16Buf::filled_by(m * k_pad, |out| {
-            pack_a_t_into(|r| &a[r * m..], k, k_pad, out)
-        })
-    }
+    unsafe { Bf16Buf::filled_by(m * k_pad, |out| pack_a_t_into(a, k, m, k_pad, out)) }
 }
 
-/// Aᵀ's rows (as many as `out` holds) for A's row r at `a_row(r)`.
-fn pack_a_t_into<'a>(
-    a_row: impl Fn(usize) -> &'a [f32] + Sync,
-    k: usize,
-    k_pad: usize,
-    out: &mut [MaybeUninit<u16>],
-) {
+fn pack_a_t_into(a: &[f32], k: usize, m: usize, k_pad: usize, out: &mut [MaybeUninit<u16>]) {
     const T: usize = 16;
     out.par_chunks_mut(T * k_pad)
         .enumerate()
@@ -431,7 +412,7 @@ fn pack_a_t_into<'a>(
             for r0 in (0..k).step_by(T) {
                 let n = (k - r0).min(T);
                 for (r, t) in tile.iter_mut().enumerate().take(n) {
-                    round_into(&a_row(r0 + r)[i0..i0 + rows], &mut t[..rows]);
+                    round_into(&a[(r0 + r) * m + i0..][..rows], &mut t[..rows]);
                 }
                 for i in 0..rows {
                     let dst = &mut o[i * k_pad + r0..i * k_pad + r0 + n];
@@ -531,27 +512,6 @@ pub fn product_t(path: Path, a: &[f32], k: usize, m: usize, b: &PackedB) -> Vec<
         c.set_len(m * b.n);
     }
     c
-}
-
-/// C's rows [0, m) (`ld` floats apart) = Aᵀ·B over the first k rows of both, A's row kk
-/// (m values) at `a_row(kk)` and B packed: attention's key-side gradients, whose query rows,
-/// in B's order, that see a block of keys come first.
-///
-/// # Safety
-/// `c` points at m rows of `ld` floats whose first n columns are the caller's alone.
-pub(crate) unsafe fn product_t_prefix<'a>(
-    path: Path,
-    (a_row, m): (impl Fn(usize) -> &'a [f32] + Sync, usize),
-    k: usize,
-    b: &PackedB,
-    (c, ld): (*mut f32, usize),
-) {
-    assert!(k <= b.k);
-    let kp = round_up(k.max(1), KSTEP);
-    // SAFETY: `pack_a_t_into` writes each of the m rows whole.
-    let ap = unsafe { Bf16Buf::filled_by(m * kp, |o| pack_a_t_into(a_row, k, kp, o)) };
-    // SAFETY: the caller's; kp is within B's k_pad.
-    unsafe { run_panels_k(path, (&ap, kp, b.view()), None, (m, b.n, ld), c) }
 }
 
 /// # Safety
