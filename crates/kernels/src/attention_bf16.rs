@@ -45,7 +45,7 @@ struct Block {
     vis: usize,
 }
 
-/// One item's q, k, v (and dO in the backward), packed once for all its blocks.
+/// What an item's blocks share: its index (for the mask), q, and Kᵀ packed once.
 struct Item<'a> {
     i: usize,
     q: &'a [f32],
