@@ -35,6 +35,7 @@ cargo build --release -p phi-bench >/dev/null
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 threads=$(nproc)
 out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 for round in $(seq "$rounds"); do
     for row in "${rows[@]}"; do
         IFS=: read -r shape mode dtype batch seq <<<"$row"
@@ -46,8 +47,15 @@ for round in $(seq "$rounds"); do
             *) echo "cpu-vs-torch: row $row: dtype $dtype, expected f32 or bf16" >&2; exit 2 ;;
         esac
         common=(--shape "$shape" --mode "$mode" --batch "$batch" --seq "$seq" --steps "$steps" --warmup "$warmup")
-        ours=$(./target/release/phi-bench "${common[@]}" "${ours_args[@]}" 2>/dev/null | tail -1)
-        theirs=$("$python" benches/torch_baseline.py "${common[@]}" --amp "$amp" --threads "$threads" 2>/dev/null | tail -1)
+        ours=$(./target/release/phi-bench "${common[@]}" "${ours_args[@]}" 2>/dev/null | tail -1 || true)
+        theirs=$("$python" benches/torch_baseline.py "${common[@]}" --amp "$amp" --threads "$threads" 2>/dev/null | tail -1 || true)
+        for side in ours theirs; do
+            if [[ "${!side}" != "{"* ]]; then
+                what=$([ "$side" = ours ] && echo "phi-bench" || echo "benches/torch_baseline.py")
+                echo "cpu-vs-torch: row $row: $what gave no JSON line (run it alone with these flags to see why)" >&2
+                exit 1
+            fi
+        done
         line=$("$python" - "$round" "$row" "$cpu" "$amp" "$ours" "$theirs" <<'EOF'
 import json, sys
 rnd, row, cpu, amp, ours, theirs = sys.argv[1:]
@@ -77,4 +85,3 @@ for row, ls in rows.items():
     ratios = ", ".join(f"{l['ratio']:.2f}×" for l in ls)
     print(f"| {row} | {cell('ours_tokens_per_s')} | {cell('torch_tokens_per_s')} | {ls[0]['torch_amp']} | {ratios} |")
 EOF
-rm -f "$out"
