@@ -562,16 +562,6 @@ impl Backward<Flex, 1> for FrozenHeadLoss {
     }
 }
 
-/// What attention's backward keeps: P, or under gradient checkpointing only each row's
-/// logsumexp (P recomputed from q·kᵀ then).
-fn kept<C: CheckpointStrategy>(p: FlexTensor, lse: Vec<f32>) -> Probs {
-    if keeps_probs::<C>() {
-        Probs::Kept(p)
-    } else {
-        Probs::Lse(lse)
-    }
-}
-
 /// Whether attention's backward keeps P under checkpointing strategy C (not under balanced
 /// checkpointing, which recomputes it).
 fn keeps_probs<C: CheckpointStrategy>() -> bool {
@@ -674,8 +664,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let ids = [&q, &k, &v].map(|t| prep.checkpoint(t));
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
                 let causal = Causal { t, offset };
-                let (o, p, lse) = attention::forward(q, k, v, scale as f32, causal, None);
-                prep.finish((ids, kept::<C>(p, lse)), o)
+                let keep = keeps_probs::<C>();
+                let (o, probs) = attention::forward(q, k, v, (scale as f32, causal), keep);
+                prep.finish((ids, probs), o)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::causal_attention(
                 q.into_primitive(),

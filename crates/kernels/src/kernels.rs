@@ -307,31 +307,29 @@ pub fn softmax_forward_lse(
     lse
 }
 
-/// Sets the entries of a [rows, s] score matrix that `masked` ([B, t, s], true = hidden)
-/// hides to `value`. Row r is batch r / per_batch's query r mod t (GQA stacks query heads
-/// as blocks of t rows). Attention with a padding or packing mask runs its softmax between
-/// two of these: a large negative score before (finite, so a row with nothing visible stays
-/// finite), then 0 after (exact zeros, and such a row all zero, as Burn's attention gives).
+/// Sets the entries of `width`-wide score rows that `masked` ([B, t, s], true = hidden; a
+/// row's first `width` keys) hides to `value`. x's first row is score row `first`, which is
+/// batch first / per_batch's query first mod t (GQA stacks query heads as blocks of t rows).
+/// Attention with a padding or packing mask runs its softmax between two of these: a large
+/// negative score before (finite, so a row with nothing visible stays finite), then 0 after
+/// (exact zeros, and such a row all zero, as Burn's attention gives).
 pub fn fill_masked(
     x: &mut [f32],
-    s: usize,
+    (width, s): (usize, usize),
     t: usize,
-    per_batch: usize,
-    masked: &[bool],
+    (masked, per_batch): (&[bool], usize),
+    first: usize,
     value: f32,
 ) {
-    let per = rows_per_task(s);
-    x.par_chunks_mut(per * s).enumerate().for_each(|(task, x)| {
-        for (i, x) in x.chunks_mut(s).enumerate() {
-            let r = task * per + i;
-            let m = &masked[((r / per_batch) * t + r % t) * s..][..s];
-            for (v, &hidden) in x.iter_mut().zip(m) {
-                if hidden {
-                    *v = value;
-                }
+    for (i, x) in x.chunks_mut(width).enumerate() {
+        let r = first + i;
+        let m = &masked[((r / per_batch) * t + r % t) * s..][..width];
+        for (v, &hidden) in x.iter_mut().zip(m) {
+            if hidden {
+                *v = value;
             }
         }
-    });
+    }
 }
 
 simd! {

@@ -13,7 +13,7 @@
 
 pub mod adam8;
 mod attention;
-mod attention_bf16;
+mod attention_blocks;
 mod autodiff;
 pub mod bf16;
 #[cfg(feature = "cube")]
@@ -197,7 +197,7 @@ impl FusedOps for Flex {
         t: usize,
         offset: usize,
     ) -> FlexTensor {
-        attention::forward(q, k, v, scale as f32, Causal { t, offset }, None).0
+        attention::forward(q, k, v, (scale as f32, Causal { t, offset }), false).0
     }
 
     fn lora_linear(

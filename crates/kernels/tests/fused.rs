@@ -258,47 +258,48 @@ fn lora_linear_matches_base_plus_low_rank_path_in_every_gradient() {
     }
 }
 
+/// The fused op runs in blocks of 64 query rows, each product stopping at the block's last
+/// visible key: 150 queries at offset 40 make three blocks a stacked head (64, 64, 22 rows).
 #[test]
 fn causal_attention_matches_composed_with_and_without_checkpointing() {
-    dev().seed(11);
-    // 2 batches, 2 kv heads of 3 stacked query heads × 5 queries at offset 2 (7 keys), d 8.
-    let (q, k, v) = (
-        rand([2, 2, 15, 8], 1.0),
-        rand([2, 2, 7, 8], 1.0),
-        rand([2, 2, 7, 8], 1.0),
-    );
-    let mut results = Vec::new();
-    for (fused_path, checkpointing) in [(true, false), (true, true), (false, false)] {
-        let mut device = dev().autodiff();
-        if checkpointing {
-            device = device.gradient_checkpointing();
+    // (batches, kv heads, stacked query heads, queries, offset, d)
+    for (b, kv, g, t, offset, d) in [(2, 2, 3, 5, 2, 8), (1, 2, 2, 150, 40, 8)] {
+        dev().seed(11);
+        let keys = t + offset;
+        let (q, k, v) = (
+            rand([b, kv, g * t, d], 1.0),
+            rand([b, kv, keys, d], 1.0),
+            rand([b, kv, keys, d], 1.0),
+        );
+        let mut results = Vec::new();
+        for (fused_path, checkpointing) in [(true, false), (true, true), (false, false)] {
+            let mut device = dev().autodiff();
+            if checkpointing {
+                device = device.gradient_checkpointing();
+            }
+            let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
+            let (q, k, v) = (leaf(&q), leaf(&k), leaf(&v));
+            let o = if fused_path {
+                fused::causal_attention(q.clone(), k.clone(), v.clone(), 0.35, t, offset)
+            } else {
+                let scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+                reference::causal_softmax(scores, 0.35, t, offset).matmul(v.clone())
+            };
+            let g = (o.clone() * upstream(o.shape(), &device)).sum().backward();
+            let grads: Vec<Vec<f32>> = [q, k, v]
+                .iter()
+                .map(|t| vals(t.grad(&g).unwrap()))
+                .collect();
+            results.push((vals(o), grads));
         }
-        let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
-        let (q, k, v) = (leaf(&q), leaf(&k), leaf(&v));
-        let o = if fused_path {
-            fused::causal_attention(q.clone(), k.clone(), v.clone(), 0.35, 5, 2)
-        } else {
-            let p =
-                reference::causal_softmax(q.clone().matmul(k.clone().swap_dims(2, 3)), 0.35, 5, 2);
-            p.matmul(v.clone())
-        };
-        let g = (o.clone() * upstream(o.shape(), &device)).sum().backward();
-        let grads: Vec<Vec<f32>> = [q, k, v]
-            .iter()
-            .map(|t| vals(t.grad(&g).unwrap()))
-            .collect();
-        results.push((vals(o), grads));
-    }
-    let r = &results[2];
-    for (f, what) in results[..2].iter().zip(["kept P", "recomputed P"]) {
-        close(&f.0, &r.0, 1e-5, &format!("attention output ({what})"));
-        for (i, name) in ["d q", "d k", "d v"].iter().enumerate() {
-            close(
-                &f.1[i],
-                &r.1[i],
-                1e-5,
-                &format!("attention {name} ({what})"),
-            );
+        let r = &results[2];
+        for (f, what) in results[..2].iter().zip(["kept P", "recomputed P"]) {
+            let what = format!("{what}, {t} queries at offset {offset}");
+            close(&f.0, &r.0, 1e-5, &format!("attention output ({what})"));
+            for (i, name) in ["d q", "d k", "d v"].iter().enumerate() {
+                let what = format!("attention {name} ({what})");
+                close(&f.1[i], &r.1[i], 1e-5, &what);
+            }
         }
     }
 }
