@@ -129,12 +129,15 @@ impl Setup<'_> {
         let d = self.dims.d;
         let a = &a[b.r0 * d..][..b.n * d];
         let mut c = Vec::<f32>::with_capacity(b.n * b.vis);
-        match (self.bf16, &x.t) {
-            // SAFETY: the product writes all n·vis values.
-            (Some(path), Some(xt)) => unsafe {
-                bf16::gemm_corner(path, (a, d, b.n, d), xt, (b.vis, c.as_mut_ptr(), b.vis));
-            },
-            _ => {
+        match self.bf16 {
+            Some(path) => {
+                let xt = x.t.as_ref().expect("Xᵀ packed for the bf16 products");
+                // SAFETY: the product writes all n·vis values.
+                unsafe {
+                    bf16::gemm_corner(path, (a, d, b.n, d), xt, (b.vis, c.as_mut_ptr(), b.vis))
+                };
+            }
+            None => {
                 let xt = (&x.x[..b.vis * d], 1, d as isize);
                 f32_gemm(
                     (b.n, b.vis, d),
@@ -155,12 +158,15 @@ impl Setup<'_> {
     fn times(&self, p: &[f32], b: Block, x: &Side, out: &mut [f32], par: Par) {
         let d = self.dims.d;
         assert_eq!(out.len(), b.n * d);
-        match (self.bf16, &x.r) {
-            // SAFETY: out holds n rows of d floats, all written by the product.
-            (Some(path), Some(xr)) => unsafe {
-                bf16::gemm_corner(path, (p, b.vis, b.n, b.vis), xr, (d, out.as_mut_ptr(), d));
-            },
-            _ => {
+        match self.bf16 {
+            Some(path) => {
+                let xr = x.r.as_ref().expect("X packed for the bf16 products");
+                // SAFETY: out holds n rows of d floats, all written by the product.
+                unsafe {
+                    bf16::gemm_corner(path, (p, b.vis, b.n, b.vis), xr, (d, out.as_mut_ptr(), d))
+                };
+            }
+            None => {
                 let xr = (&x.x[..b.vis * d], d as isize, 1);
                 let p = (p, b.vis as isize, 1);
                 f32_gemm((b.n, d, b.vis), as_uninit(out), false, p, xr, par);
