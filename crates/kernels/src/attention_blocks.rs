@@ -240,17 +240,12 @@ fn f32_gemm(
     (b, brs, bcs): (&[f32], isize, isize),
     par: Par,
 ) {
+    // Every product here has at least one row, column and term (a block sees its first key).
+    assert!(m > 0 && n > 0 && k > 0 && dst.len() >= m * n);
     let last = |rows: usize, cols: usize, rs: isize, cs: isize| {
-        (rows.max(1) - 1) * rs as usize + (cols.max(1) - 1) * cs as usize
+        (rows - 1) * rs as usize + (cols - 1) * cs as usize
     };
-    assert!(dst.len() >= m * n && m * n > 0);
-    assert!(k == 0 || (last(m, k, ars, acs) < a.len() && last(k, n, brs, bcs) < b.len()));
-    if k == 0 {
-        if !acc {
-            dst[..m * n].fill(std::mem::MaybeUninit::new(0.0));
-        }
-        return;
-    }
+    assert!(last(m, k, ars, acs) < a.len() && last(k, n, brs, bcs) < b.len());
     // SAFETY: the asserts above keep every element gemm reads within a and b, and every one
     // it writes within dst; it reads dst only where `acc` says dst holds values.
     unsafe {
