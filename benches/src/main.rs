@@ -90,11 +90,14 @@ fn main() -> Result<()> {
         println!("{}: {}", dir.display(), files.join(", "));
         return Ok(());
     }
-    if a.gemm {
-        return gemm::run(&a);
-    }
-    if a.profile {
-        return profile::run(&a);
-    }
-    step::run(&a)
+    // On a pool thread, as the binaries run (phi_kernels::pool).
+    phi_model::on_pool(|| {
+        if a.gemm {
+            gemm::run(&a)
+        } else if a.profile {
+            profile::run(&a)
+        } else {
+            step::run(&a)
+        }
+    })
 }

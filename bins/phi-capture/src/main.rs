@@ -110,7 +110,7 @@ fn pad_rows(rows: Vec<Vec<i64>>, pad: i64) -> Inputs {
 
 fn main() {
     phi_model::alloc::tune();
-    phi_cli::exit_on_error(run(phi_cli::parse()));
+    phi_cli::exit_on_error(phi_model::on_pool(|| run(phi_cli::parse())));
 }
 
 fn run(a: Args) -> Result<()> {

@@ -73,7 +73,7 @@ pub struct Args {
 
 fn main() {
     phi_model::alloc::tune();
-    phi_cli::exit_on_error(run(phi_cli::parse()));
+    phi_cli::exit_on_error(phi_model::on_pool(|| run(phi_cli::parse())));
 }
 
 fn run(a: Args) -> Result<()> {

@@ -14,7 +14,7 @@ fn main() {
         .map_err(anyhow::Error::from)
         .and_then(|a| match a.preview_data {
             Some(n) => preview_data(&a, n),
-            None => run(&a),
+            None => phi_model::on_pool(|| run(&a)),
         });
     phi_cli::exit_on_error(result);
 }

@@ -23,6 +23,7 @@ pub mod kernels;
 mod matmul;
 mod norm;
 pub mod packed;
+pub mod pool;
 pub mod quant;
 pub mod rotary;
 pub mod thin;

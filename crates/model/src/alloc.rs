@@ -5,12 +5,17 @@
 //! 32 MiB, and a 131 MB embedding gradient is made every step) and never trimming it lets
 //! freed tensors be reused: SmolLM2-shape LoRA step 5.46 → 4.65 s, Phi-3-small-shape full
 //! step 7.8 → 5.7 s, for 5–7 % more peak memory (docs/benchmarks.md).
+//! One arena for all threads: these settings govern the main arena only, and since the
+//! binaries' work runs on a pool thread (`on_pool`), its tensors would otherwise come from a
+//! per-thread arena that maps and trims its own heaps (page faults again: an f32 LoRA step
+//! 5 % slower).
 
 /// Call once at the start of `main`, before large allocations. No-op off glibc.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before threads allocate.
     unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);

@@ -30,6 +30,7 @@ pub mod weights;
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use model::{CausalLm, Inputs, KvCache, Output};
+pub use phi_kernels::pool::on_pool;
 pub use taps::{TapRequest, Taps};
 
 use burn::tensor::Device;
