@@ -58,8 +58,16 @@ fn every_path_this_cpu_has_matches_the_exact_sum() {
             );
             continue;
         }
-        // Odd sizes: partial row blocks, panels and k steps.
-        for (m, k, n) in [(1, 1, 1), (37, 45, 50), (64, 576, 192), (70, 100, 33)] {
+        // Odd sizes: partial row blocks, panels and k steps; one row block over 18 panel
+        // pairs, which the column split deals unevenly (4, 5, 4, 5 on 2 threads).
+        let shapes = [
+            (1, 1, 1),
+            (37, 45, 50),
+            (64, 576, 192),
+            (70, 100, 33),
+            (20, 64, 576),
+        ];
+        for (m, k, n) in shapes {
             let a = values(m * k, 2 + m as u64);
             let b = values(k * n, 3 + n as u64);
             let packed = PackedB::from_rows(&b, k, n);

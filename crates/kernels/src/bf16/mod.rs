@@ -660,13 +660,16 @@ unsafe fn run_panels_k(
     let pairs = b.panels / 2;
     let want = 2 * rayon::current_num_threads();
     let col_blocks = want.div_ceil(row_blocks).clamp(1, pairs.max(1));
-    let per = pairs.div_ceil(col_blocks);
+    // Pairs dealt as evenly as they go (sizes differ by one at most): rounding each block up
+    // to a whole share left the LM head's input gradient (18 pairs, 4 blocks) at 5, 5, 5, 3,
+    // one thread waiting a tenth of the product for the other.
+    let bounds = |cb: usize| 2 * (cb * pairs / col_blocks);
     let out = Out(c);
     (0..row_blocks * col_blocks).into_par_iter().for_each(|t| {
         let (rb, cb) = (t / col_blocks, t % col_blocks);
         let r0 = rb * ROWS;
         let rows = (m - r0).min(ROWS);
-        let panels = 2 * cb * per..(2 * (cb + 1) * per).min(b.panels);
+        let panels = bounds(cb)..bounds(cb + 1);
         let ab = &ap[r0 * kp..(r0 + rows) * kp];
         // SAFETY: C has m rows of ld floats; this task writes rows r0..r0+rows of the columns
         // under `panels` only, and no two tasks share both a row block and a panel.
