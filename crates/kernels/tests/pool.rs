@@ -6,12 +6,9 @@
 
 use phi_kernels::pool::on_pool;
 use phi_kernels::thin::wide_t_thin;
+use values::vals;
 
-fn vals(n: usize, seed: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
-        .collect()
-}
+mod values;
 
 #[test]
 fn work_runs_on_a_pool_thread_and_kernels_there_match_outside() {

@@ -4,13 +4,9 @@
 
 use phi_kernels::bf16::{from_bf16, to_bf16};
 use phi_kernels::thin::{block_path, thin_t_wide, wide_rows_t_thin, wide_t_thin, Wide};
+use values::vals;
 
-/// Deterministic values in [-1, 1) with no simple pattern across rows or columns.
-fn vals(n: usize, seed: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
-        .collect()
-}
+mod values;
 
 /// wideᵀ·thin [w × r], each sum a mul_add chain over t = 0..T.
 fn reference(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {
