@@ -197,6 +197,24 @@ impl Setup<'_> {
         }
     }
 
+    /// The bf16 forward of a block: out = P·V, P written as the product's bf16 rows straight
+    /// from the softmax's numerators (no f32 P, no packing pass). Returns the rows' logsumexps.
+    fn attend_bf16(&self, path: Path, it: &Item, b: Block, out: &mut [f32]) -> Vec<f32> {
+        let d = self.dims.d;
+        assert_eq!(out.len(), b.n * d);
+        let mut scores = self.corner(it.q, b, &it.k, Par::None);
+        self.fill(it, b, &mut scores, HIDDEN);
+        let causal = Some(self.causal_of(b));
+        let (inv, lse) = kernels::softmax_numerators(&mut scores, b.vis, self.scale, causal);
+        self.fill(it, b, &mut scores, 0.0);
+        let kp = bf16::round_up(b.vis, bf16::KSTEP);
+        let p = bf16::rows_scaled(&scores, b.vis, &inv, kp);
+        let xr = it.v.r.as_ref().expect("V packed for the bf16 products");
+        // SAFETY: out holds n rows of d floats, all written by the product.
+        unsafe { bf16::gemm_corner_packed(path, (&p, kp, b.n), xr, (d, out.as_mut_ptr(), d)) };
+        lse
+    }
+
     /// The block's P [n, vis], masked entries 0, and its rows' logsumexps (none when
     /// recomputed from `lse`).
     fn probs(&self, it: &Item, b: Block, lse: Option<&[f32]>, par: Par) -> (Vec<f32>, Vec<f32>) {
@@ -313,6 +331,11 @@ pub(crate) fn forward(q: &[f32], k: &[f32], v: &[f32], st: Setup, keep: bool) ->
             parts
                 .into_par_iter()
                 .map(|((&b, ob), lb)| {
+                    if let Some(path) = st.bf16 {
+                        let l = st.attend_bf16(path, &it, b, ob);
+                        lb.copy_from_slice(&l);
+                        return Vec::new();
+                    }
                     let (p, l) = st.probs(&it, b, None, Par::None);
                     st.times(&p, b, &it.v, ob, Par::None);
                     lb.copy_from_slice(&l);

@@ -219,6 +219,55 @@ simd! {
 }
 
 simd! {
+    /// x = e^(scale·(x − max)) in place, and the sum.
+    fn exp_shifted_in_place(x: &mut [f32], max: f32, scale: f32) -> f32 {
+        let mut lanes = [0.0f32; 16];
+        let mut xc = x.chunks_exact_mut(16);
+        for c in xc.by_ref() {
+            for (v, l) in c.iter_mut().zip(lanes.iter_mut()) {
+                *v = exp((*v - max) * scale);
+                *l += *v;
+            }
+        }
+        let mut sum: f32 = lanes.iter().sum();
+        for v in xc.into_remainder() {
+            *v = exp((*v - max) * scale);
+            sum += *v;
+        }
+        sum
+    }
+}
+
+/// The softmax's numerators in place over [rows, s] scores: a row's visible values become
+/// e^(scale·(x − max)), its masked ones 0. Returns each row's 1 / Σ and logsumexp, so the
+/// caller scales as it writes the probabilities where they go (attention's bf16 rows).
+pub(crate) fn softmax_numerators(
+    x: &mut [f32],
+    s: usize,
+    scale: f32,
+    causal: Option<Causal>,
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / s.max(1);
+    let (mut inv, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+    let per = rows_per_task(s);
+    x.par_chunks_mut(per * s)
+        .zip(inv.par_chunks_mut(per).zip(lse.par_chunks_mut(per)))
+        .enumerate()
+        .for_each(|(task, (x, (inv, lse)))| {
+            let rows = x.chunks_mut(s).zip(inv.iter_mut().zip(lse));
+            for (i, (x, (inv, lse))) in rows.enumerate() {
+                let n = causal.map_or(s, |c| c.visible(task * per + i, s));
+                let m = max_of(&x[..n]);
+                let sum = exp_shifted_in_place(&mut x[..n], m, scale);
+                x[n..].fill(0.0);
+                *inv = 1.0 / sum;
+                *lse = m * scale + sum.ln();
+            }
+        });
+    (inv, lse)
+}
+
+simd! {
     fn scale_in_place(x: &mut [f32], k: f32) {
         for v in x {
             *v *= k;
@@ -246,9 +295,9 @@ simd! {
 
 simd! {
     /// dx = k·p·(g − c)
-    fn softmax_grad_row(p: &[f32], g: &[f32], c: f32, k: f32, dx: &mut [f32]) {
+    fn softmax_grad_row(p: &[f32], g: &[f32], c: f32, k: f32, dx: &mut [MaybeUninit<f32>]) {
         for ((d, &p), &g) in dx.iter_mut().zip(p).zip(g) {
-            *d = k * p * (g - c);
+            d.write(k * p * (g - c));
         }
     }
 }
@@ -355,7 +404,8 @@ pub fn softmax_recompute(x: &mut [f32], s: usize, scale: f32, causal: Option<Cau
         });
 }
 
-/// dx = scale·p·(g − Σ g·p) per row; masked entries 0.
+/// dx = scale·p·(g − Σ g·p) per row; masked entries 0 (written, not zeroed first: a pass
+/// over [rows, s] less).
 pub fn softmax_backward(
     p: &[f32],
     g: &[f32],
@@ -363,9 +413,10 @@ pub fn softmax_backward(
     scale: f32,
     causal: Option<Causal>,
 ) -> Vec<f32> {
-    let mut dx = zeroed(p.len());
+    let mut dx = Vec::with_capacity(p.len());
     let per = rows_per_task(s);
-    dx.par_chunks_mut(per * s)
+    dx.spare_capacity_mut()[..p.len()]
+        .par_chunks_mut(per * s)
         .zip(p.par_chunks(per * s).zip(g.par_chunks(per * s)))
         .enumerate()
         .for_each(|(task, (dx, (p, g)))| {
@@ -378,8 +429,11 @@ pub fn softmax_backward(
                 let n = causal.map_or(s, |c| c.visible(task * per + i, s));
                 let c = dot(&p[..n], &g[..n]);
                 softmax_grad_row(&p[..n], &g[..n], c, scale, &mut dx[..n]);
+                dx[n..].fill(MaybeUninit::new(0.0));
             }
         });
+    // SAFETY: every row's n visible values and its masked tail were written above.
+    unsafe { dx.set_len(p.len()) };
     dx
 }
 

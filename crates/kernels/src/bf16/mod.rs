@@ -326,36 +326,67 @@ fn transpose_block(src: &[u16], dst: &mut [MaybeUninit<u16>]) {
     }
 }
 
-/// `to_bf16` over a row, in a form the compiler vectorises (no branch per element).
+/// `to_bf16` without a branch, so that loops of it vectorise.
 #[inline(always)]
-fn round_row(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
-    for (o, &x) in dst.iter_mut().zip(src) {
-        let b = x.to_bits();
-        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-        o.write(if nan {
-            ((b >> 16) | 0x40) as u16
-        } else {
-            rounded
-        });
+fn round_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if nan {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        rounded
+    }
+}
+
+/// `to_bf16` over a row (times k where there is one: the scaling rides the same pass).
+#[inline(always)]
+fn round_row(src: &[f32], k: Option<f32>, dst: &mut [MaybeUninit<u16>]) {
+    match k {
+        None => dst.iter_mut().zip(src).for_each(|(o, &x)| {
+            o.write(round_bits(x));
+        }),
+        Some(k) => dst.iter_mut().zip(src).for_each(|(o, &x)| {
+            o.write(round_bits(x * k));
+        }),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn round_row_avx512(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
-    round_row(src, dst)
+unsafe fn round_row_avx512(src: &[f32], k: Option<f32>, dst: &mut [MaybeUninit<u16>]) {
+    round_row(src, k, dst)
 }
 
 /// `round_row` with the CPU's widest vectors.
-fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+fn round_scaled(src: &[f32], k: Option<f32>, dst: &mut [MaybeUninit<u16>]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bw") {
         // SAFETY: the CPU has AVX512F and AVX512BW (checked).
-        unsafe { round_row_avx512(src, dst) };
+        unsafe { round_row_avx512(src, k, dst) };
         return;
     }
-    round_row(src, dst)
+    round_row(src, k, dst)
+}
+
+fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
+    round_scaled(src, None, dst)
+}
+
+/// Row i of x [m×s] times k[i], rounded to bf16 and zero-padded to `kp` columns: A's rows as
+/// the kernels read them, scaled as they are written (attention's P from its numerators).
+pub(crate) fn rows_scaled(x: &[f32], s: usize, k: &[f32], kp: usize) -> Bf16Buf {
+    let m = k.len();
+    assert!(x.len() == m * s && s <= kp);
+    let fill = |out: &mut [MaybeUninit<u16>]| {
+        for ((o, x), &k) in out.chunks_mut(kp).zip(x.chunks(s)).zip(k) {
+            let (o, pad) = o.split_at_mut(s);
+            round_scaled(x, Some(k), o);
+            pad.fill(MaybeUninit::new(0));
+        }
+    };
+    // SAFETY: `fill` writes each of the m rows whole: s values, then the padding.
+    unsafe { Bf16Buf::filled_by(m * kp, fill) }
 }
 
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
@@ -541,9 +572,24 @@ pub(crate) unsafe fn gemm_corner(
     assert!(k <= b.k && n <= b.n && a.len() >= (m.max(1) - 1) * lda + k);
     let kp = round_up(k.max(1), KSTEP);
     let ap = pack_a_ld(a, lda, m, k, kp);
+    // SAFETY: the caller's.
+    unsafe { gemm_corner_packed(path, (&ap, kp, m), b, (n, c, ld)) }
+}
+
+/// `gemm_corner` for A already in bf16 rows of kp values (a multiple of 32, zero past k).
+///
+/// # Safety
+/// As `gemm_corner`'s.
+pub(crate) unsafe fn gemm_corner_packed(
+    path: Path,
+    (ap, kp, m): (&[u16], usize, usize),
+    b: &PackedB,
+    (n, c, ld): (usize, *mut f32, usize),
+) {
+    assert!(kp.is_multiple_of(KSTEP) && kp <= b.k_pad && n <= b.n && ap.len() >= m * kp);
     let panels = b.panel_range(0, round_up(n.max(1), 2 * PANEL) / PANEL);
     // SAFETY: the caller's; the panels and kp are within B's.
-    unsafe { run_panels_k(path, (&ap, kp, panels), None, (m, n, ld), c) }
+    unsafe { run_panels_k(path, (ap, kp, panels), None, (m, n, ld), c) }
 }
 
 /// Rows of A rounded to bf16 and zero-padded to a multiple of 32 columns: one operand for
