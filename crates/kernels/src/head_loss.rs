@@ -49,19 +49,27 @@ pub(crate) fn head_loss(
         let (loss, lse) = kernels::cross_entropy_forward(&logits, v, &t);
         sum += loss.iter().map(|&l| l as f64).sum::<f64>();
         if let Some(dh) = dh.as_mut() {
-            // The logits become softmax − onehot in place (every row here is counted).
-            let rows_t = t.par_iter().zip(lse.par_iter());
-            logits
-                .par_chunks_mut(v)
-                .zip(rows_t)
-                .for_each(|(z, (&t, &lse))| {
-                    kernels::exp_minus(z, 1.0, lse);
-                    z[t as usize] -= 1.0;
-                });
+            // softmax − onehot (every row here is counted).
             let dx = match (w.path, &wt) {
-                (None, _) => w.input_grad(&logits, rows.len()),
+                (None, _) => {
+                    let rows_t = t.par_iter().zip(lse.par_iter());
+                    logits
+                        .par_chunks_mut(v)
+                        .zip(rows_t)
+                        .for_each(|(z, (&t, &lse))| {
+                            kernels::exp_minus(z, 1.0, lse);
+                            z[t as usize] -= 1.0;
+                        });
+                    w.input_grad(&logits, rows.len())
+                }
                 (Some(path), wt) => {
-                    let g = PackedA::rows(&logits, rows.len(), v);
+                    // Rounded to bf16 as it is made, into the GEMM's rows: the f32 logits
+                    // are read once more, not written back and read again to round.
+                    let g = PackedA::rows_with(rows.len(), v, |i, out| {
+                        let (z, t) = (&logits[i * v..(i + 1) * v], t[i] as usize);
+                        kernels::exp_minus_rounded(z, lse[i], out);
+                        out[t].write(bf16::to_bf16(kernels::exp(z[t] - lse[i]) - 1.0));
+                    });
                     drop(logits);
                     match wt {
                         Some(wt) => bf16::product_packed(path, &g, wt, None),

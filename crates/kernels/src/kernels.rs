@@ -382,6 +382,15 @@ pub fn fill_masked(
 }
 
 simd! {
+    /// out = e^(x − lse) rounded to bf16 (`exp_minus` at scale 1 and the rounding in one pass).
+    pub(crate) fn exp_minus_rounded(x: &[f32], lse: f32, out: &mut [MaybeUninit<u16>]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            o.write(crate::bf16::round_bits(exp(v - lse)));
+        }
+    }
+}
+
+simd! {
     pub(crate) fn exp_minus(x: &mut [f32], scale: f32, lse: f32) {
         for v in x {
             *v = exp(*v * scale - lse);

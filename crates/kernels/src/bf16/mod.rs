@@ -328,7 +328,7 @@ fn transpose_block(src: &[u16], dst: &mut [MaybeUninit<u16>]) {
 
 /// `to_bf16` without a branch, so that loops of it vectorise.
 #[inline(always)]
-fn round_bits(x: f32) -> u16 {
+pub(crate) fn round_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
@@ -610,6 +610,27 @@ impl PackedA {
             k,
             data: pack_a(a, m, k, k_pad),
         }
+    }
+
+    /// [m×k] whose row i `fill(i, row)` writes (k values, rounded as it likes) in parallel:
+    /// A made where it is computed, without an f32 copy first.
+    pub(crate) fn rows_with(
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, &mut [MaybeUninit<u16>]) + Sync,
+    ) -> PackedA {
+        let k_pad = round_up(k.max(1), KSTEP);
+        let rows = |out: &mut [MaybeUninit<u16>]| {
+            out.par_chunks_mut(k_pad).enumerate().for_each(|(i, o)| {
+                let (o, pad) = o.split_at_mut(k);
+                fill(i, o);
+                pad.fill(MaybeUninit::new(0));
+            })
+        };
+        // SAFETY: each of the m rows is written whole: k values by `fill` (its contract),
+        // then the padding.
+        let data = unsafe { Bf16Buf::filled_by(m * k_pad, rows) };
+        PackedA { m, k, data }
     }
 
     /// The rows, each padded to a multiple of 32 values.
