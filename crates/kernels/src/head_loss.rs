@@ -65,11 +65,14 @@ pub(crate) fn head_loss(
                 (Some(path), wt) => {
                     // Rounded to bf16 as it is made, into the GEMM's rows: the f32 logits
                     // are read once more, not written back and read again to round.
-                    let g = PackedA::rows_with(rows.len(), v, |i, out| {
+                    let fill = |i: usize, out: &mut [std::mem::MaybeUninit<u16>]| {
                         let (z, t) = (&logits[i * v..(i + 1) * v], t[i] as usize);
                         kernels::exp_minus_rounded(z, lse[i], out);
                         out[t].write(bf16::to_bf16(kernels::exp(z[t] - lse[i]) - 1.0));
-                    });
+                    };
+                    // SAFETY: a row of the logits and of the output are both v values, and
+                    // `exp_minus_rounded` writes one for each.
+                    let g = unsafe { PackedA::rows_with(rows.len(), v, fill) };
                     drop(logits);
                     match wt {
                         Some(wt) => bf16::product_packed(path, &g, wt, None),

@@ -614,7 +614,10 @@ impl PackedA {
 
     /// [m×k] whose row i `fill(i, row)` writes (k values, rounded as it likes) in parallel:
     /// A made where it is computed, without an f32 copy first.
-    pub(crate) fn rows_with(
+    ///
+    /// # Safety
+    /// `fill` writes every one of its row's k values.
+    pub(crate) unsafe fn rows_with(
         m: usize,
         k: usize,
         fill: impl Fn(usize, &mut [MaybeUninit<u16>]) + Sync,
@@ -627,7 +630,7 @@ impl PackedA {
                 pad.fill(MaybeUninit::new(0));
             })
         };
-        // SAFETY: each of the m rows is written whole: k values by `fill` (its contract),
+        // SAFETY: each of the m rows is written whole: k values by `fill` (the caller's),
         // then the padding.
         let data = unsafe { Bf16Buf::filled_by(m * k_pad, rows) };
         PackedA { m, k, data }
