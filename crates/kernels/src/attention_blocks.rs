@@ -207,11 +207,11 @@ impl Setup<'_> {
         let causal = Some(self.causal_of(b));
         let (inv, lse) = kernels::softmax_numerators(&mut scores, b.vis, self.scale, causal);
         self.fill(it, b, &mut scores, 0.0);
-        let kp = bf16::round_up(b.vis, bf16::KSTEP);
-        let p = bf16::rows_scaled(&scores, b.vis, &inv, kp);
+        let p = bf16::rows_scaled(&scores, b.vis, &inv);
         let xr = it.v.r.as_ref().expect("V packed for the bf16 products");
+        let a = (p.data(), p.stride(), b.n);
         // SAFETY: out holds n rows of d floats, all written by the product.
-        unsafe { bf16::gemm_corner_packed(path, (&p, kp, b.n), xr, (d, out.as_mut_ptr(), d)) };
+        unsafe { bf16::gemm_corner_packed(path, a, xr, (d, out.as_mut_ptr(), d)) };
         lse
     }
 

@@ -6,9 +6,7 @@
 
 use phi_kernels::pool::on_pool;
 use phi_kernels::thin::wide_t_thin;
-use values::vals;
-
-mod values;
+use phi_testkit::values as vals;
 
 #[test]
 fn work_runs_on_a_pool_thread_and_kernels_there_match_outside() {

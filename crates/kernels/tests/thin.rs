@@ -4,9 +4,7 @@
 
 use phi_kernels::bf16::{from_bf16, to_bf16};
 use phi_kernels::thin::{block_path, thin_t_wide, wide_rows_t_thin, wide_t_thin, Wide};
-use values::vals;
-
-mod values;
+use phi_testkit::values as vals;
 
 /// wideᵀ·thin [w × r], each sum a mul_add chain over t = 0..T.
 fn reference(thin: &[f32], r: usize, wide: &[f32], w: usize) -> Vec<f32> {

@@ -4,6 +4,7 @@
 //! GQA, partial rotary, per-row positions, and padding and packing masks.
 
 use burn::tensor::{Bool, Tensor, TensorData};
+use phi_kernels::bf16::Path;
 use phi_kernels::rotary::Rotary;
 use phi_model::nn::{apply_rotary, attend, rotary_attention, split_heads, LayerCtx, Projected};
 use std::sync::Arc;
@@ -193,18 +194,13 @@ fn fused_rotary_attention_matches_the_composed_path() {
 /// path, and differ from the f32 fused op's (so the bf16 products did run).
 #[test]
 fn fused_rotary_attention_in_row_blocks_on_f32_and_bf16_products() {
-    use phi_kernels::bf16::Path;
     let (b, t, d, heads, kv) = (2, 150, 16, 4, 2);
     let keys: Vec<i64> = (0..b * t)
         .map(|i| i64::from(i % t < t - 3 * (i / t)))
         .collect();
     // Values in [-2, 2): scores spread enough for peaked rows.
     let inputs = vec![(filled([b, t, (heads + 2 * kv) * d], 17, &dev()) * 2.0).detach()];
-    let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| p.available()).collect();
-    for path in Path::ALL.into_iter().filter(|p| !paths.contains(p)) {
-        let name = path.name();
-        eprintln!("bf16 attention on {name}: NOT RUN (this CPU lacks it)");
-    }
+    let paths = bf16_paths("bf16 attention");
     let combos = [(false, false), (false, true), (true, false), (true, true)];
     for (mask, checkpointing) in combos {
         let what = format!("mask {mask}, checkpointing {checkpointing}");
@@ -233,6 +229,15 @@ fn fused_rotary_attention_in_row_blocks_on_f32_and_bf16_products() {
             }
         }
     }
+}
+
+/// The bf16 kernel paths this CPU has; each it lacks is reported as not run for `what`.
+fn bf16_paths(what: &str) -> Vec<Path> {
+    let (have, lack): (Vec<Path>, Vec<Path>) = Path::ALL.into_iter().partition(|p| p.available());
+    for path in lack {
+        eprintln!("{what} on {}: NOT RUN (this CPU lacks it)", path.name());
+    }
+    have
 }
 
 /// x rounded to bf16, as the bf16 products read their operands.
@@ -307,19 +312,12 @@ fn emulated_bf16_forward(
 /// with a packing mask, at 150 positions (three row blocks a head).
 #[test]
 fn bf16_attention_forward_matches_an_emulation_of_its_rounding() {
-    use phi_kernels::bf16::Path;
     let (b, t, d, heads, kv) = (2, 150, 16, 4, 2);
     let keys: Vec<i64> = (0..b * t)
         .map(|i| i64::from(i % t < t - 3 * (i / t)) * (1 + i64::from(i % t >= 90)))
         .collect();
     let x = (filled([b, t, (heads + 2 * kv) * d], 23, &dev()) * 2.0).detach();
-    let paths: Vec<Path> = Path::ALL.into_iter().filter(|p| p.available()).collect();
-    for path in Path::ALL.into_iter().filter(|p| !paths.contains(p)) {
-        eprintln!(
-            "bf16 attention forward on {}: NOT RUN (this CPU lacks it)",
-            path.name()
-        );
-    }
+    let paths = bf16_paths("bf16 attention forward");
     for mask in [false, true] {
         let mut ctx = ctx(1, t, d, b, mask.then_some(&keys[..]));
         let hidden = ctx.hidden.clone();

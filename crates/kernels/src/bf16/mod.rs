@@ -373,20 +373,33 @@ fn round_into(src: &[f32], dst: &mut [MaybeUninit<u16>]) {
     round_scaled(src, None, dst)
 }
 
-/// Row i of x [m×s] times k[i], rounded to bf16 and zero-padded to `kp` columns: A's rows as
-/// the kernels read them, scaled as they are written (attention's P from its numerators).
-pub(crate) fn rows_scaled(x: &[f32], s: usize, k: &[f32], kp: usize) -> Bf16Buf {
-    let m = k.len();
-    assert!(x.len() == m * s && s <= kp);
-    let fill = |out: &mut [MaybeUninit<u16>]| {
-        for ((o, x), &k) in out.chunks_mut(kp).zip(x.chunks(s)).zip(k) {
-            let (o, pad) = o.split_at_mut(s);
-            round_scaled(x, Some(k), o);
+/// Row i of x [m×s] times k[i], rounded to bf16: A's rows as the kernels read them, scaled as
+/// they are written (attention's P from its numerators).
+pub(crate) fn rows_scaled(x: &[f32], s: usize, k: &[f32]) -> PackedA {
+    assert_eq!(x.len(), k.len() * s, "x is not rows of s");
+    let fill = |i: usize, o: &mut [MaybeUninit<u16>]| round_scaled(&x[i * s..][..s], Some(k[i]), o);
+    // SAFETY: `round_scaled` writes a value for each of the row's s inputs.
+    unsafe { PackedA::rows_with(k.len(), s, fill) }
+}
+
+/// m rows of k values that `fill(i, row)` writes, each zero-padded to `k_pad`, in parallel.
+///
+/// # Safety
+/// `fill` writes every one of its row's k values.
+unsafe fn padded_rows(
+    (m, k, k_pad): (usize, usize, usize),
+    fill: impl Fn(usize, &mut [MaybeUninit<u16>]) + Sync,
+) -> Bf16Buf {
+    let rows = |out: &mut [MaybeUninit<u16>]| {
+        out.par_chunks_mut(k_pad).enumerate().for_each(|(i, o)| {
+            let (o, pad) = o.split_at_mut(k);
+            fill(i, o);
             pad.fill(MaybeUninit::new(0));
-        }
+        })
     };
-    // SAFETY: `fill` writes each of the m rows whole: s values, then the padding.
-    unsafe { Bf16Buf::filled_by(m * kp, fill) }
+    // SAFETY: each of the m rows is written whole: k values by `fill` (the caller's), then
+    // the padding.
+    unsafe { Bf16Buf::filled_by(m * k_pad, rows) }
 }
 
 /// Rows of A rounded to bf16 and zero-padded to `k_pad` columns.
@@ -413,15 +426,9 @@ fn pack_a(a: &[f32], m: usize, k: usize, k_pad: usize) -> Bf16Buf {
 
 /// `pack_a` for rows `lda` floats apart, of which the first k are taken.
 fn pack_a_ld(a: &[f32], lda: usize, m: usize, k: usize, k_pad: usize) -> Bf16Buf {
-    let fill = |out: &mut [MaybeUninit<u16>]| {
-        out.par_chunks_mut(k_pad).enumerate().for_each(|(i, o)| {
-            let (o, pad) = o.split_at_mut(k);
-            pad.fill(MaybeUninit::new(0));
-            round_into(&a[i * lda..i * lda + k], o);
-        })
-    };
-    // SAFETY: `fill` writes each of the m rows whole: k rounded values, then the padding.
-    unsafe { Bf16Buf::filled_by(m * k_pad, fill) }
+    let fill = |i: usize, o: &mut [MaybeUninit<u16>]| round_into(&a[i * lda..i * lda + k], o);
+    // SAFETY: `round_into` writes a value for each of the row's k inputs.
+    unsafe { padded_rows((m, k, k_pad), fill) }
 }
 
 /// Aᵀ's rows (A row-major [k×m]) rounded to bf16 and zero-padded to `k_pad` columns. A task
@@ -623,16 +630,8 @@ impl PackedA {
         fill: impl Fn(usize, &mut [MaybeUninit<u16>]) + Sync,
     ) -> PackedA {
         let k_pad = round_up(k.max(1), KSTEP);
-        let rows = |out: &mut [MaybeUninit<u16>]| {
-            out.par_chunks_mut(k_pad).enumerate().for_each(|(i, o)| {
-                let (o, pad) = o.split_at_mut(k);
-                fill(i, o);
-                pad.fill(MaybeUninit::new(0));
-            })
-        };
-        // SAFETY: each of the m rows is written whole: k values by `fill` (the caller's),
-        // then the padding.
-        let data = unsafe { Bf16Buf::filled_by(m * k_pad, rows) };
+        // SAFETY: the caller's.
+        let data = unsafe { padded_rows((m, k, k_pad), fill) };
         PackedA { m, k, data }
     }
 
